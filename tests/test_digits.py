@@ -1,0 +1,92 @@
+"""utils/digits.py: the seeded, deliberately biased split of scikit-learn's digits."""
+import numpy as np
+import pytest
+import torch
+
+from utils.digits import ATTRIBUTES, BIAS, SPLIT_SEED, attribute_labels, load_split, \
+    to_model_images
+
+N_DIGITS = 1797          # sklearn.datasets.load_digits
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_split()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    return load_digits()
+
+
+PARTS = ("train", "judge", "heldout")
+
+
+def _part(split, name):
+    return (getattr(split, f"{name}_x"), getattr(split, f"{name}_y"),
+            getattr(split, f"{name}_index"))
+
+
+def test_parts_are_disjoint_and_cover_the_data(split):
+    """No image of the DDPM's training subset is in the judge's or the held-out part."""
+    idx = {name: set(_part(split, name)[2].tolist()) for name in PARTS}
+    assert not idx["train"] & idx["judge"]
+    assert not idx["train"] & idx["heldout"]
+    assert not idx["judge"] & idx["heldout"]
+    assert sum(len(v) for v in idx.values()) == N_DIGITS
+    assert set.union(*idx.values()) == set(range(N_DIGITS))
+
+
+def test_parts_hold_the_images_and_labels_of_their_indices(split, digits):
+    for name in PARTS:
+        x, y, index = _part(split, name)
+        assert len(x) == len(y) == len(index) > 0
+        np.testing.assert_array_equal(y, digits.target[index])
+        torch.testing.assert_close(x, to_model_images(digits.images[index]), rtol=0, atol=0)
+        assert set(y.tolist()) == set(range(10)), f"{name} lacks a digit"
+
+
+def test_images_shape_and_range(split):
+    for name in PARTS:
+        x = _part(split, name)[0]
+        assert x.dtype == torch.float32 and x.shape[1:] == (1, 16, 16)
+        assert x.min() >= -1 and x.max() <= 1
+        assert x.min() == -1 and x.max() == 1         # the range is used, not just bounded
+
+
+def test_training_fractions_are_biased_as_declared(split):
+    lab = attribute_labels(split.train_y)
+    even, low = lab["parity"] == 0, lab["magnitude"] == 0
+    assert even.mean() == pytest.approx(0.80, abs=1e-12)
+    assert 0.68 <= low.mean() <= 0.72
+    # the joint is BIAS's, not the product of the marginals (the attributes are correlated)
+    assert (even & low).mean() == pytest.approx(BIAS[("even", "low")], abs=0.01)
+    assert abs((even & low).mean() - even.mean() * low.mean()) > 0.02
+
+
+def test_metadata_matches_the_arrays(split):
+    meta = split.metadata()
+    assert meta["split_seed"] == SPLIT_SEED and meta["image_size"] == 16
+    assert (meta["n_train"], meta["n_judge"], meta["n_heldout"]) == \
+        (len(split.train_y), len(split.judge_y), len(split.heldout_y))
+    lab = attribute_labels(split.train_y)
+    for attr, names in ATTRIBUTES.items():
+        for k, cls in enumerate(names):
+            assert meta["train_fractions"][attr][cls] == pytest.approx(np.mean(lab[attr] == k))
+        assert sum(meta["train_fractions"][attr].values()) == pytest.approx(1.0)
+    joint = meta["train_joint_parity_magnitude"]
+    for (p, m) in BIAS:
+        i, j = ATTRIBUTES["parity"].index(p), ATTRIBUTES["magnitude"].index(m)
+        assert joint[f"{p}/{m}"] == pytest.approx(
+            np.mean((lab["parity"] == i) & (lab["magnitude"] == j)))
+
+
+def test_split_is_reproducible(split):
+    again = load_split()
+    for name in PARTS:
+        x, y, index = _part(split, name)
+        x2, y2, index2 = _part(again, name)
+        np.testing.assert_array_equal(index, index2)
+        np.testing.assert_array_equal(y, y2)
+        assert torch.equal(x, x2)

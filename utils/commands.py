@@ -1,0 +1,124 @@
+"""What main.py does once its arguments are parsed: generate, extract, demo."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from diffusion_latent import load_adp_for, load_pipeline, prepare_out_dir, run_generation
+from models.loader import resolve_path
+from utils.cli import parse_fraction_vector, parse_scales, parse_targets, sample_class_index
+from utils.guidance import GuidanceConfig
+
+log = logging.getLogger("main")
+
+
+def guidance_from_args(cfg: dict, args, mode: str, adp, n_images: int):
+    """(GuidanceConfig, per-attribute sample classes, resolved targets) from flags + config."""
+    raw = parse_targets(args, mode, adp.attributes)
+    gcfg = cfg.get("guidance", {})
+    scales = parse_scales(args.scale, list(raw), gcfg.get(f"{mode}_scale", {}))
+    first, last = gcfg.get("first_step", 1), gcfg.get("last_step")
+    if args.guide_steps:
+        a, _, b = args.guide_steps.partition(":")
+        first, last = int(a or 0), (int(b) if b else None)
+    common = dict(scales=scales, temperature=float(gcfg.get("temperature", 8.0)),
+                  loss=gcfg.get("loss", "chi2"), first_step=first, last_step=last,
+                  beta_power=float(gcfg.get("beta_power", 0.05)),
+                  max_step=float(gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5))))
+    if mode == "distribution":
+        targets = {a: parse_fraction_vector(a, v, adp.attributes[a]) for a, v in raw.items()}
+        return GuidanceConfig("distribution", targets, **common), None, \
+            {a: v.tolist() for a, v in targets.items()}
+    classes = {a: sample_class_index(a, v, adp.attributes[a]) for a, v in raw.items()}
+    per_sample = {a: [c] * n_images for a, c in classes.items()}
+    onehot = {a: [float(k == c) for k in range(len(adp.attributes[a]))] for a, c in classes.items()}
+    return GuidanceConfig("sample", {a: torch.tensor(v) for a, v in onehot.items()}, **common), \
+        per_sample, onehot
+
+
+def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
+    if mode == "distribution" and args.bs_test < 2:
+        raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
+                         "guidance (its predicted distribution is pushed to the target); use "
+                         "--mode sample for one image at a time")
+    pipe = load_pipeline(cfg, device, args.steps, args.eta)
+    guidance, classes, targets, adp = None, None, None, None
+    if mode != "vanilla":
+        if not cfg.get("adp"):
+            raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
+        adp = load_adp_for(pipe, cfg["adp"])
+        guidance, classes, targets = guidance_from_args(cfg, args, mode, adp, len(seeds))
+    out = resolve_path(args.exp)
+    prepare_out_dir(out, args.overwrite, args.resume)
+    resolved = {"mode": mode, "config": cfg.get("name"), "targets": targets,
+                "scales": guidance.scales if guidance else None,
+                "guide_steps": [guidance.first_step, guidance.last_step] if guidance else None,
+                "batch_size": args.bs_test, "steps": len(pipe.sampler.timesteps),
+                "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "adp": cfg.get("adp") if adp else None,
+                "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
+    record = run_generation(pipe, out, seeds, args.bs_test, guidance, adp, resolved,
+                            args.asymmetric, args.resume, classes)
+    print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")
+    if args.evaluate:
+        from utils.evaluate import evaluate_folder, format_table
+        rep = evaluate_folder(out, cfg, targets if mode == "distribution" else None)
+        (out / "eval.json").write_text(json.dumps(rep, indent=1) + "\n")
+        print(format_table([(mode, rep)], list(rep["attributes"])))
+    return 0
+
+
+def _labeller(spec: str):
+    if spec == "digits_svc":
+        from models.digits_judge import SVCLabeller
+        return SVCLabeller()
+    from models.judge import load_judge
+    return load_judge(str(resolve_path(spec)))
+
+
+def extract(cfg: dict, device, args) -> int:
+    from utils.extract import extract_from_folders, extract_pseudo_labelled
+    if not args.savepath:
+        raise ValueError("extraction needs --savepath (the folder the h-vectors go to)")
+    pipe = load_pipeline(cfg, device, args.steps, 0.0 if args.just_precompute else args.eta)
+    meta = {"model": pipe.model_id, "config": cfg.get("name")}
+    out = resolve_path(args.savepath)
+    if args.just_precompute:
+        if not args.test_path_one or not args.attribute:
+            raise ValueError("--just_precompute needs --test_path_one (class folders) and --attribute")
+        extract_from_folders(pipe.sampler, resolve_path(args.test_path_one), args.attribute, out,
+                             meta, args.bs_test, device)
+    else:
+        from utils.seeds import parse_seeds
+        seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
+        extract_pseudo_labelled(pipe.sampler, seeds, _labeller(args.labeller), out,
+                                {**meta, "labeller": args.labeller}, args.bs_test, device)
+    print(f"h-vectors in {out}")
+    return 0
+
+
+def demo(cfg: dict, device, args) -> int:
+    """Vanilla vs distribution-guided (parity 50/50), same seeds; judged; side-by-side grid."""
+    from utils.evaluate import evaluate_folder, format_table, judge_from_config
+    import numpy as np
+    from PIL import Image
+    root = resolve_path(args.exp if args.exp != "runs/generate" else "runs/demo")
+    n = args.n_test_img if args.n_test_img != 100 else 200
+    seeds = list(range(args.seed, args.seed + n))
+    judge, rows = judge_from_config(cfg), []
+    for mode in ("vanilla", "distribution"):
+        sub = type(args)(**{**vars(args), "exp": str(root / mode), "mode": mode, "target": args.target or "parity=0.5",
+                            "overwrite": True, "evaluate": False})
+        generate(cfg, device, sub, mode, seeds)
+        rows.append((mode, evaluate_folder(root / mode, cfg, {"parity": [0.5, 0.5]}, judge)))
+    table = format_table(rows, ["parity"])
+    grids = [np.asarray(Image.open(root / m / "grid.png")) for m in ("vanilla", "distribution")]
+    gap = np.full((grids[0].shape[0], 8) + grids[0].shape[2:], 255, np.uint8)
+    side = np.concatenate([grids[0], gap, grids[1]], axis=1)
+    Image.fromarray(side).resize((side.shape[1] * 3, side.shape[0] * 3), Image.NEAREST).save(root / "side_by_side.png")
+    (root / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"side-by-side grid: {root / 'side_by_side.png'}")
+    return 0
