@@ -28,7 +28,7 @@ demo: venv
 	$(VENV)/bin/python main.py --demo
 
 bench: venv
-	$(VENV)/bin/python bench/run_bench.py
+	$(VENV)/bin/python bench/guidance_eval.py --preset acceptance
 
 clean:
 	rm -rf $(VENV) .pytest_cache

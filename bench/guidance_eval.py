@@ -22,13 +22,14 @@ import torch  # noqa: E402
 
 from diffusion_latent import load_adp_for, load_pipeline, sample_batches  # noqa: E402
 from utils.cli import parse_fraction_vector  # noqa: E402
+from utils.commands import build_guidance  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import GuidanceConfig, HGuidance  # noqa: E402
+from utils.guidance import HGuidance  # noqa: E402
 from utils.runtime import pick_device, setup_logging  # noqa: E402
 
 
-def presets(name: str, cfg: dict) -> list[dict]:
+def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
     """Run specs: name, mode, targets {attr: spec}, optional scale / max_step / first_step."""
     if name == "acceptance":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"}),
@@ -41,8 +42,8 @@ def presets(name: str, cfg: dict) -> list[dict]:
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
     if name == "sweep":
         runs = [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"})]
-        for ms in (0.1, 0.25, 0.5):
-            for sc in (1e3, 1e4, 1e5, 1e6):
+        for ms in max_steps:
+            for sc in scales:
                 runs.append(dict(name=f"dist s={sc} max={ms}", mode="distribution",
                                  targets={"parity": "0.5"}, scale=sc, max_step=ms))
         return runs
@@ -53,30 +54,18 @@ def presets(name: str, cfg: dict) -> list[dict]:
     raise ValueError(f"unknown preset {name!r}")
 
 
-def make_guidance(run: dict, cfg: dict, adp, n_images: int):
-    gcfg = cfg.get("guidance", {})
-    mode = run["mode"]
-    attrs = list(run["targets"])
-    defaults = gcfg.get(f"{mode}_scale", {})
-    scales = {a: float(run.get("scale", defaults.get(a, defaults.get("default", 1.0)))) for a in attrs}
-    common = dict(scales=scales, temperature=float(gcfg.get("temperature", 8.0)), loss=gcfg.get("loss", "chi2"),
-                  first_step=int(run.get("first_step", gcfg.get("first_step", 1))),
-                  last_step=run.get("last_step", gcfg.get("last_step")),
-                  beta_power=float(gcfg.get("beta_power", 0.05)),
-                  max_step=float(run.get("max_step", gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5)))))
-    if mode == "distribution":
-        tg = {a: parse_fraction_vector(a, v, adp.attributes[a]) for a, v in run["targets"].items()}
-        return GuidanceConfig(mode, tg, **common), None, {a: v.tolist() for a, v in tg.items()}
-    cls = {a: int(v) for a, v in run["targets"].items()}
-    onehot = {a: [float(k == c) for k in range(len(adp.attributes[a]))] for a, c in cls.items()}
-    return GuidanceConfig(mode, {a: torch.tensor(v) for a, v in onehot.items()}, **common), cls, onehot
+def make_guidance(run: dict, cfg: dict, adp):
+    return build_guidance(cfg, run["mode"], run["targets"], adp,
+                          None if "scale" not in run else str(run["scale"]),
+                          run.get("guide_steps"), max_step=run.get("max_step"),
+                          temperature=run.get("temperature"))
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False) -> dict:
     guidance, cls, targets = (None, None, {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist()
                                            for a, v in run.get("eval", {}).items()})
     if run["mode"] != "vanilla":
-        guidance, cls, targets = make_guidance(run, cfg, adp, len(seeds))
+        guidance, cls, targets = make_guidance(run, cfg, adp)
 
     def make_edit(batch):
         if guidance is None:
@@ -88,13 +77,19 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False) -> di
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    imgs = [torch.from_numpy(im) for _, im, _ in sample_batches(pipe, seeds, bs, make_edit, asymmetric, run["name"])]
+    imgs, adp_last = [], []
+    for _, im, dist in sample_batches(pipe, seeds, bs, make_edit, asymmetric, run["name"]):
+        imgs.append(torch.from_numpy(im))
+        if dist:
+            adp_last.append(dist)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.time() - t0
     x = torch.cat(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     rep = evaluate_images(x, judge, targets, real)
     rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
+    if adp_last:     # the guide's own (debiased) estimate at the last step, averaged over batches
+        rep["adp_last_step"] = {a: torch.tensor([d[a] for d in adp_last]).mean(0).tolist() for a in adp_last[0]}
     if run["mode"] == "sample":
         a, c = next(iter(cls.items()))
         rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
@@ -113,6 +108,9 @@ def table(reports: list[dict]) -> str:
         if "requested_class_share" in r:
             fd = f"in requested class: {r['requested_class_share']:.3f}"
         joint = f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-"
+        if "adp_last_step" in r:
+            fr += " (ADP: " + "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in p)
+                                       for a, p in r["adp_last_step"].items()) + ")"
         lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {r.get('frechet', float('nan')):.2f} | "
                      f"{r['confident_share']:.3f} | {r['wall_s'] / r['n']:.4f} |")
     return "\n".join(lines)
@@ -128,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--asymmetric", action="store_true")
     p.add_argument("--out", default="runs/bench_guidance")
+    p.add_argument("--scales", default="0.5,1,2,4,8,16", help="(sweep) guidance scales")
+    p.add_argument("--max_steps", default="0.25,0.5,1.0", help="(sweep) step caps")
+    p.add_argument("--temperature", type=float, help="override the config's ADP softmax temperature")
     args = p.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config)
@@ -137,7 +138,10 @@ def main(argv=None) -> int:
     judge, real = judge_from_config(cfg), real_reference(cfg)
     seeds = list(range(args.n))
     reports = []
-    for run in presets(args.preset, cfg):
+    runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
+                   [float(v) for v in args.max_steps.split(",")])
+    for run in runs:
+        run.setdefault("temperature", args.temperature)
         reports.append(run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric))
         print(table(reports[-1:]).splitlines()[-1], flush=True)
     md = (f"{args.preset}: n={args.n}, batch={args.bs}, device={device}"

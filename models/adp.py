@@ -40,6 +40,8 @@ class ADP(nn.Module):
                                       for a, c in self.attributes.items()})
         for a, c in self.attributes.items():     # guidance directions, see compute_directions
             self.register_buffer(f"dir_{a}", torch.zeros(s, len(c), d))
+            # M_s[:, c] = mean softmax (tau 1) of validation samples of class c, see calibrate
+            self.register_buffer(f"conf_{a}", torch.eye(len(c)).repeat(s, 1, 1))
         self._index = {t: i for i, t in enumerate(self.timesteps)}
 
     def step_index(self, t: int) -> int:
@@ -73,6 +75,24 @@ class ADP(nn.Module):
     def direction(self, attr: str, s: int) -> torch.Tensor:
         """Guidance directions [K,D] at step index s: Cov_s(h) @ W_raw^T, one per class logit."""
         return getattr(self, f"dir_{attr}")[s]
+
+    def confusion(self, attr: str, s: int) -> torch.Tensor:
+        """M_s [K,K]: column c is the mean predicted distribution of true class c at step s."""
+        return getattr(self, f"conf_{attr}")[s]
+
+    @torch.no_grad()
+    def calibrate(self, h_steps: torch.Tensor, labels: dict[str, torch.Tensor]) -> None:
+        """Measure M_s on held-out h [N,S,D]: E[p_hat] = M_s p_true for a batch with class
+        fractions p_true, so M_s^-1 p_hat is an unbiased estimate of p_true (as CLEAM corrects
+        FD with a classifier's confusion). Early steps, where the heads are unsure, shrink p_hat
+        towards uniform; the correction undoes that shrinkage."""
+        for a, classes in self.attributes.items():
+            probs = torch.softmax(self.logits_all_steps(h_steps, a), dim=-1)      # [N, S, K]
+            m = getattr(self, f"conf_{a}")
+            for c in range(len(classes)):
+                sel = labels[a] == c
+                if sel.any():
+                    m[:, :, c] = probs[sel].mean(0)
 
     @torch.no_grad()
     def compute_directions(self, h_steps: torch.Tensor, batch: int = 2048) -> None:

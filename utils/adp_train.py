@@ -60,6 +60,7 @@ def train_adp(h: torch.Tensor, labels: dict[str, torch.Tensor], meta: dict, epoc
             opt.step()
     adp.cpu().eval()
     adp.compute_directions(h[tr])
+    adp.calibrate(h[va], {a: labels[a][va] for a in attrs})
     metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "epochs": epochs, "attributes": {}}
     s = len(adp.timesteps)
     late = max(1, int(round(0.2 * s)))

@@ -15,28 +15,30 @@ from utils.guidance import GuidanceConfig
 log = logging.getLogger("main")
 
 
-def guidance_from_args(cfg: dict, args, mode: str, adp, n_images: int):
-    """(GuidanceConfig, per-attribute sample classes, resolved targets) from flags + config."""
-    raw = parse_targets(args, mode, adp.attributes)
-    gcfg = cfg.get("guidance", {})
-    scales = parse_scales(args.scale, list(raw), gcfg.get(f"{mode}_scale", {}))
-    first, last = gcfg.get("first_step", 1), gcfg.get("last_step")
-    if args.guide_steps:
-        a, _, b = args.guide_steps.partition(":")
+def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: str | None = None,
+                   guide_steps: str | None = None, **overrides):
+    """(GuidanceConfig, sample classes {attr: index} | None, resolved targets) from raw target
+    strings {attr: value}, the config's ``guidance:`` defaults and overrides (e.g. max_step)."""
+    gcfg = {**cfg.get("guidance", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    scales = parse_scales(scale_spec, list(raw), gcfg.get(f"{mode}_scale", {}))
+    first, last = int(gcfg.get("first_step", 1)), gcfg.get("last_step")
+    if guide_steps:
+        a, _, b = guide_steps.partition(":")
         first, last = int(a or 0), (int(b) if b else None)
     common = dict(scales=scales, temperature=float(gcfg.get("temperature", 8.0)),
                   loss=gcfg.get("loss", "chi2"), first_step=first, last_step=last,
                   beta_power=float(gcfg.get("beta_power", 0.05)),
+                  precondition=gcfg.get("precondition", "covariance"),
+                  debias=bool(gcfg.get("debias", False)),
                   max_step=float(gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5))))
     if mode == "distribution":
         targets = {a: parse_fraction_vector(a, v, adp.attributes[a]) for a, v in raw.items()}
         return GuidanceConfig("distribution", targets, **common), None, \
             {a: v.tolist() for a, v in targets.items()}
     classes = {a: sample_class_index(a, v, adp.attributes[a]) for a, v in raw.items()}
-    per_sample = {a: [c] * n_images for a, c in classes.items()}
     onehot = {a: [float(k == c) for k in range(len(adp.attributes[a]))] for a, c in classes.items()}
     return GuidanceConfig("sample", {a: torch.tensor(v) for a, v in onehot.items()}, **common), \
-        per_sample, onehot
+        classes, onehot
 
 
 def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
@@ -50,7 +52,9 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
         if not cfg.get("adp"):
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
         adp = load_adp_for(pipe, cfg["adp"])
-        guidance, classes, targets = guidance_from_args(cfg, args, mode, adp, len(seeds))
+        raw = parse_targets(args, mode, adp.attributes)
+        guidance, cls, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps)
+        classes = {a: [c] * len(seeds) for a, c in (cls or {}).items()} or None
     out = resolve_path(args.exp)
     prepare_out_dir(out, args.overwrite, args.resume)
     resolved = {"mode": mode, "config": cfg.get("name"), "targets": targets,

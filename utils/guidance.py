@@ -53,6 +53,7 @@ class GuidanceConfig:
     beta_power: float = 0.05
     max_step: float = 0.5
     precondition: str = "covariance"           # "covariance" | "none"
+    debias: bool = False                        # estimate p from M_s^-1 p_hat (ADP.calibrate)
     record: dict = field(default_factory=dict)
 
 
@@ -60,6 +61,8 @@ class HGuidance:
     """The edit applied to h_t at each guided step."""
 
     def __init__(self, adp: ADP, cfg: GuidanceConfig, betas: torch.Tensor):
+        if cfg.debias and cfg.temperature != 1.0:
+            raise ValueError("debias=True needs temperature 1 (the ADP is calibrated at tau 1)")
         if cfg.mode not in ("distribution", "sample"):
             raise ValueError(f"guidance mode must be 'distribution' or 'sample', got {cfg.mode!r}")
         self.adp, self.cfg, self.betas = adp, cfg, betas
@@ -77,8 +80,12 @@ class HGuidance:
             q = torch.softmax(lg / self.cfg.temperature, dim=1)           # [N, K]
             self.last_distribution[a] = q.detach().mean(0).cpu().tolist()
             if self.cfg.mode == "distribution":
+                p_hat = q.mean(0)
+                if self.cfg.debias:
+                    p_hat = torch.linalg.solve(self.adp.confusion(a, self._s).to(q), p_hat)
+                    self.last_distribution[a] = p_hat.detach().cpu().tolist()
                 total = total + self.cfg.scales[a] * distribution_loss(
-                    q.mean(0), self.cfg.targets[a].to(q), self.cfg.loss)
+                    p_hat, self.cfg.targets[a].to(q), self.cfg.loss)
             else:
                 c = self.sample_targets[a].to(q.device)
                 total = total - self.cfg.scales[a] * q.gather(1, c[:, None]).sum()
@@ -87,7 +94,7 @@ class HGuidance:
     def __call__(self, h: torch.Tensor, i: int, t: int) -> torch.Tensor:
         if not self.guided(i) or all(s == 0 for s in self.cfg.scales.values()):
             return h
-        s = self.adp.step_index(t)
+        s = self._s = self.adp.step_index(t)
         attrs = list(self.cfg.targets)
         with torch.enable_grad():
             logits = {a: v.detach().requires_grad_(True)

@@ -53,4 +53,4 @@ def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], title
 def accuracy_plot(timesteps: list[int], metrics: dict, path: Path) -> None:
     series = {a: m["val_accuracy_per_step"] for a, m in metrics["attributes"].items()}
     line_plot(path, [float(t) for t in timesteps], series, "ADP validation accuracy per timestep",
-              "timestep t (999 = start of sampling)", "accuracy", (0.4, 1.0))
+              "timestep t (999 = start of sampling)", "accuracy", (0.0, 1.0))

@@ -1,0 +1,121 @@
+"""models/adp.py and utils/adp_train.py: training on a separable toy h-space, checkpoints, directions.
+
+CPU only, tiny data: h [N=200, S=3, D=16] with a class-dependent mean shift, so a linear head per
+step must reach 100% validation accuracy.
+"""
+import pytest
+import torch
+
+from models.adp import ADP, ClassifierMismatchError
+from utils.adp_train import train_adp
+
+N, S, D = 200, 3, 16
+TIMESTEPS = [20, 10, 0]
+ATTRS = {"odd": ["even", "odd"], "quad": ["q0", "q1", "q2", "q3"]}
+MODEL_ID = {"config": "toy", "checkpoint": "toy.pt", "checkpoint_sha256": "a" * 64}
+
+
+def _toy_data(seed=0):
+    """h [N,S,D]: noise 0.3 + 4 * (+-1 on coordinate 0 for 'odd', +1 on coordinate 1+q for 'quad')."""
+    g = torch.Generator().manual_seed(seed)
+    y_odd = torch.randint(0, 2, (N,), generator=g)
+    y_quad = torch.randint(0, 4, (N,), generator=g)
+    h = 0.3 * torch.randn(N, S, D, generator=g)
+    h[:, :, 0] += 4.0 * (2 * y_odd[:, None] - 1)
+    h[torch.arange(N), :, 1 + y_quad] += 4.0
+    return h, {"odd": y_odd, "quad": y_quad}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    h, labels = _toy_data()
+    meta = {"attributes": ATTRS, "h_shape": [D, 1, 1], "timesteps": TIMESTEPS}
+    # AdamW moves every coordinate at about the same rate early on, so the 15 pure-noise
+    # coordinates need ~100 steps (2 batches an epoch here) to fall behind the signal.
+    adp, metrics = train_adp(h, labels, meta, epochs=60, lr=1e-2, seed=0)
+    return adp, metrics, h, labels
+
+
+def test_train_adp_separable_toy_reaches_full_accuracy_at_every_step(trained):
+    adp, metrics, _, _ = trained
+    assert set(adp.attributes) == {"odd", "quad"}
+    for a in ATTRS:
+        accs = metrics["attributes"][a]["val_accuracy_per_step"]
+        assert accs == [1.0] * S, (a, accs)
+        assert metrics["attributes"][a]["val_accuracy_last_20pct"] == 1.0
+
+
+def test_train_adp_metrics_structure(trained):
+    adp, metrics, _, labels = trained
+    assert metrics["n_train"] + metrics["n_val"] == N
+    assert metrics["n_val"] == 40                       # val_fraction 0.2
+    for a, classes in ATTRS.items():
+        m = metrics["attributes"][a]
+        assert len(m["val_accuracy_per_step"]) == S
+        assert all(0.0 <= v <= 1.0 for v in m["val_accuracy_per_step"])
+        assert m["class_counts"] == torch.bincount(labels[a], minlength=len(classes)).tolist()
+        assert sum(m["class_counts"]) == N
+    assert adp.weight["quad"].shape == (S, 4, D)
+    assert adp.direction("odd", 0).shape == (2, D)
+
+
+def test_save_load_round_trip_gives_identical_logits(trained, tmp_path):
+    adp, metrics, h, _ = trained
+    path = tmp_path / "adp.pt"
+    adp.save(path, MODEL_ID, {"source": "toy"}, metrics)
+    back = ADP.load(path, expect_model=MODEL_ID, expect_h_shape=(D, 1, 1))
+    assert back.timesteps == TIMESTEPS and back.attributes == ATTRS and back.h_shape == (D, 1, 1)
+    assert back.meta["model"] == MODEL_ID and back.meta["metrics"] == metrics
+    hb = h[:10, 1].reshape(10, D, 1, 1)
+    for t in TIMESTEPS:
+        a, b = adp.logits(hb, t), back.logits(hb, t)
+        for k in ATTRS:
+            assert torch.equal(a[k], b[k])
+    for k in ATTRS:
+        assert torch.equal(adp.direction(k, 2), back.direction(k, 2))
+
+
+def test_load_refuses_other_h_shape_naming_both(trained, tmp_path):
+    adp, metrics, _, _ = trained
+    path = tmp_path / "adp.pt"
+    adp.save(path, MODEL_ID, {}, metrics)
+    with pytest.raises(ClassifierMismatchError) as e:
+        ADP.load(path, expect_h_shape=(8, 2, 1))
+    assert "(16, 1, 1)" in str(e.value) and "(8, 2, 1)" in str(e.value)
+
+
+def test_load_refuses_other_model_checkpoint(trained, tmp_path):
+    adp, metrics, _, _ = trained
+    path = tmp_path / "adp.pt"
+    adp.save(path, MODEL_ID, {}, metrics)
+    other = {**MODEL_ID, "checkpoint_sha256": "b" * 64}
+    with pytest.raises(ClassifierMismatchError, match="must match its model"):
+        ADP.load(path, expect_model=other)
+
+
+def test_step_index_off_grid_and_missing_file(trained, tmp_path):
+    adp = trained[0]
+    assert adp.step_index(10) == 1
+    with pytest.raises(ClassifierMismatchError, match="timestep 5"):
+        adp.step_index(5)
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ADP.load(tmp_path / "nope.pt")
+
+
+def test_compute_directions_is_covariance_times_raw_weight():
+    torch.manual_seed(1)
+    n, d = 23, 3
+    adp = ADP((d, 1, 1), [1, 0], {"a": ["x", "y"], "b": ["p", "q", "r"]})
+    h = torch.randn(n, 2, d) * torch.tensor([1.0, 3.0, 0.5]) + 2.0
+    with torch.no_grad():
+        adp.mean.copy_(h.mean(0))                       # the exact mean, as torch.cov uses
+        adp.std.copy_(torch.rand(2, d) + 0.5)
+        for p in adp.weight.values():
+            p.copy_(torch.randn_like(p))
+    adp.compute_directions(h, batch=7)                  # several chunks
+    for s in range(2):
+        cov = torch.cov(h[:, s].T)                      # [D, D], unbiased (n - 1)
+        for a in ("a", "b"):
+            w_raw = adp.weight[a][s] / adp.std[s]       # [K, D]
+            expected = (cov @ w_raw.T).T
+            torch.testing.assert_close(adp.direction(a, s), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,162 @@
+"""main.py's command line (utils/cli.py): bad input exits 2 with a clear message, before sampling.
+
+The embedded digits16 model is loaded (small, fast); the ADP is a tiny untrained one written to
+tmp_path for that model. Sampling is patched to fail, so no test here can generate an image.
+"""
+import argparse
+
+import pytest
+import torch
+
+from models.adp import ADP
+from models.loader import file_sha256, resolve_path
+from utils import cli
+from utils.diffusion import DDIMSampler, ddim_timesteps
+
+ATTRS = {"parity": ["even", "odd"], "magnitude": ["low", "high"], "digit": [str(d) for d in range(10)]}
+CKPT = "pretrained/digits16_ddpm.pt"
+
+
+@pytest.fixture(scope="module")
+def model_sha():
+    return file_sha256(resolve_path(CKPT))
+
+
+def _write_adp(path, sha):
+    adp = ADP((64, 4, 4), ddim_timesteps(1000, 50), ATTRS)
+    adp.save(path, {"config": "digits16", "checkpoint": CKPT, "checkpoint_sha256": sha},
+             {"source": "test"}, {})
+    return path
+
+
+@pytest.fixture
+def adp_path(tmp_path, model_sha):
+    return _write_adp(tmp_path / "adp.pt", model_sha)
+
+
+@pytest.fixture(autouse=True)
+def no_sampling(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("a CLI error test reached sampling")
+    monkeypatch.setattr(DDIMSampler, "sample", refuse)
+
+
+def _main(capsys, tmp_path, *argv):
+    """Run main.py's main; returns (exit code, stderr)."""
+    capsys.readouterr()
+    rc = cli.main(["--device", "cpu", "--exp", str(tmp_path / "out"), *argv])
+    return rc, capsys.readouterr().err
+
+
+def _dist(adp_path, *extra):
+    return ("--mode", "distribution", "--adp", str(adp_path), "--n_test_img", "4", "--bs_test", "4",
+            *extra)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("parity=-0.2:1.2", "must be >= 0"),
+    ("parity=0.3:0.3", "must sum to 1"),
+    ("digit=0.5:0.5", "has 2 fractions but the attribute has 10 classes"),
+    ("colour=0.5", "the ADP has no attribute ['colour']"),
+    ("parity", "expected attr=value pairs"),
+])
+def test_bad_targets_exit_2(capsys, tmp_path, adp_path, target, message):
+    rc, err = _main(capsys, tmp_path, *_dist(adp_path, "--target", target))
+    assert rc == 2
+    assert "error:" in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scale_not_a_number(capsys, tmp_path, adp_path):
+    rc, err = _main(capsys, tmp_path, *_dist(adp_path, "--target", "parity=0.5", "--scale", "abc"))
+    assert rc == 2 and "'abc' is not a number" in err
+
+
+def test_batch_of_one_in_distribution_mode(capsys, tmp_path, adp_path):
+    rc, err = _main(capsys, tmp_path, "--mode", "distribution", "--adp", str(adp_path),
+                    "--target", "parity=0.5", "--bs_test", "1")
+    assert rc == 2 and "--bs_test >= 2" in err and "the batch is the unit of guidance" in err
+
+
+def test_missing_checkpoint_names_path_and_config(capsys, tmp_path):
+    rc, err = _main(capsys, tmp_path, "--mode", "vanilla", "--checkpoint", "nope.pt")
+    assert rc == 2
+    assert str(resolve_path("nope.pt")) in err and "digits16" in err
+
+
+def test_non_empty_exp_is_left_untouched(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = out / "keep.txt"
+    keep.write_text("precious")
+    mtime = keep.stat().st_mtime_ns
+    rc, err = _main(capsys, tmp_path, "--mode", "vanilla", "--n_test_img", "2", "--bs_test", "2")
+    assert rc == 2 and "not empty" in err and "--overwrite" in err and "--resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert keep.read_text() == "precious" and keep.stat().st_mtime_ns == mtime
+
+
+def test_adp_of_another_model_is_refused(capsys, tmp_path):
+    other = _write_adp(tmp_path / "other.pt", "f" * 64)
+    rc, err = _main(capsys, tmp_path, *_dist(other, "--target", "parity=0.5"))
+    assert rc == 2 and "A classifier must match its model" in err and str(other) in err
+
+
+def test_adp_of_another_grid_is_refused(capsys, tmp_path, adp_path):
+    rc, err = _main(capsys, tmp_path, *_dist(adp_path, "--target", "parity=0.5", "--steps", "20"))
+    assert rc == 2 and "no head for timestep" in err
+
+
+def test_unknown_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--no_such_flag", "1"])
+    assert e.value.code == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+
+
+# ---- parsing helpers ---------------------------------------------------------------------------
+def test_parse_fraction_vector():
+    torch.testing.assert_close(cli.parse_fraction_vector("parity", "0.3", ["even", "odd"]),
+                               torch.tensor([0.7, 0.3]))                 # binary: fraction of class 1
+    torch.testing.assert_close(cli.parse_fraction_vector("digit", "uniform", ATTRS["digit"]),
+                               torch.full((10,), 0.1))
+    torch.testing.assert_close(cli.parse_fraction_vector("m", "0.25/0.75", ["low", "high"]),
+                               torch.tensor([0.25, 0.75]))
+    v = cli.parse_fraction_vector("parity", "1:0", ["even", "odd"])     # zeros smoothed for chi2
+    assert (v > 0).all() and float(v.sum()) == pytest.approx(1.0) and v[0] > 0.99
+    for bad, msg in [("x", "not a number"), ("0.5:0.5:0", "3 fractions"), ("1.5", ">= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            cli.parse_fraction_vector("parity", bad, ["even", "odd"])
+
+
+def test_parse_scales():
+    attrs = ["parity", "digit"]
+    assert cli.parse_scales(None, attrs, {"parity": 3, "default": 1}) == {"parity": 3.0, "digit": 1.0}
+    assert cli.parse_scales("2", attrs, {}) == {"parity": 2.0, "digit": 2.0}
+    assert cli.parse_scales("parity=2,digit=0.5", attrs, {}) == {"parity": 2.0, "digit": 0.5}
+    for bad, msg in [("abc", "not a number"), ("-1", ">= 0"), ("inf", "finite"),
+                     ("colour=1", "not guided")]:
+        with pytest.raises(ValueError, match=msg):
+            cli.parse_scales(bad, attrs, {})
+
+
+def _args(**kw):
+    base = dict(target=None, attribute_list=None, male=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_parse_targets():
+    assert cli.parse_targets(_args(target="parity=0.5, digit=uniform"), "distribution", ATTRS) == \
+        {"parity": "0.5", "digit": "uniform"}
+    assert cli.parse_targets(_args(attribute_list="1,0,0", male=0.3), "distribution", ATTRS) == \
+        {"parity": "0.3"}
+    assert cli.parse_targets(_args(attribute_list="0,1,0", male=1.0), "sample", ATTRS) == \
+        {"magnitude": "1"}
+    with pytest.raises(ValueError, match="needs --male"):
+        cli.parse_targets(_args(attribute_list="1,0,0"), "distribution", ATTRS)
+    with pytest.raises(ValueError, match="one 0/1 per ADP attribute"):
+        cli.parse_targets(_args(attribute_list="1,2,0", male=0.5), "distribution", ATTRS)
+    with pytest.raises(ValueError, match="no attribute selected"):
+        cli.parse_targets(_args(attribute_list="0,0,0", male=0.5), "distribution", ATTRS)
+    with pytest.raises(ValueError, match="needs --target"):
+        cli.parse_targets(_args(), "distribution", ATTRS)
