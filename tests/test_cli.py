@@ -154,8 +154,12 @@ def test_parse_targets():
         {"magnitude": "1"}
     with pytest.raises(ValueError, match="needs --male"):
         cli.parse_targets(_args(attribute_list="1,0,0"), "distribution", ATTRS)
-    with pytest.raises(ValueError, match="one 0/1 per ADP attribute"):
+    with pytest.raises(ValueError, match="one 0/1 switch per ADP attribute"):
         cli.parse_targets(_args(attribute_list="1,2,0", male=0.5), "distribution", ATTRS)
+    with pytest.raises(ValueError, match="one 0/1 switch per ADP attribute"):   # 4th switch on, 3 heads
+        cli.parse_targets(_args(attribute_list="0,0,0,1", male=0.5), "distribution", ATTRS)
+    assert cli.parse_targets(_args(attribute_list="1,0,0,0", male=0.5), "distribution", ATTRS) == \
+        {"parity": "0.5"}                                                       # original's 4 switches
     with pytest.raises(ValueError, match="no attribute selected"):
         cli.parse_targets(_args(attribute_list="0,0,0", male=0.5), "distribution", ATTRS)
     with pytest.raises(ValueError, match="needs --target"):

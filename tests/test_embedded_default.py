@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -21,7 +22,7 @@ def test_judge_accuracy_on_heldout_real_digits():
 
 
 def test_shipped_adp_records_its_model_and_metrics():
-    import torch
+
     ck = torch.load("pretrained/digits16_adp.pt", map_location="cpu", weights_only=False)
     assert ck["h_shape"] == [64, 4, 4] and len(ck["timesteps"]) == 50
     assert set(ck["attributes"]) == {"parity", "magnitude", "digit"}
@@ -64,3 +65,26 @@ def test_sample_mode_runs_with_class_names(tmp_path, mode):
     out = tmp_path / mode
     assert main(["--mode", mode, "--target", "parity=odd", "--exp", str(out)] + FAST) == 0
     assert json.loads((out / "run.json").read_text())["resolved"]["targets"] == {"parity": [0.0, 1.0]}
+
+
+def test_ddim_inversion_reconstructs_real_digits():
+    """Invert 8 held-out real digits with the trained model (eta 0), sample back on the same grid.
+
+    Measured: 50 steps: mean |error| 0.037, max 0.50; 200 steps: mean 0.0088, max 0.115 (images
+    in [-1, 1]). Inversion evaluates eps at the previous timestep instead of the next one, so the
+    error is first order in the step size: 4x the steps gives about 1/4 the error.
+    """
+
+    from models.loader import load_model
+    from utils.config import load_config
+    from utils.diffusion import DDIMSampler, Schedule
+    cfg = load_config()
+    net = load_model(cfg["model"], "digits16")
+    x0 = load_split().heldout_x[:8]
+    errs = {}
+    for steps in (50, 200):
+        s = DDIMSampler(net, Schedule.from_config(cfg["diffusion"]), steps, 0.0)
+        x_T, _ = s.invert(x0)
+        errs[steps] = (s.sample(x_T)[0] - x0).abs().mean().item()
+    assert errs[50] < 0.06 and errs[200] < 0.015 and errs[200] < errs[50] / 2.5, errs
+

@@ -5,11 +5,10 @@ import argparse
 import logging
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from models.loader import CheckpointError, resolve_path
+from models.loader import CheckpointError
 from models.adp import ClassifierMismatchError
 from utils.config import DEFAULT_CONFIG, load_config, with_overrides
 from utils.runtime import pick_device, setup_logging
@@ -135,8 +134,9 @@ def parse_targets(args, mode: str, adp_attrs: dict[str, list[str]]) -> dict[str,
     elif args.attribute_list:
         switches = [s.strip() for s in args.attribute_list.split(",")]
         names = list(adp_attrs)
-        if any(s not in ("0", "1") for s in switches) or len(switches) > len(names) + 1:
-            raise ValueError(f"--attribute_list {args.attribute_list!r}: one 0/1 per ADP attribute {names}")
+        if any(s not in ("0", "1") for s in switches) or "1" in switches[len(names):]:
+            raise ValueError(f"--attribute_list {args.attribute_list!r}: one 0/1 switch per ADP "
+                             f"attribute, in order {names}")
         if args.male is None:
             raise ValueError("--attribute_list needs --male (class index, or fraction of class 1)")
         pairs = {names[i]: (str(int(args.male)) if mode == "sample" else str(args.male))
