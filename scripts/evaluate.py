@@ -24,7 +24,8 @@ from utils.cli import parse_fraction_vector  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
 from utils.evaluate import evaluate_images, judge_from_config  # noqa: E402
-from utils.images import save_grid, to_uint8  # noqa: E402
+from utils.images import grid_array, to_uint8  # noqa: E402
+from PIL import Image  # noqa: E402
 from utils.metrics import frechet_distance  # noqa: E402
 from utils.runtime import pick_device, setup_logging  # noqa: E402
 
@@ -53,10 +54,10 @@ def main(argv=None) -> int:
         pipe = load_pipeline(cfg, pick_device(args.device))
         imgs = [im for _, im, _ in sample_batches(pipe, list(range(args.vanilla)), args.bs, desc="vanilla")]
         x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        real = to_uint8(split.heldout_x[:100])
-        gap = np.full((100, 16, 4, 1), 255, np.uint8)
-        side = np.concatenate([real, gap, to_uint8(x[:100])], axis=2)
-        save_grid(Path(args.grid), side, ncol=10, upscale=3)
+        real, fake = grid_array(to_uint8(split.heldout_x[:100]), 10), grid_array(to_uint8(x[:100]), 10)
+        gap = np.full((real.shape[0], 6, real.shape[2]), 255, np.uint8)
+        side = Image.fromarray(np.concatenate([real, gap, fake], axis=1)[..., 0])
+        side.resize((side.width * 3, side.height * 3), Image.NEAREST).save(args.grid)
     targets = {}
     for part in args.target.split(","):
         a, v = part.split("=")

@@ -34,6 +34,11 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     attrs = attrs or list(probs)
     report = evaluate_attributes({a: probs[a] for a in attrs},
                                  {a: np.asarray(v) for a, v in (targets or {}).items() if a in attrs})
+    guided = [a for a in (targets or {}) if a in attrs]
+    if len(guided) >= 2:      # joint distribution over the attributes that have targets
+        sub = evaluate_attributes({a: probs[a] for a in guided},
+                                  {a: np.asarray(targets[a]) for a in guided})
+        report["joint"] = sub["joint"]
     main_attr = "digit" if "digit" in probs else next(iter(probs))
     report["n"] = int(len(images))
     report["confident_share"] = confident_share(probs[main_attr], threshold)
