@@ -47,6 +47,9 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
                 runs.append(dict(name=f"dist s={sc} max={ms}", mode="distribution",
                                  targets={"parity": "0.5"}, scale=sc, max_step=ms))
         return runs
+    if name == "sample":
+        return [dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
+                dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
     if name == "speed":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")
     p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    p.add_argument("--preset", default="acceptance", choices=["acceptance", "sweep", "speed"])
+    p.add_argument("--preset", default="acceptance", choices=["acceptance", "sweep", "speed", "sample"])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--bs", type=int, default=100)
     p.add_argument("--device", default="auto")
