@@ -46,10 +46,7 @@ def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
     ckpt = resolve_path(cfg["model"]["checkpoint"])
     model_id = {"config": cfg.get("name"), "checkpoint": cfg["model"]["checkpoint"],
                 "checkpoint_sha256": cfg["model"].get("sha256") or file_sha256(ckpt)}
-    m = cfg["model"]
-    size = m.get("image_size") or m.get("sample_size")
-    shape = (int(m.get("in_channels", 3)), int(size), int(size))
-    return Pipeline(net, sampler, model_id, shape, device)
+    return Pipeline(net, sampler, model_id, net.image_shape, device)
 
 
 def load_adp_for(pipe: Pipeline, path: str | Path) -> ADP:

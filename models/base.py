@@ -28,6 +28,12 @@ class HSpaceUNet(nn.Module):
     #: (C, H, W) of the bottleneck for the configured image size
     h_shape: tuple[int, int, int] = (0, 0, 0)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network denoises (from its config)."""
+        c = self.cfg
+        return (int(c.in_channels), int(c.image_size), int(c.image_size))
+
     def encode(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Run the network up to and including the bottleneck. Returns (h [N,C,H,W], ctx)."""
         raise NotImplementedError

@@ -124,6 +124,12 @@ class DiffusersUNet(HSpaceUNet):
     """``UNet2DModel`` split at its ``mid_block``; the eps prediction equals
     ``UNet2DModel(x, t).sample`` (its first half when ``learn_sigma``)."""
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.unet.config.in_channels), int(h), int(w))
+
     def __init__(self, unet, learn_sigma: bool = False):
         super().__init__()
         if unet.class_embedding is not None:

@@ -156,3 +156,13 @@ def test_published_config_architecture(capsys):
     with torch.device("meta"):
         ddpm = build_model(load_config("configs/celeba_hq_ddpm.yml")["model"], "celeba_hq_ddpm")
     assert n_params == sum(p.numel() for p in ddpm.parameters())
+
+
+def test_image_shape_comes_from_the_diffusers_config():
+    from diffusers import UNet2DModel
+    from models.diffusers_unet import DiffusersUNet
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
+                       norm_num_groups=8)
+    assert DiffusersUNet(unet).image_shape == (1, 16, 16)

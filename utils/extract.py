@@ -64,8 +64,7 @@ def extract_pseudo_labelled(sampler: DDIMSampler, seeds: list[int], labeller, ou
             "attributes": labeller.attributes, "shard_size": batch_size, "n": len(seeds),
             "eta": sampler.eta}
     _write_meta(out, meta)
-    shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size) if hasattr(net, "cfg") \
-        else meta["image_shape"]
+    shape = net.image_shape
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     for k, batch in enumerate(tqdm(batches, desc="extract (pseudo-labels)")):
         if shard_done(out, k):
@@ -118,7 +117,7 @@ def extract_from_folders(sampler: DDIMSampler, root: Path, attribute: str, out: 
     """The original way: DDIM-invert (eta 0) each image of ``root/<class>/``, record h per step."""
     classes = list_class_folders(root)
     net = sampler.net
-    size, channels = net.cfg.image_size, net.cfg.in_channels
+    channels, size, _ = net.image_shape
     items = [(p, c) for c, (_, files) in enumerate(classes.items()) for p in files]
     meta = {**meta, "source": "folders", "folder": str(root), "timesteps": sampler.timesteps,
             "h_shape": list(net.h_shape), "attributes": {attribute: list(classes)},
