@@ -82,22 +82,30 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
-                   guidance: GuidanceConfig | None, adp: ADP | None, resolved: dict,
-                   asymmetric: bool = False, resume: bool = False,
-                   sample_classes: dict[str, list[int]] | None = None) -> dict:
-    """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``."""
-    todo = [s for s in seeds if not (resume and (out / f"{s:06d}.png").exists())]
-    seed_pos = {s: k for k, s in enumerate(seeds)}
+def guidance_factory(pipe: Pipeline, adp: ADP | None, guidance: GuidanceConfig | None,
+                     sample_classes: dict[str, int] | None = None):
+    """batch seeds -> a fresh HGuidance for that batch (None for vanilla sampling).
 
-    def make_edit(batch):
+    :param sample_classes: sample mode: the requested class index per attribute.
+    """
+    def make_edit(batch: list[int]):
         if guidance is None:
             return None
         g = HGuidance(adp, guidance, pipe.sampler.schedule.betas)
         if guidance.mode == "sample":
-            g.sample_targets = {a: torch.tensor([cls[seed_pos[s]] for s in batch])
-                                for a, cls in (sample_classes or {}).items()}
+            g.sample_targets = {a: torch.full((len(batch),), c)
+                                for a, c in (sample_classes or {}).items()}
         return g
+    return make_edit
+
+
+def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
+                   guidance: GuidanceConfig | None, adp: ADP | None, resolved: dict,
+                   asymmetric: bool = False, resume: bool = False,
+                   sample_classes: dict[str, int] | None = None) -> dict:
+    """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``."""
+    todo = [s for s in seeds if not (resume and (out / f"{s:06d}.png").exists())]
+    make_edit = guidance_factory(pipe, adp, guidance, sample_classes)
 
     t0, dists = time.time(), []
     for batch, imgs, dist in sample_batches(pipe, todo, batch_size, make_edit, asymmetric,

@@ -20,12 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffusion_latent import load_adp_for, load_pipeline, sample_batches  # noqa: E402
+from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, sample_batches  # noqa: E402
 from utils.cli import parse_fraction_vector  # noqa: E402
 from utils.commands import build_guidance  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import HGuidance  # noqa: E402
 from utils.runtime import pick_device, setup_logging  # noqa: E402
 
 
@@ -70,13 +69,7 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False) -> di
     if run["mode"] != "vanilla":
         guidance, cls, targets = make_guidance(run, cfg, adp)
 
-    def make_edit(batch):
-        if guidance is None:
-            return None
-        g = HGuidance(adp, guidance, pipe.sampler.schedule.betas)
-        if cls:
-            g.sample_targets = {a: torch.full((len(batch),), c) for a, c in cls.items()}
-        return g
+    make_edit = guidance_factory(pipe, adp, guidance, cls)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()

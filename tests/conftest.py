@@ -9,7 +9,18 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # the tests use tiny models: one thread is faster than two fighting over a small CPU
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_adm():
+    """A tiny random ADM U-Net on 16x16 grey images (random weights: a hard, non-smooth eps)."""
+    from models.adm_unet import ADMConfig, ADMUNet
+    torch.manual_seed(0)
+    return ADMUNet(ADMConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32,
+                             channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                             num_head_channels=32)).eval()

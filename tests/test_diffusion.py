@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from models.adm_unet import ADMConfig, ADMUNet
 from models.base import HSpaceUNet
 from utils.diffusion import (DDIMSampler, Schedule, beta_schedule, ddim_sigma, ddim_step,
                              ddim_timesteps)
@@ -24,13 +23,9 @@ def schedule():
 
 
 @pytest.fixture(scope="module")
-def adm():
+def adm(tiny_adm):
     """A tiny random ADM U-Net (random weights: a hard, non-smooth eps(x, t))."""
-    torch.manual_seed(0)
-    cfg = ADMConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32,
-                    channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                    num_head_channels=32)
-    return ADMUNet(cfg).eval()
+    return tiny_adm
 
 
 def _images(n, seed=0):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from models.adm_unet import ADMConfig, ADMUNet
 from utils.diffusion import DDIMSampler, Schedule, ddim_step
 from utils.extract import extract_from_folders, extract_pseudo_labelled, load_h_dataset, read_meta
 from utils.seeds import SeededNoise
@@ -32,12 +31,8 @@ class BrightnessLabeller:
 
 
 @pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    cfg = ADMConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32,
-                    channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                    num_head_channels=32)
-    return ADMUNet(cfg).eval()
+def net(tiny_adm):
+    return tiny_adm
 
 
 @pytest.fixture(scope="module")

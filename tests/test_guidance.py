@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from models.adm_unet import ADMConfig, ADMUNet
 from models.adp import ADP
 from utils.diffusion import DDIMSampler, Schedule
 from utils.guidance import GuidanceConfig, HGuidance, distribution_loss
@@ -121,12 +120,8 @@ def test_unknown_mode_raises():
 
 # ---- end to end on a tiny random ADM -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def sampler():
-    torch.manual_seed(0)
-    cfg = ADMConfig(image_size=16, in_channels=1, out_channels=1, model_channels=32,
-                    channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                    num_head_channels=32)
-    net = ADMUNet(cfg).eval()
+def sampler(tiny_adm):
+    net = tiny_adm
     sched = Schedule.from_config({"beta_schedule": "linear", "num_diffusion_timesteps": 1000})
     return DDIMSampler(net, sched, num_steps=5, eta=1.0)
 

@@ -52,8 +52,7 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
         adp = load_adp_for(pipe, cfg["adp"])
         raw = parse_targets(args, mode, adp.attributes)
-        guidance, cls, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps)
-        classes = {a: [c] * len(seeds) for a, c in (cls or {}).items()} or None
+        guidance, classes, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps)
     out = resolve_path(args.exp)
     prepare_out_dir(out, args.overwrite, args.resume)
     resolved = {"mode": mode, "config": cfg.get("name"), "targets": targets,

@@ -177,8 +177,7 @@ class DDIMSampler:
             else:
                 eps = self.net(x, self._t(t_cur, len(x), x.device)).float()
             a_from, a_to = self.schedule.alpha_bar(t_prev), self.schedule.alpha_bar(t_cur)
-            x0_hat = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
-            x = math.sqrt(a_to) * x0_hat + math.sqrt(1 - a_to) * eps
+            x, _ = ddim_step(eps, x, a_from, a_to, eta=0.0)        # the DDIM update, run upwards
         if record_h:
             h, _ = self.net.encode(x, self._t(ts[-1], len(x), x.device))
             hs_by_t[ts[-1]] = h.float().cpu()
