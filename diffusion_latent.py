@@ -17,7 +17,7 @@ from models.adp import ADP
 from models.base import HSpaceUNet
 from models.loader import file_sha256, load_model, resolve_path
 from utils.diffusion import DDIMSampler, Schedule
-from utils.guidance import GuidanceConfig, HGuidance
+from utils.guidance import GuidanceConfig, HGuidance, RunningBalance
 from utils.images import save_grid, save_images, to_uint8
 from utils.seeds import SeededNoise
 
@@ -57,17 +57,43 @@ def load_adp_for(pipe: Pipeline, path: str | Path) -> ADP:
     return adp.to(pipe.device)
 
 
-def sample_batches(pipe: Pipeline, seeds: list[int], batch_size: int,
-                   make_edit=None, asymmetric: bool = False, desc: str = "sample"):
+def plan_batches(seeds: list[int], batch_size: int, rank: int = 0, world: int = 1,
+                 skip: set[int] | frozenset = frozenset()) -> list[list[int]]:
+    """This rank's seed lists, one per global batch of ``batch_size * world`` seeds.
+
+    Global batch g holds seeds[g*B:(g+1)*B], split over the ranks in order (rank r gets the r-th
+    part), so the ranks' seeds are disjoint and together complete. A global batch whose seeds
+    are all in ``skip`` (images already written) is left out on every rank alike, which keeps
+    the ranks in step for the all-reduce; one with any seed missing is redone whole.
+    """
+    gb = batch_size * world
+    plan = []
+    for g in range(0, len(seeds), gb):
+        glob = seeds[g:g + gb]
+        if all(s in skip for s in glob):
+            continue
+        if len(glob) < world:
+            raise ValueError(f"the last global batch has {len(glob)} seeds for {world} processes; "
+                             f"make the number of images a multiple of {world}")
+        parts = np.array_split(np.asarray(glob), world)
+        plan.append([int(s) for s in parts[rank]])
+    return plan
+
+
+def sample_batches(pipe: Pipeline, batches: list[list[int]], make_edit=None,
+                   asymmetric: bool = False, desc: str = "sample", progress: bool = True):
     """Yield (seeds, images uint8 [n,H,W,C], last predicted distribution) batch by batch.
 
-    :param make_edit: batch seeds -> edit_h callable (or None for vanilla).
+    :param batches: seed lists (``plan_batches``), one per batch.
+    :param make_edit: batch seeds -> edit_h callable (or None for vanilla). An edit with a
+        running balance gets its batch's last-step estimate added once the batch is done.
     """
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    for batch in tqdm(batches, desc=desc):
+    for batch in tqdm(batches, desc=desc, disable=not progress):
         noise = SeededNoise(batch, pipe.image_shape, pipe.device)
         edit = make_edit(batch) if make_edit else None
         x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, edit_h=edit, asymmetric=asymmetric)
+        if getattr(edit, "balance", None) is not None and edit.last_distribution:
+            edit.balance.update(edit.last_distribution, edit.batch_total)
         yield batch, to_uint8(x0), (dict(edit.last_distribution) if edit is not None else None)
 
 
@@ -83,15 +109,17 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def guidance_factory(pipe: Pipeline, adp: ADP | None, guidance: GuidanceConfig | None,
-                     sample_classes: dict[str, int] | None = None):
+                     sample_classes: dict[str, int] | None = None,
+                     balance: RunningBalance | None = None):
     """batch seeds -> a fresh HGuidance for that batch (None for vanilla sampling).
 
     :param sample_classes: sample mode: the requested class index per attribute.
+    :param balance: distribution mode: the run's running balance, shared by its batches.
     """
     def make_edit(batch: list[int]):
         if guidance is None:
             return None
-        g = HGuidance(adp, guidance, pipe.sampler.schedule.betas)
+        g = HGuidance(adp, guidance, pipe.sampler.schedule.betas, balance)
         if guidance.mode == "sample":
             g.sample_targets = {a: torch.full((len(batch),), c)
                                 for a, c in (sample_classes or {}).items()}
@@ -102,25 +130,40 @@ def guidance_factory(pipe: Pipeline, adp: ADP | None, guidance: GuidanceConfig |
 def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
                    guidance: GuidanceConfig | None, adp: ADP | None, resolved: dict,
                    asymmetric: bool = False, resume: bool = False,
-                   sample_classes: dict[str, int] | None = None) -> dict:
-    """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``."""
-    todo = [s for s in seeds if not (resume and (out / f"{s:06d}.png").exists())]
-    make_edit = guidance_factory(pipe, adp, guidance, sample_classes)
+                   sample_classes: dict[str, int] | None = None, running_balance: bool = False,
+                   rank: int = 0, world: int = 1) -> dict:
+    """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``.
 
-    t0, dists = time.time(), []
-    for batch, imgs, dist in sample_batches(pipe, todo, batch_size, make_edit, asymmetric,
-                                            desc=resolved.get("mode", "sample")):
-        save_images(out, batch, imgs)
-        if dist is not None:
-            dists.append({"seeds": [batch[0], batch[-1]], "adp_distribution": dist})
+    With ``world`` > 1 (torchrun) every rank calls this with the same arguments; each writes the
+    images of its share of every global batch, rank 0 the grid and ``run.json``.
+    """
+    done = {s for s in seeds if resume and (out / f"{s:06d}.png").exists()}
+    batches = plan_batches(seeds, batch_size, rank, world, done)
+    balance = RunningBalance() if running_balance else None
+    if balance is not None and done:
+        log.warning("resuming a running-balance run: the balance restarts from the batches still "
+                    "to do (the finished ones are not re-estimated)")
+    make_edit = guidance_factory(pipe, adp, guidance, sample_classes, balance)
+
+    t0, dists, n_new = time.time(), [], 0
+    for batch, imgs, dist_ in sample_batches(pipe, batches, make_edit, asymmetric,
+                                             desc=resolved.get("mode", "sample"), progress=rank == 0):
+        keep = [k for k, s in enumerate(batch) if s not in done]     # never rewrite a finished image
+        save_images(out, [batch[k] for k in keep], imgs[keep])
+        n_new += len(keep)
+        if dist_ is not None:
+            dists.append({"seeds": [batch[0], batch[-1]], "adp_distribution": dist_})
     wall = time.time() - t0
-    files = [out / f"{s:06d}.png" for s in seeds]
-    save_grid(out / "grid.png", files[:100])
+    if world > 1:
+        torch.distributed.barrier()
     record = {"resolved": resolved, "seeds": seeds, "model": pipe.model_id,
               "timesteps": pipe.sampler.timesteps, "wall_time_s": round(wall, 2),
-              "images_generated_now": len(todo), "device": str(pipe.device),
-              "adp_distribution_last_step": dists}
-    (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+              "images_generated_now": n_new, "device": str(pipe.device), "world_size": world,
+              "adp_distribution_last_step": dists,
+              "running_balance": balance.state() if balance is not None else None}
+    if rank == 0:
+        save_grid(out / "grid.png", [out / f"{s:06d}.png" for s in seeds[:100]])
+        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 

@@ -3,6 +3,8 @@
     python bench/guidance_eval.py --preset acceptance --n 1000 --bs 100     # the issue's figures
     python bench/guidance_eval.py --preset sweep --n 500                     # scale / step grid
     python bench/guidance_eval.py --preset speed --n 200                     # guided / vanilla time
+    python bench/guidance_eval.py --preset balance --n 1000                  # batch 4, joint target
+    torchrun --nproc_per_node 2 bench/guidance_eval.py --preset distributed --bs 50   # 2 x 50
 
 Prints a Markdown table (FD per attribute with bootstrap CI, joint FD, feature-space Frechet
 distance to held-out real digits, confident-recognition share, seconds) and writes it, with
@@ -18,14 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, sample_batches  # noqa: E402
+from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 from utils.cli import parse_fraction_vector  # noqa: E402
 from utils.commands import build_guidance  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
+from utils.guidance import RunningBalance  # noqa: E402
+from utils.runtime import init_distributed, setup_logging  # noqa: E402
 
 
 def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
@@ -49,6 +53,19 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
     if name == "sample":
         return [dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
+    if name == "balance":      # beyond the paper: small batches, joint targets (issue #6)
+        return [dict(name="dist parity 50/50, batch 4", mode="distribution", targets={"parity": "0.5"}, bs=4),
+                dict(name="dist parity 50/50, batch 4, running balance", mode="distribution",
+                     targets={"parity": "0.5"}, bs=4, running=True),
+                dict(name="dist parity+magnitude 50/50 (marginals)", mode="distribution",
+                     targets={"parity": "0.5", "magnitude": "0.5"}),
+                dict(name="dist parity*magnitude uniform (joint)", mode="distribution",
+                     targets={"parity*magnitude": "uniform"})]
+    if name == "distributed":  # run under torchrun; compare with 1 process x 100 (preset speed)
+        return [dict(name="dist parity 50/50, global batch all-reduced", mode="distribution",
+                     targets={"parity": "0.5"}),
+                dict(name="dist parity 50/50, each rank on its own (no all-reduce)", mode="distribution",
+                     targets={"parity": "0.5"}, local=True)]
     if name == "speed":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
@@ -60,36 +77,61 @@ def make_guidance(run: dict, cfg: dict, adp):
     return build_guidance(cfg, run["mode"], run["targets"], adp,
                           None if "scale" not in run else str(run["scale"]),
                           run.get("guide_steps"), max_step=run.get("max_step"),
-                          temperature=run.get("temperature"))
+                          temperature=run.get("temperature"), estimator=run.get("estimator"),
+                          commit=run.get("commit"))
 
 
-def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False) -> dict:
+def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1) -> dict | None:
+    """Sample one run (this rank's share), judge it on rank 0; returns the report (None off rank 0)."""
     guidance, cls, targets = (None, None, {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist()
                                            for a, v in run.get("eval", {}).items()})
     if run["mode"] != "vanilla":
         guidance, cls, targets = make_guidance(run, cfg, adp)
-
-    make_edit = guidance_factory(pipe, adp, guidance, cls)
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
+        guidance.distributed = world > 1 and not run.get("local")
+    bs = run.get("bs", bs)
+    balance = RunningBalance() if run.get("running") else None
+    make_edit = guidance_factory(pipe, adp, guidance, cls, balance)
+    _sync(pipe, world)
     t0 = time.time()
-    imgs, adp_last = [], []
-    for _, im, dist in sample_batches(pipe, seeds, bs, make_edit, asymmetric, run["name"]):
+    imgs, adp_last, mine = [], [], []
+    for b, im, dist_ in sample_batches(pipe, plan_batches(seeds, bs, rank, world), make_edit, asymmetric,
+                                       run["name"], progress=rank == 0):
         imgs.append(torch.from_numpy(im))
-        if dist:
-            adp_last.append(dist)
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
+        mine += b
+        if dist_:
+            adp_last.append(dist_)
+    _sync(pipe, world)
     wall = time.time() - t0
-    x = torch.cat(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.cat(imgs)
+    if world > 1:             # every rank's images (and seeds) to rank 0, for the judge
+        parts = [None] * world if rank == 0 else None
+        torch.distributed.gather_object((mine, x.numpy()), parts, dst=0)
+        if rank != 0:
+            return None
+        got = {s: im for seeds_r, ims in parts for s, im in zip(seeds_r, ims)}
+        if sorted(got) != sorted(seeds):
+            raise RuntimeError("the ranks' seeds are not disjoint and complete")
+        x = torch.from_numpy(np.stack([got[s] for s in seeds]))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     rep = evaluate_images(x, judge, targets, real)
     rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
     if adp_last:     # the guide's own (debiased) estimate at the last step, averaged over batches
         rep["adp_last_step"] = {a: torch.tensor([d[a] for d in adp_last]).mean(0).tolist() for a in adp_last[0]}
+    if balance is not None:
+        rep["running_balance"] = balance.state()
+    rep["world_size"] = world
     if run["mode"] == "sample":
         a, c = next(iter(cls.items()))
         rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
     return rep
+
+
+def _sync(pipe, world: int) -> None:
+    """Wait for queued GPU work and (under torchrun) for the other ranks, before timing."""
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def table(reports: list[dict]) -> str:
@@ -104,6 +146,9 @@ def table(reports: list[dict]) -> str:
         if "requested_class_share" in r:
             fd = f"in requested class: {r['requested_class_share']:.3f}"
         joint = f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-"
+        for key, m in r.get("joint_targets", {}).items():
+            joint = f"{m['fd']:.3f}"
+            fr += f"; {key} " + "/".join(f"{v:.3f}" for v in m["fractions"])
         if "adp_last_step" in r:
             fr += " (ADP: " + "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in p)
                                        for a, p in r["adp_last_step"].items()) + ")"
@@ -116,7 +161,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")
     p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    p.add_argument("--preset", default="acceptance", choices=["acceptance", "sweep", "speed", "sample"])
+    p.add_argument("--preset", default="acceptance",
+                   choices=["acceptance", "sweep", "speed", "sample", "balance", "distributed"])
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--bs", type=int, default=100)
     p.add_argument("--device", default="auto")
@@ -125,10 +171,14 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="0.5,1,2,4,8,16", help="(sweep) guidance scales")
     p.add_argument("--max_steps", default="0.25,0.5,1.0", help="(sweep) step caps")
     p.add_argument("--temperature", type=float, help="override the config's ADP softmax temperature")
+    p.add_argument("--runs", help="JSON list of run specs replacing the preset's, e.g. "
+                   "'[{\"name\": \"q\", \"mode\": \"distribution\", \"targets\": {\"parity\": \"0.5\"}, "
+                   "\"estimator\": \"quota\", \"running\": true}]' (keys: bs, scale, max_step, "
+                   "guide_steps, temperature, estimator, commit, running, local)")
     args = p.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)   # torchrun: one rank per process
     pipe = load_pipeline(cfg, device)
     adp = load_adp_for(pipe, args.adp or cfg["adp"])
     judge, real = judge_from_config(cfg), real_reference(cfg)
@@ -136,16 +186,32 @@ def main(argv=None) -> int:
     reports = []
     runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
                    [float(v) for v in args.max_steps.split(",")])
+    if args.runs:
+        runs = json.loads(args.runs)
     for run in runs:
         run.setdefault("temperature", args.temperature)
-        reports.append(run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric))
-        print(table(reports[-1:]).splitlines()[-1], flush=True)
-    md = (f"{args.preset}: n={args.n}, batch={args.bs}, device={device}"
+        rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world)
+        if rep is not None:
+            reports.append(rep)
+            print(table(reports[-1:]).splitlines()[-1], flush=True)
+    if rank != 0:
+        torch.distributed.destroy_process_group()
+        return 0
+    md = (f"{args.preset}: n={args.n}, batch={args.bs} per process, processes={world}, device={device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
     if args.preset == "speed":
         van = [r["wall_s"] for r in reports if r["spec"]["mode"] == "vanilla"]
         guided = [r["wall_s"] for r in reports if r["spec"]["mode"] != "vanilla"][0]
         md += f"\n\nguided / vanilla wall time: {guided / (sum(van) / len(van)):.3f} (vanilla runs: {van})"
+    if args.preset == "balance":
+        wall = {r["name"]: r["wall_s"] for r in reports}
+        md += ("\n\nrunning balance / plain, batch 4, wall time: "
+               f"{wall[runs[1]['name']] / wall[runs[0]['name']]:.3f}")
+    if args.preset == "distributed":
+        md += (f"\n\nall-reduced / per-rank guidance wall time ({world} processes): "
+               f"{reports[0]['wall_s'] / reports[1]['wall_s']:.3f}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.preset}.md").write_text(md + "\n")

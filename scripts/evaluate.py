@@ -50,9 +50,9 @@ def main(argv=None) -> int:
         from diffusion_latent import read_images
         _, x = read_images(Path(args.folder))
     else:
-        from diffusion_latent import load_pipeline, sample_batches
+        from diffusion_latent import load_pipeline, plan_batches, sample_batches
         pipe = load_pipeline(cfg, pick_device(args.device))
-        imgs = [im for _, im, _ in sample_batches(pipe, list(range(args.vanilla)), args.bs, desc="vanilla")]
+        imgs = [im for _, im, _ in sample_batches(pipe, plan_batches(list(range(args.vanilla)), args.bs), desc="vanilla")]
         x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
         real, fake = grid_array(to_uint8(split.heldout_x[:100]), 10), grid_array(to_uint8(x[:100]), 10)
         gap = np.full((real.shape[0], 6, real.shape[2]), 255, np.uint8)

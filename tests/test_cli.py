@@ -59,6 +59,9 @@ def _dist(adp_path, *extra):
     ("digit=0.5:0.5", "has 2 fractions but the attribute has 10 classes"),
     ("colour=0.5", "the ADP has no attribute ['colour']"),
     ("parity", "expected attr=value pairs"),
+    ("parity*magnitude=0.25:0.25:0.25:0.5", "must sum to 1"),
+    ("parity*magnitude=0.5:0.5", "has 2 fractions but the attribute has 4 classes"),
+    ("parity*colour=uniform", "the ADP has no attribute ['colour']"),
 ])
 def test_bad_targets_exit_2(capsys, tmp_path, adp_path, target, message):
     rc, err = _main(capsys, tmp_path, *_dist(adp_path, "--target", target))
@@ -76,6 +79,24 @@ def test_batch_of_one_in_distribution_mode(capsys, tmp_path, adp_path):
     rc, err = _main(capsys, tmp_path, "--mode", "distribution", "--adp", str(adp_path),
                     "--target", "parity=0.5", "--bs_test", "1")
     assert rc == 2 and "--bs_test >= 2" in err and "the batch is the unit of guidance" in err
+
+
+def test_running_balance_needs_distribution_mode(capsys, tmp_path, adp_path):
+    rc, err = _main(capsys, tmp_path, "--mode", "sample", "--adp", str(adp_path),
+                    "--target", "parity=odd", "--running_balance")
+    assert rc == 2 and "--running_balance applies to distribution guidance" in err
+
+
+def test_joint_target_needs_distribution_mode(capsys, tmp_path, adp_path):
+    rc, err = _main(capsys, tmp_path, "--mode", "sample", "--adp", str(adp_path),
+                    "--target", "parity*magnitude=0")
+    assert rc == 2 and "need --mode distribution" in err
+
+
+def test_batch_of_one_with_running_balance_reaches_sampling(capsys, tmp_path, adp_path):
+    with pytest.raises(AssertionError, match="reached sampling"):
+        _main(capsys, tmp_path, "--mode", "distribution", "--adp", str(adp_path),
+              "--target", "parity*magnitude=uniform", "--bs_test", "1", "--running_balance")
 
 
 def test_missing_checkpoint_names_path_and_config(capsys, tmp_path):

@@ -156,3 +156,37 @@ def test_seed_noise_does_not_depend_on_batch():
     assert torch.equal(big.x_T()[1], one.x_T()[0])
     for i in range(4):
         assert torch.equal(big.step(i)[1], one.step(i)[0])
+
+
+# ---- quota guidance ---------------------------------------------------------------------------
+def test_quota_counts_plain_and_with_earlier_deficit():
+    from utils.guidance import quota_counts
+    assert quota_counts(torch.tensor([0.5, 0.5]), 5).tolist() in ([3, 2], [2, 3])
+    assert quota_counts(torch.tensor([0.2, 0.8]), 10).tolist() == [2, 8]
+    assert quota_counts(torch.tensor([0.1] * 10), 20).tolist() == [2] * 10
+    # 6 earlier samples, all class 0: want (10*0.5 - 6, 10*0.5 - 0) = (-1, 5) -> clipped (0, 5)
+    # -> scaled to the 4 new samples: all of them class 1
+    assert quota_counts(torch.tensor([0.5, 0.5]), 4, torch.tensor([6.0, 0.0]), 6).tolist() == [0, 4]
+
+
+def test_assign_to_quota_keeps_likely_classes_and_meets_counts():
+    from utils.guidance import assign_to_quota
+    q = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]])
+    got = assign_to_quota(q.log(), torch.tensor([2, 2]))
+    assert got.tolist() == [0, 1, 0, 1]               # the least-even even sample moves
+    q3 = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.4, 0.1], [0.6, 0.1, 0.3]])
+    got = assign_to_quota(q3.log(), torch.tensor([1, 1, 1]))
+    assert sorted(got.tolist()) == [0, 1, 2]
+    assert got.tolist() == [0, 1, 2] or got.tolist() == [2, 1, 0]
+    best = max(([0, 1, 2], [2, 1, 0]), key=lambda a: sum(float(q3[i, c].log()) for i, c in enumerate(a)))
+    assert got.tolist() == best
+
+
+def test_quota_guidance_pushes_the_assigned_sample_across():
+    adp = _hand_adp()
+    h = torch.tensor([[-3.0, 0.0], [-0.2, 0.0], [-2.0, 0.0], [-1.0, 0.0]]).view(4, 2, 1, 1)
+    cfg = _cfg(scale=1.0, estimator="quota", max_step=100.0)
+    out = HGuidance(adp, cfg, BETAS)(h, 0, 10)
+    moved = (out - h)[:, 0].flatten()
+    # quota 2/2: samples 1 (-0.2) and 3 (-1.0) are the likeliest odd ones: they go up, the rest down
+    assert moved[1] > 0 and moved[3] > 0 and moved[0] <= 0 and moved[2] <= 0

@@ -11,7 +11,7 @@ import torch
 from models.loader import CheckpointError
 from models.adp import ClassifierMismatchError
 from utils.config import DEFAULT_CONFIG, load_config, with_overrides
-from utils.runtime import pick_device, setup_logging
+from utils.runtime import init_distributed, pick_device, setup_logging
 from utils.seeds import parse_seeds
 
 log = logging.getLogger("main")
@@ -49,11 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", type=str2bool, help="original flag: True = sample guidance, False = distribution")
     g.add_argument("--attribute_list", help="original flag: one 0/1 switch per ADP attribute, e.g. 1,1,0")
     g.add_argument("--male", type=float, help="original flag: class index (sample) or fraction of class 1 (distribution)")
-    g.add_argument("--target", help="parity=0.5 | digit=uniform | race=0.25:0.25:0.25:0.25 | (sample) parity=odd")
+    g.add_argument("--target", help="parity=0.5 | digit=uniform | race=0.25:0.25:0.25:0.25 | (sample) parity=odd"
+                   " | (joint, first attribute slowest) 'parity*magnitude=0.25:0.25:0.25:0.25'")
     g.add_argument("--scale", help="guidance scale: one number, or per attribute: parity=2,magnitude=1")
     g.add_argument("--adp", help="ADP checkpoint (default: config adp)")
     g.add_argument("--guide_steps", help="guided step indices start:end (default: config guidance)")
     g.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric reverse process")
+    g.add_argument("--running_balance", action="store_true",
+                   help="distribution guidance steers the whole run: the estimate includes the "
+                        "samples of earlier batches (for small batches, e.g. --bs_test 4)")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
     g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
     g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")
@@ -122,6 +126,14 @@ def parse_fraction_vector(attr: str, value: str, classes: list[str]) -> torch.Te
     return vec
 
 
+def joint_classes(key: str, adp_attrs: dict[str, list[str]]) -> list[str]:
+    """Class names of a target key: an attribute's, or for 'a*b' the product 'a0/b0', 'a0/b1', ..."""
+    names = [[]]
+    for a in key.split("*"):
+        names = [n + [c] for n in names for c in adp_attrs[a]]
+    return ["/".join(n) for n in names]
+
+
 def parse_targets(args, mode: str, adp_attrs: dict[str, list[str]]) -> dict[str, str]:
     """{attribute: raw target string} from --target, or --attribute_list + --male."""
     if args.target:
@@ -143,7 +155,7 @@ def parse_targets(args, mode: str, adp_attrs: dict[str, list[str]]) -> dict[str,
                  for i, s in enumerate(switches) if s == "1" and i < len(names)}
     else:
         raise ValueError(f"{mode} guidance needs --target (e.g. parity=0.5) or --attribute_list with --male")
-    unknown = [a for a in pairs if a not in adp_attrs]
+    unknown = [a for k in pairs for a in k.split("*") if a not in adp_attrs]
     if unknown:
         raise ValueError(f"the ADP has no attribute {unknown}; it has {list(adp_attrs)}")
     if not pairs:
@@ -172,15 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         from utils import commands
         cfg = with_overrides(load_config(args.config), {"model.checkpoint": args.checkpoint,
                                                         "adp": args.adp})
-        device = pick_device(args.device)
         if args.demo:
+            device = pick_device(args.device)
             return commands.demo(cfg, device, args)
         if args.just_precompute or args.extract_pseudo:
-            return commands.extract(cfg, device, args)
+            return commands.extract(cfg, pick_device(args.device), args)
         if args.bs_test < 1 or args.n_test_img < 1:
             raise ValueError("--bs_test and --n_test_img must be >= 1")
         seeds = parse_seeds(args.seeds, args.n_test_img, args.seed)
-        return commands.generate(cfg, device, args, resolve_mode(args), seeds)
+        rank, world, device = init_distributed(args.device)      # one process unless torchrun
+        try:
+            return commands.generate(cfg, device, args, resolve_mode(args), seeds, rank, world)
+        finally:
+            if world > 1:
+                torch.distributed.destroy_process_group()
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError,
             ClassifierMismatchError) as e:
         log.error("%s", e)

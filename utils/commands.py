@@ -8,7 +8,8 @@ import torch
 
 from diffusion_latent import load_adp_for, load_pipeline, prepare_out_dir, run_generation
 from models.loader import resolve_path
-from utils.cli import parse_fraction_vector, parse_scales, parse_targets, sample_class_index
+from utils.cli import (joint_classes, parse_fraction_vector, parse_scales, parse_targets,
+                       sample_class_index)
 from utils.guidance import GuidanceConfig
 
 log = logging.getLogger("main")
@@ -28,23 +29,33 @@ def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: s
                   loss=gcfg.get("loss", "chi2"), first_step=first, last_step=last,
                   beta_power=float(gcfg.get("beta_power", 0.05)),
                   precondition=gcfg.get("precondition", "covariance"),
-                  debias=bool(gcfg.get("debias", False)),
-                  max_step=float(gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5))))
+                  debias=bool(gcfg.get("debias", False)), commit=float(gcfg.get("commit", 0.0)),
+                  estimator=gcfg.get("estimator", "soft"),
+                  max_step=float(overrides.get("max_step")
+                                 or gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5))))
     if mode == "distribution":
-        targets = {a: parse_fraction_vector(a, v, adp.attributes[a]) for a, v in raw.items()}
+        targets = {k: parse_fraction_vector(k, v, joint_classes(k, adp.attributes)) for k, v in raw.items()}
         return GuidanceConfig("distribution", targets, **common), None, \
             {a: v.tolist() for a, v in targets.items()}
+    if any("*" in k for k in raw):
+        raise ValueError(f"joint targets ({[k for k in raw if '*' in k]}) need --mode distribution; "
+                         f"sample guidance takes one class per attribute, e.g. parity=odd,magnitude=low")
     classes = {a: sample_class_index(a, v, adp.attributes[a]) for a, v in raw.items()}
     onehot = {a: [float(k == c) for k in range(len(adp.attributes[a]))] for a, c in classes.items()}
     return GuidanceConfig("sample", {a: torch.tensor(v) for a, v in onehot.items()}, **common), \
         classes, onehot
 
 
-def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
-    if mode == "distribution" and args.bs_test < 2:
+def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0,
+             world: int = 1) -> int:
+    """One generation run (one process, or this rank's share under torchrun)."""
+    if mode == "distribution" and args.bs_test * world < 2 and not args.running_balance:
         raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
-                         "guidance (its predicted distribution is pushed to the target); use "
+                         "guidance (its predicted distribution is pushed to the target); add "
+                         "--running_balance to balance a run of small batches, or use "
                          "--mode sample for one image at a time")
+    if args.running_balance and mode != "distribution":
+        raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
     pipe = load_pipeline(cfg, device, args.steps, args.eta)
     guidance, classes, targets, adp = None, None, None, None
     if mode != "vanilla":
@@ -53,16 +64,31 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int]) -> int:
         adp = load_adp_for(pipe, cfg["adp"])
         raw = parse_targets(args, mode, adp.attributes)
         guidance, classes, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps)
+        guidance.distributed = world > 1
     out = resolve_path(args.exp)
-    prepare_out_dir(out, args.overwrite, args.resume)
+    problem = None
+    if rank == 0:
+        try:
+            prepare_out_dir(out, args.overwrite, args.resume)
+        except FileExistsError as e:
+            problem = str(e)
+    if world > 1:                     # every rank learns rank 0's verdict before anyone writes
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise FileExistsError(problem)
     resolved = {"mode": mode, "config": cfg.get("name"), "targets": targets,
                 "scales": guidance.scales if guidance else None,
                 "guide_steps": [guidance.first_step, guidance.last_step] if guidance else None,
-                "batch_size": args.bs_test, "steps": len(pipe.sampler.timesteps),
+                "batch_size": args.bs_test, "world_size": world,
+                "running_balance": args.running_balance, "steps": len(pipe.sampler.timesteps),
                 "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "adp": cfg.get("adp") if adp else None,
                 "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
     record = run_generation(pipe, out, seeds, args.bs_test, guidance, adp, resolved,
-                            args.asymmetric, args.resume, classes)
+                            args.asymmetric, args.resume, classes, args.running_balance, rank, world)
+    if rank != 0:
+        return 0
     print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")
     if args.evaluate:
         from utils.evaluate import evaluate_folder, format_table

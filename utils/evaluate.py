@@ -9,7 +9,8 @@ import torch
 
 from models.judge import Judge, load_judge
 from models.loader import resolve_path
-from utils.metrics import confident_share, evaluate_attributes, frechet_distance
+from utils.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
+                           joint_labels)
 
 
 def judge_from_config(cfg: dict) -> Judge:
@@ -32,13 +33,24 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     """A JSON-ready report for images [N,C,H,W] in [-1,1]."""
     probs = judge.predict(images)
     attrs = attrs or list(probs)
+    targets = dict(targets or {})
+    joint_keys = [k for k in targets if "*" in k]           # joint targets, e.g. parity*magnitude
     report = evaluate_attributes({a: probs[a] for a in attrs},
-                                 {a: np.asarray(v) for a, v in (targets or {}).items() if a in attrs})
-    guided = [a for a in (targets or {}) if a in attrs]
+                                 {a: np.asarray(v) for a, v in targets.items() if a in attrs})
+    guided = [a for a in targets if a in attrs]
     if len(guided) >= 2:      # joint distribution over the attributes that have targets
         sub = evaluate_attributes({a: probs[a] for a in guided},
                                   {a: np.asarray(targets[a]) for a in guided})
         report["joint"] = sub["joint"]
+    for key in joint_keys:    # FD of the joint fractions against the given joint target
+        parts = key.split("*")
+        sub = evaluate_attributes({a: probs[a] for a in parts})["joint"]
+        k = sub["num_classes"]
+        labels = joint_labels({a: np.asarray(probs[a]).argmax(1) for a in parts},
+                              {a: probs[a].shape[1] for a in parts})
+        fd, lo, hi = bootstrap_fd(labels, np.asarray(targets[key]), k)
+        report.setdefault("joint_targets", {})[key] = {**sub, "target": list(targets[key]),
+                                                       "fd": fd, "fd_ci": [lo, hi]}
     main_attr = "digit" if "digit" in probs else next(iter(probs))
     report["n"] = int(len(images))
     report["confident_share"] = confident_share(probs[main_attr], threshold)

@@ -17,9 +17,10 @@ all-black images). ``precondition: none`` gives the plain gradient direction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from models.adp import ADP
 
@@ -39,10 +40,46 @@ def distribution_loss(p_hat: torch.Tensor, p_ref: torch.Tensor, kind: str = "chi
     raise ValueError(f"unknown distribution loss {kind!r}: use chi2, kl or l2")
 
 
+def quota_counts(p: torch.Tensor, n: int, have: torch.Tensor | None = None,
+                 n_have: int = 0) -> torch.Tensor:
+    """Class counts [K] for the next n samples so that, with ``have`` [K] (the counts already
+    drawn, n_have in all), the totals come as close as possible to (n_have + n) * p:
+    the deficits, clipped at 0, shared out by largest remainder."""
+    want = (n_have + n) * p.double() - (have.double() if have is not None else 0)
+    want = want.clamp_min(0)
+    want = want / want.sum() * n if want.sum() > 0 else p.double() * n
+    counts = want.floor()
+    rest = int(n - counts.sum())
+    if rest > 0:
+        counts[torch.argsort(want - counts, descending=True)[:rest]] += 1
+    return counts.long()
+
+
+def assign_to_quota(logq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The class per sample [N] that maximises sum_i log q_i,c(i) with exactly counts[c] samples
+    in class c (a linear assignment of samples to class slots)."""
+    from scipy.optimize import linear_sum_assignment
+    slots = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu())
+    cost = -logq.detach().double().cpu()[:, slots]                   # [N, N]
+    rows, cols = linear_sum_assignment(cost.numpy())
+    out = torch.empty(len(logq), dtype=torch.long)
+    out[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
+    return out.to(logq.device)
+
+
+def joint_attributes(key: str) -> list[str]:
+    """'parity*magnitude' -> ['parity', 'magnitude']; a plain attribute -> [attribute]."""
+    return key.split("*")
+
+
 @dataclass
 class GuidanceConfig:
-    """What to guide and how hard. ``targets``: {attr: [K] fractions} (distribution mode) or
-    {attr: [N] class indices} (sample mode)."""
+    """What to guide and how hard.
+
+    ``targets``: {key: [K] fractions} (distribution mode) or {attr: [K] one-hot} (sample mode).
+    A key is an attribute or, for a joint target, attributes joined by ``*``
+    (``parity*magnitude``: K = K_parity * K_magnitude fractions, first attribute slowest).
+    """
     mode: str                                   # "distribution" | "sample"
     targets: dict[str, torch.Tensor]
     scales: dict[str, float]
@@ -54,56 +91,167 @@ class GuidanceConfig:
     max_step: float = 0.5
     precondition: str = "covariance"           # "covariance" | "none"
     debias: bool = False                        # estimate p from M_s^-1 p_hat (ADP.calibrate)
-    record: dict = field(default_factory=dict)
+    distributed: bool = False                   # all-reduce the batch estimate across ranks
+    commit: float = 0.0                         # weight of the per-sample entropy term (below)
+    estimator: str = "soft"                     # "soft" (the paper's batch mean) | "quota" (ours)
+
+
+class RunningBalance:
+    """What the earlier batches of a run produced: per target key, the summed (debiased) ADP
+    estimate of their final classes and how many samples they hold. With it, distribution
+    guidance steers the *run* rather than each batch on its own:
+
+        p_run = (S_prev + N * p_batch) / (n_prev + N)
+
+    is the loss's estimate, where p_batch is the current batch's estimate at step t and
+    (S_prev, n_prev) is frozen. The step stays ``-lambda_t (n_prev + N) g_i E_s``, so every
+    sample gets the push it would get as a member of one large batch whose earlier members are
+    already drawn: a deficit left by earlier batches (e.g. a batch of 4 that came out 3/1) is
+    made up by the next ones, while the push per sample keeps the size of plain guidance. It is
+    stable because past samples enter as constants: the only free variables are the current
+    batch's h, the loss is the same convex function of p_run, and the step cap bounds each edit.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, estimate: dict[str, list[float]], n: int) -> None:
+        """Add a finished batch of n samples whose last-step estimate was ``estimate``."""
+        for k, p in estimate.items():
+            self.sums[k] = self.sums.get(k, 0) + n * torch.tensor(p, dtype=torch.float64)
+        self.count += n
+
+    def state(self) -> dict:
+        return {"count": self.count, "fractions": {k: (v / max(self.count, 1)).tolist()
+                                                   for k, v in self.sums.items()}}
 
 
 class HGuidance:
-    """The edit applied to h_t at each guided step."""
+    """The edit applied to h_t at each guided step (one instance per batch)."""
 
-    def __init__(self, adp: ADP, cfg: GuidanceConfig, betas: torch.Tensor):
+    def __init__(self, adp: ADP, cfg: GuidanceConfig, betas: torch.Tensor,
+                 balance: RunningBalance | None = None):
         if cfg.debias and cfg.temperature != 1.0:
             raise ValueError("debias=True needs temperature 1 (the ADP is calibrated at tau 1)")
         if cfg.mode not in ("distribution", "sample"):
             raise ValueError(f"guidance mode must be 'distribution' or 'sample', got {cfg.mode!r}")
-        self.adp, self.cfg, self.betas = adp, cfg, betas
+        if balance is not None and cfg.mode != "distribution":
+            raise ValueError("a running balance only applies to distribution guidance")
+        self.adp, self.cfg, self.betas, self.balance = adp, cfg, betas, balance
+        self.attrs = list(dict.fromkeys(a for k in cfg.targets for a in joint_attributes(k)))
         self.last_distribution: dict[str, list[float]] = {}
+        self.batch_total = 0                    # samples in the (global) batch
         self.sample_targets: dict[str, torch.Tensor] = {}
 
     def guided(self, i: int) -> bool:
         last = self.cfg.last_step if self.cfg.last_step is not None else 10 ** 9
         return self.cfg.first_step <= i < last
 
+    def _probs(self, key: str, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample predicted distribution [N,K] over a key's classes (outer product for a
+        joint key: the heads' joint prediction)."""
+        parts = joint_attributes(key)
+        out = q[parts[0]]
+        for a in parts[1:]:
+            out = (out[:, :, None] * q[a][:, None, :]).flatten(1)
+        return out
+
+    def _confusion(self, key: str) -> torch.Tensor:
+        """M_s for a key (Kronecker product over a joint key's attributes)."""
+        parts = joint_attributes(key)
+        m = self.adp.confusion(parts[0], self._s)
+        for a in parts[1:]:
+            m = torch.kron(m, self.adp.confusion(a, self._s))
+        return m
+
+    def _quota_loss(self, key: str, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Quota guidance (ours): the global batch is assigned to classes in the target's
+        counts (minus what earlier batches of a running balance already hold) so that the
+        assignment keeps each sample's most likely class as far as the counts allow; each
+        sample is then pulled to its assigned class by cross-entropy. The batch is the unit,
+        as in distribution guidance, but the estimate is a count, so the pushed samples are
+        made clear members of their class instead of being left near the boundary."""
+        logq = torch.log(probs.clamp_min(1e-12))
+        every = logq.detach()
+        n_local, offset = len(logq), 0
+        if self.cfg.distributed and dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()          # local batches may differ by one
+            dist.all_gather_object(parts, every.cpu())
+            offset = sum(len(p) for p in parts[:dist.get_rank()])
+            every = torch.cat(parts).to(logq.device)
+        self.batch_total = len(every)
+        have, n_have = None, 0
+        if self.balance is not None and key in self.balance.sums:
+            have, n_have = self.balance.sums[key], self.balance.count
+        counts = quota_counts(target, len(every), have, n_have)
+        assigned = assign_to_quota(every, counts)[offset:offset + n_local]
+        p_est = torch.linalg.solve(self._confusion(key).to(probs), probs.detach().mean(0)) \
+            if self.cfg.debias else probs.detach().mean(0)
+        self.last_distribution[key] = p_est.cpu().tolist()
+        self.last_assignment = {**getattr(self, "last_assignment", {}),
+                                key: (counts.double() / counts.sum()).tolist()}
+        return -logq.gather(1, assigned[:, None]).sum() / self._n_step()
+
+    def _n_step(self) -> int:
+        """p_hat is a mean over this many samples (global batch + earlier batches of a running
+        balance): the step multiplies by it to undo the mean's 1/N (see the module doc)."""
+        return self.batch_total + (self.balance.count if self.balance is not None else 0)
+
+    def _batch_mean(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch; over the global batch of every rank when distributed (the other
+        ranks' sums enter as constants, so the gradient reaches only this rank's samples)."""
+        total, n = probs.sum(0), len(probs)
+        if self.cfg.distributed and dist.is_available() and dist.is_initialized():
+            buf = torch.cat([total.detach(), total.new_tensor([n])])
+            dist.all_reduce(buf)
+            total = total + (buf[:-1] - total.detach())
+            n = int(round(float(buf[-1])))
+        self.batch_total = n
+        return total / n
+
     def loss(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """The guidance loss L (a scalar) from the ADP's logits {attr: [N,K]}, scales included."""
+        q = {a: torch.softmax(lg / self.cfg.temperature, dim=1) for a, lg in logits.items()}
         total = next(iter(logits.values())).new_zeros(())
-        for a, lg in logits.items():
-            q = torch.softmax(lg / self.cfg.temperature, dim=1)           # [N, K]
-            self.last_distribution[a] = q.detach().mean(0).cpu().tolist()
-            if self.cfg.mode == "distribution":
-                p_hat = q.mean(0)
-                if self.cfg.debias:
-                    p_hat = torch.linalg.solve(self.adp.confusion(a, self._s).to(q), p_hat)
-                    self.last_distribution[a] = p_hat.detach().cpu().tolist()
-                total = total + self.cfg.scales[a] * distribution_loss(
-                    p_hat, self.cfg.targets[a].to(q), self.cfg.loss)
-            else:
-                c = self.sample_targets[a].to(q.device)
-                total = total - self.cfg.scales[a] * q.gather(1, c[:, None]).sum()
+        for key, target in self.cfg.targets.items():
+            if self.cfg.mode == "sample":      # cross-entropy to each sample's requested class
+                c = self.sample_targets[key].to(q[key].device)
+                self.last_distribution[key] = q[key].detach().mean(0).cpu().tolist()
+                logq = torch.log_softmax(logits[key] / self.cfg.temperature, dim=1)
+                total = total - self.cfg.scales[key] * logq.gather(1, c[:, None]).sum()
+                continue
+            probs = self._probs(key, q)
+            if self.cfg.estimator == "quota":
+                total = total + self.cfg.scales[key] * self._quota_loss(key, probs, target)
+                continue
+            p_hat = self._batch_mean(probs)
+            if self.cfg.debias:
+                p_hat = torch.linalg.solve(self._confusion(key).to(p_hat), p_hat)
+            self.last_distribution[key] = p_hat.detach().cpu().tolist()
+            if self.balance is not None and self.balance.count:
+                prev = self.balance.sums[key].to(p_hat) if key in self.balance.sums else 0
+                p_hat = (prev + self.batch_total * p_hat) / (self.balance.count + self.batch_total)
+            total = total + self.cfg.scales[key] * distribution_loss(
+                p_hat, target.to(p_hat), self.cfg.loss)
+            if self.cfg.commit:     # entropy of each sample's prediction: pushes samples off the
+                ent = sum(-(q[a] * torch.log(q[a].clamp_min(1e-12))).sum()   # class boundary
+                          for a in joint_attributes(key))
+                total = total + self.cfg.commit * self.cfg.scales[key] * ent / self._n_step()
         return total
 
     def __call__(self, h: torch.Tensor, i: int, t: int) -> torch.Tensor:
         if not self.guided(i) or all(s == 0 for s in self.cfg.scales.values()):
             return h
         s = self._s = self.adp.step_index(t)
-        attrs = list(self.cfg.targets)
         with torch.enable_grad():
             logits = {a: v.detach().requires_grad_(True)
-                      for a, v in self.adp.logits(h.detach(), t, attrs).items()}
+                      for a, v in self.adp.logits(h.detach(), t, self.attrs).items()}
             grads = torch.autograd.grad(self.loss(logits), list(logits.values()))
-        n = len(h) if self.cfg.mode == "distribution" else 1
+        n = self._n_step() if self.cfg.mode == "distribution" else 1
         lam = float(self.betas[t]) ** self.cfg.beta_power
         step = torch.zeros(len(h), h[0].numel(), device=h.device)
-        for a, g in zip(attrs, grads):
+        for a, g in zip(self.attrs, grads):
             basis = (self.adp.direction(a, s) if self.cfg.precondition == "covariance"
                      else self.adp.raw_weight(a, s))
             step -= lam * n * g.float() @ basis.to(h.device)

@@ -22,6 +22,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under ``torchrun`` (WORLD_SIZE > 1) this joins
+    the process group: NCCL with one GPU per process (cuda:LOCAL_RANK) when CUDA is used, gloo
+    on CPU. Without torchrun it is a single process (rank 0 of 1) on ``pick_device(device)``."""
+    import os
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, pick_device(device)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

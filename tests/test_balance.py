@@ -1,0 +1,190 @@
+"""Beyond the paper (utils/guidance.py): running balance across batches, the batch estimate
+all-reduced across processes (torch.distributed, gloo), and joint targets over two attributes.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.adp import ADP
+from utils.guidance import GuidanceConfig, HGuidance, RunningBalance
+
+ROOT = Path(__file__).resolve().parent.parent
+BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+
+
+def _hand_adp(attrs=("a",)):
+    """h_shape (2,1,1), timesteps [10, 0]; attribute 'a': logit_1 - logit_0 = 2 h_0 and (if
+    asked) attribute 'b': logit_1 - logit_0 = 2 h_1. Identity covariance: directions = weights."""
+    adp = ADP((2, 1, 1), [10, 0], {a: ["c0", "c1"] for a in attrs})
+    with torch.no_grad():
+        for k, a in enumerate(attrs):
+            w = torch.zeros(2, 2)
+            w[0, k], w[1, k] = -1.0, 1.0
+            for s in range(2):
+                adp.weight[a][s] = w
+                getattr(adp, f"dir_{a}")[s] = w
+    return adp.eval()
+
+
+def _cfg(targets, scale=1.0, **kw):
+    return GuidanceConfig("distribution", targets, {k: scale for k in targets}, temperature=1.0,
+                          first_step=0, max_step=100.0, **kw)
+
+
+# ---- running balance --------------------------------------------------------------------------
+def test_running_balance_update_and_state():
+    b = RunningBalance()
+    b.update({"a": [1.0, 0.0]}, 3)
+    b.update({"a": [0.0, 1.0]}, 1)
+    assert b.count == 4
+    assert b.state()["fractions"]["a"] == pytest.approx([0.75, 0.25])
+
+
+def test_running_balance_makes_up_an_earlier_deficit():
+    """A balanced batch (p = 50/50) is not pushed by plain guidance; after earlier batches that
+    came out all class 0, the running balance pushes it towards class 1."""
+    adp = _hand_adp()
+    h = torch.tensor([[-1.0, 0.0], [1.0, 0.0]]).view(2, 2, 1, 1)   # p1 = 0.12, 0.88: mean 0.5
+    target = {"a": torch.tensor([0.5, 0.5])}
+    plain = HGuidance(adp, _cfg(target), BETAS)
+    torch.testing.assert_close(plain(h, 0, 10), h)
+    bal = RunningBalance()
+    bal.update({"a": [1.0, 0.0]}, 6)                   # six earlier samples, all class 0
+    g = HGuidance(adp, _cfg(target), BETAS, bal)
+    out = g(h, 0, 10)
+    assert (out[:, 0] > h[:, 0]).all()                # both samples move towards class 1
+    torch.testing.assert_close(out[:, 1], h[:, 1])
+    # the push: -(n_prev + N) * dL/dlogit @ E with p_run = (6*[1,0] + 2*[.5,.5]) / 8 = [.875, .125]
+    p1 = torch.sigmoid(2 * h[:, 0].flatten())
+    dl_dp1 = 2 * (0.125 - 0.5) / 0.5 - 2 * (0.875 - 0.5) / 0.5      # d chi2 / d p1 (p0 = 1 - p1)
+    expect = -8 * dl_dp1 / 8 * p1 * (1 - p1) * 2.0 * (BETAS[10] ** 0.05).item()
+    torch.testing.assert_close((out - h)[:, 0].flatten(), expect.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_running_balance_is_only_for_distribution_mode():
+    adp = _hand_adp()
+    cfg = GuidanceConfig("sample", {"a": torch.tensor([0.0, 1.0])}, {"a": 1.0}, temperature=1.0)
+    with pytest.raises(ValueError, match="running balance only applies to distribution"):
+        HGuidance(adp, cfg, BETAS, RunningBalance())
+
+
+# ---- joint targets ----------------------------------------------------------------------------
+def test_joint_prediction_is_the_outer_product_first_attribute_slowest():
+    adp = _hand_adp(("a", "b"))
+    g = HGuidance(adp, _cfg({"a*b": torch.full((4,), 0.25)}), BETAS)
+    qa, qb = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.3, 0.7]])
+    torch.testing.assert_close(g._probs("a*b", {"a": qa, "b": qb}),
+                               torch.tensor([[0.27, 0.63, 0.03, 0.07]]))
+
+
+def test_joint_target_fixes_what_marginals_cannot():
+    """Samples (a,b) = (0,0) and (1,1): both marginals are 50/50, so marginal guidance does not
+    move them; a uniform joint target moves them so that the empty cells (0,1) and (1,0) gain
+    mass and the joint loss falls."""
+    adp = _hand_adp(("a", "b"))
+    h = torch.tensor([[-1.5, -1.0], [1.5, 1.0]]).view(2, 2, 1, 1)
+    marg = HGuidance(adp, _cfg({"a": torch.tensor([.5, .5]), "b": torch.tensor([.5, .5])}), BETAS)
+    torch.testing.assert_close(marg(h, 0, 10), h)
+    target = {"a*b": torch.full((4,), 0.25)}
+    joint = HGuidance(adp, _cfg(target, scale=1.0), BETAS)
+    out = joint(h, 0, 10)
+    before = joint.last_distribution["a*b"]
+    assert before[1] + before[2] < 0.3                 # the off-diagonal cells are nearly empty
+    after = HGuidance(adp, _cfg(target, scale=0.0), BETAS)
+    after.cfg.scales["a*b"] = 1e-9                     # a no-op step, only to record the estimate
+    after(out, 0, 10)
+    moved = after.last_distribution["a*b"]
+    assert moved[1] + moved[2] > before[1] + before[2] + 0.05
+    assert not torch.equal(out, h)
+
+
+# ---- all-reduce across processes --------------------------------------------------------------
+def _rank_step(rank, world, port, h, out_q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        adp = _hand_adp()
+        g = HGuidance(adp, _cfg({"a": torch.tensor([0.5, 0.5])}, distributed=True), BETAS)
+        part = h.chunk(world)[rank]
+        out_q.put((rank, g(part, 0, 10).numpy(), g.batch_total, g.last_distribution["a"]))  # by value
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_guide_one_global_batch():
+    """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it."""
+    h = torch.tensor([[-2.0, 0.1], [-1.0, 0.2], [-1.5, 0.3], [0.5, 0.4]]).view(4, 2, 1, 1)
+    whole = HGuidance(_hand_adp(), _cfg({"a": torch.tensor([0.5, 0.5])}), BETAS)
+    expect = whole(h, 0, 10)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, h, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=60)
+    got = torch.cat([torch.from_numpy(r[1]) for r in res])
+    torch.testing.assert_close(got, expect)
+    assert [r[2] for r in res] == [4, 4]
+    assert res[0][3] == pytest.approx(whole.last_distribution["a"])
+
+
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import torch.distributed.run"],
+                                   capture_output=True).returncode != 0, reason="no torchrun")
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """main.py under torchrun (2 gloo ranks x batch 2) writes the same images as one process
+    with batch 4, every seed exactly once."""
+    common = ["main.py", "--device", "cpu", "--mode", "distribution", "--target", "parity=0.5",
+              "--n_test_img", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, *common, "--bs_test", "4", "--exp", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(30500 + os.getpid() % 1000), *common,
+                          "--bs_test", "2", "--exp", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    from PIL import Image
+    names = sorted(p.name for p in (tmp_path / "two").glob("0*.png"))
+    assert names == [f"{s:06d}.png" for s in range(8)]
+    for n in names:
+        a = np.asarray(Image.open(tmp_path / "one" / n)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "two" / n)).astype(int)
+        assert np.abs(a - b).max() <= 2, n           # float round-off of batch 2 vs batch 4 only
+    import json
+    rec = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert rec["world_size"] == 2 and rec["seeds"] == list(range(8))
+
+
+# ---- the batch plan (diffusion_latent.plan_batches) -------------------------------------------
+def test_plan_batches_splits_global_batches_disjoint_and_complete():
+    from diffusion_latent import plan_batches
+    seeds = list(range(10))
+    plans = [plan_batches(seeds, 2, r, 2) for r in range(2)]
+    assert plans[0] == [[0, 1], [4, 5], [8]] and plans[1] == [[2, 3], [6, 7], [9]]
+    flat = sorted(s for p in plans for b in p for s in b)
+    assert flat == seeds
+    assert plan_batches(seeds, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_plan_batches_resume_redoes_whole_global_batches_on_every_rank():
+    from diffusion_latent import plan_batches
+    done = {0, 1, 2, 3, 4, 6}                       # batch 0 complete, batch 1 lacks 5 and 7
+    assert plan_batches(list(range(8)), 2, 0, 2, done) == [[4, 5]]
+    assert plan_batches(list(range(8)), 2, 1, 2, done) == [[6, 7]]
+
+
+def test_plan_batches_refuses_a_last_batch_smaller_than_the_world():
+    from diffusion_latent import plan_batches
+    with pytest.raises(ValueError, match="multiple of 4"):
+        plan_batches(list(range(9)), 2, 0, 4)
