@@ -1,7 +1,8 @@
 """Diffusion math: noise schedules, the DDIM update (DDIM eq. 12), sampling and inversion.
 
 The sampler knows nothing about classifiers: guidance is a callable ``edit_h(h, i, t)`` that
-returns an edited bottleneck, applied between the U-Net's encoder and decoder.
+returns an edited bottleneck, applied between the U-Net's encoder and decoder, or a callable
+``guide_eps(x_t, eps, i, t)`` that returns a guided eps (pixel-space classifier guidance).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from models.base import HSpaceUNet
 
 #: edit_h(h [N,C,H,W], step index i, timestep t) -> edited h
 HEdit = Callable[[torch.Tensor, int, int], torch.Tensor]
+#: guide_eps(x_t [N,C,H,W], eps [N,C,H,W], step index i, timestep t) -> guided eps
+EpsGuide = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
 def beta_schedule(name: str, num_steps: int = 1000, beta_start: float = 1e-4,
@@ -124,13 +127,16 @@ class DDIMSampler:
     @torch.no_grad()
     def sample(self, x_T: torch.Tensor, noise_fn: Optional[Callable[[int], torch.Tensor]] = None,
                edit_h: Optional[HEdit] = None, asymmetric: bool = False,
-               record_h: bool = False, progress: Optional[Callable] = None):
+               record_h: bool = False, progress: Optional[Callable] = None,
+               guide_eps: Optional[EpsGuide] = None):
         """Run the reverse process from x_T. Returns (x0, hs) where hs [N, S, C, H, W] or None.
 
         :param noise_fn: i -> z [N,...] for the eta > 0 term (per-sample seeded noise).
         :param edit_h: guidance: h_t -> edited h_t, applied after the encoder at each step.
         :param asymmetric: x0 from the edited eps, direction from the unedited eps (Asyrp).
         :param record_h: also return the (unedited) h at every step.
+        :param guide_eps: guidance on eps, applied before the DDIM step (runs under no_grad: a
+            guide that needs gradients enables them itself and calls ``self.net``).
         """
         if self.eta > 0 and noise_fn is None:
             raise ValueError(f"DDIMSampler.sample: eta={self.eta} > 0 needs noise_fn "
@@ -149,6 +155,8 @@ class DDIMSampler:
                     eps_dir = self.net.decode(h, ctx)
                 h = h_edit
             eps = self.net.decode(h, ctx).float()
+            if guide_eps is not None:
+                eps = guide_eps(x, eps, i, t)
             a_t, a_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(self.prev_timestep(i))
             z = noise_fn(i) if (self.eta > 0 and a_prev < 1) else None
             x, _ = ddim_step(eps, x, a_t, a_prev, self.eta if a_prev < 1 else 0.0, z,
