@@ -81,20 +81,25 @@ def plan_batches(seeds: list[int], batch_size: int, rank: int = 0, world: int = 
 
 
 def sample_batches(pipe: Pipeline, batches: list[list[int]], make_edit=None,
-                   asymmetric: bool = False, desc: str = "sample", progress: bool = True):
+                   asymmetric: bool = False, desc: str = "sample", progress: bool = True,
+                   make_guide=None):
     """Yield (seeds, images uint8 [n,H,W,C], last predicted distribution) batch by batch.
 
     :param batches: seed lists (``plan_batches``), one per batch.
     :param make_edit: batch seeds -> edit_h callable (or None for vanilla). An edit with a
         running balance gets its batch's last-step estimate added once the batch is done.
+    :param make_guide: batch seeds -> guide_eps callable (pixel-space guidance baselines).
     """
     for batch in tqdm(batches, desc=desc, disable=not progress):
         noise = SeededNoise(batch, pipe.image_shape, pipe.device)
         edit = make_edit(batch) if make_edit else None
-        x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, edit_h=edit, asymmetric=asymmetric)
+        guide = make_guide(batch) if make_guide else None
+        x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, edit_h=edit, asymmetric=asymmetric,
+                                    guide_eps=guide)
         if getattr(edit, "balance", None) is not None and edit.last_distribution:
             edit.balance.update(edit.last_distribution, edit.batch_total)
-        yield batch, to_uint8(x0), (dict(edit.last_distribution) if edit is not None else None)
+        told = edit if edit is not None else guide
+        yield batch, to_uint8(x0), (dict(told.last_distribution) if told is not None else None)
 
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:

@@ -36,6 +36,8 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
     """Run specs: name, mode, targets {attr: spec}, optional scale / max_step / first_step."""
     if name == "acceptance":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"}),
+                dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
+                     targets={"parity": "0.5"}, estimator="soft", running=False),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
                 dict(name="dist parity+magnitude 50/50", mode="distribution",
@@ -54,9 +56,12 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
         return [dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
     if name == "balance":      # beyond the paper: small batches, joint targets (issue #6)
-        return [dict(name="dist parity 50/50, batch 4", mode="distribution", targets={"parity": "0.5"}, bs=4),
-                dict(name="dist parity 50/50, batch 4, running balance", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, running=True),
+        return [dict(name="dist parity 50/50, batch 4, paper (soft, per batch)", mode="distribution",
+                     targets={"parity": "0.5"}, bs=4, estimator="soft", running=False),
+                dict(name="dist parity 50/50, batch 4, ours (quota, per batch)", mode="distribution",
+                     targets={"parity": "0.5"}, bs=4, estimator="quota", running=False),
+                dict(name="dist parity 50/50, batch 4, ours (quota + running balance)", mode="distribution",
+                     targets={"parity": "0.5"}, bs=4, estimator="quota", running=True),
                 dict(name="dist parity+magnitude 50/50 (marginals)", mode="distribution",
                      targets={"parity": "0.5", "magnitude": "0.5"}),
                 dict(name="dist parity*magnitude uniform (joint)", mode="distribution",
@@ -68,6 +73,8 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
                      targets={"parity": "0.5"}, local=True)]
     if name == "speed":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
+                dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
+                     targets={"parity": "0.5"}, estimator="soft", running=False),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="vanilla (again)", mode="vanilla", eval={"parity": "0.5"})]
     raise ValueError(f"unknown preset {name!r}")
@@ -89,7 +96,8 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
         guidance, cls, targets = make_guidance(run, cfg, adp)
         guidance.distributed = world > 1 and not run.get("local")
     bs = run.get("bs", bs)
-    balance = RunningBalance() if run.get("running") else None
+    running = run.get("running", run["mode"] == "distribution" and cfg.get("guidance", {}).get("running_balance"))
+    balance = RunningBalance() if running else None
     make_edit = guidance_factory(pipe, adp, guidance, cls, balance)
     _sync(pipe, world)
     t0 = time.time()
@@ -205,8 +213,8 @@ def main(argv=None) -> int:
         md += f"\n\nguided / vanilla wall time: {guided / (sum(van) / len(van)):.3f} (vanilla runs: {van})"
     if args.preset == "balance":
         wall = {r["name"]: r["wall_s"] for r in reports}
-        md += ("\n\nrunning balance / plain, batch 4, wall time: "
-               f"{wall[runs[1]['name']] / wall[runs[0]['name']]:.3f}")
+        md += ("\n\nrunning balance / per batch (quota, batch 4), wall time: "
+               f"{wall[runs[2]['name']] / wall[runs[1]['name']]:.3f}")
     if args.preset == "distributed":
         md += (f"\n\nall-reduced / per-rank guidance wall time ({world} processes): "
                f"{reports[0]['wall_s'] / reports[1]['wall_s']:.3f}")

@@ -77,7 +77,7 @@ def test_scale_not_a_number(capsys, tmp_path, adp_path):
 
 def test_batch_of_one_in_distribution_mode(capsys, tmp_path, adp_path):
     rc, err = _main(capsys, tmp_path, "--mode", "distribution", "--adp", str(adp_path),
-                    "--target", "parity=0.5", "--bs_test", "1")
+                    "--target", "parity=0.5", "--bs_test", "1", "--no-running_balance")
     assert rc == 2 and "--bs_test >= 2" in err and "the batch is the unit of guidance" in err
 
 

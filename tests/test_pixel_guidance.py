@@ -12,8 +12,8 @@ from torch import nn
 from models.adp import ClassifierMismatchError
 from models.pixel_classifier import NoisyPixelClassifier, PixelClassifierConfig
 from utils.diffusion import DDIMSampler, Schedule
-from utils.pixel_guidance import (DEFAULT_SCALES, PixelGuidance, pixel_guidance_factory,
-                                  sample_guided_batches)
+from diffusion_latent import plan_batches, sample_batches
+from utils.pixel_guidance import DEFAULT_SCALES, PixelGuidance, pixel_guidance_factory
 from utils.seeds import SeededNoise
 
 SHAPE = (1, 16, 16)
@@ -111,7 +111,8 @@ def _tiny_clf(width=8):
 def _run(net, make_guide, seeds=(3, 4), eta=1.0, steps=4):
     pipe = SimpleNamespace(net=net, sampler=DDIMSampler(net, SCHEDULE, steps, eta=eta),
                            image_shape=SHAPE, device=torch.device("cpu"))
-    (_, im, dist), = list(sample_guided_batches(pipe, list(seeds), 8, make_guide, progress=False))
+    (_, im, dist), = list(sample_batches(pipe, plan_batches(list(seeds), 8), progress=False,
+                                        make_guide=make_guide))
     return pipe, im, dist
 
 

@@ -55,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adp", help="ADP checkpoint (default: config adp)")
     g.add_argument("--guide_steps", help="guided step indices start:end (default: config guidance)")
     g.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric reverse process")
-    g.add_argument("--running_balance", action="store_true",
+    g.add_argument("--running_balance", action=argparse.BooleanOptionalAction, default=None,
                    help="distribution guidance steers the whole run: the estimate includes the "
-                        "samples of earlier batches (for small batches, e.g. --bs_test 4)")
+                        "samples of earlier batches (default: config guidance.running_balance)")
+    g.add_argument("--estimator", choices=["quota", "soft"],
+                   help="distribution guidance's batch estimate: quota (ours) or soft (the paper's "
+                        "mean of the ADP's softmax); default: config guidance.estimator")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
     g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
     g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")

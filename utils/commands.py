@@ -20,6 +20,8 @@ def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: s
     """(GuidanceConfig, sample classes {attr: index} | None, resolved targets) from raw target
     strings {attr: value}, the config's ``guidance:`` defaults and overrides (e.g. max_step)."""
     gcfg = {**cfg.get("guidance", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    if mode == "distribution" and gcfg.get("estimator", "soft") == "soft" and "soft" in gcfg:
+        gcfg = {**gcfg, **gcfg["soft"], **{k: v for k, v in overrides.items() if v is not None}}
     scales = parse_scales(scale_spec, list(raw), gcfg.get(f"{mode}_scale", {}))
     first, last = int(gcfg.get("first_step", 1)), gcfg.get("last_step")
     if guide_steps:
@@ -49,7 +51,10 @@ def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: s
 def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0,
              world: int = 1) -> int:
     """One generation run (one process, or this rank's share under torchrun)."""
-    if mode == "distribution" and args.bs_test * world < 2 and not args.running_balance:
+    running = args.running_balance
+    if running is None:
+        running = mode == "distribution" and bool(cfg.get("guidance", {}).get("running_balance", False))
+    if mode == "distribution" and args.bs_test * world < 2 and not running:
         raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
                          "guidance (its predicted distribution is pushed to the target); add "
                          "--running_balance to balance a run of small batches, or use "
@@ -63,7 +68,8 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
         adp = load_adp_for(pipe, cfg["adp"])
         raw = parse_targets(args, mode, adp.attributes)
-        guidance, classes, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps)
+        guidance, classes, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps,
+                                                    estimator=args.estimator)
         guidance.distributed = world > 1
     out = resolve_path(args.exp)
     problem = None
@@ -82,11 +88,12 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
                 "scales": guidance.scales if guidance else None,
                 "guide_steps": [guidance.first_step, guidance.last_step] if guidance else None,
                 "batch_size": args.bs_test, "world_size": world,
-                "running_balance": args.running_balance, "steps": len(pipe.sampler.timesteps),
+                "running_balance": running, "estimator": guidance.estimator if guidance else None,
+                "steps": len(pipe.sampler.timesteps),
                 "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "adp": cfg.get("adp") if adp else None,
                 "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
     record = run_generation(pipe, out, seeds, args.bs_test, guidance, adp, resolved,
-                            args.asymmetric, args.resume, classes, args.running_balance, rank, world)
+                            args.asymmetric, args.resume, classes, running, rank, world)
     if rank != 0:
         return 0
     print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")

@@ -23,13 +23,10 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from models.loader import resolve_path
 from models.pixel_classifier import NoisyPixelClassifier
 from utils.guidance import distribution_loss
-from utils.images import to_uint8
-from utils.seeds import SeededNoise
 
 MODES, VARIANTS = ("distribution", "sample"), ("xt", "x0")
 DEFAULT_CHECKPOINT = "pretrained/digits16_pixel_clf.pt"
@@ -151,20 +148,3 @@ def pixel_guidance_factory(pipe, clf: NoisyPixelClassifier, mode: str, targets_o
         tg = targets if mode == "distribution" else {a: c.expand(len(batch)) for a, c in targets.items()}
         return PixelGuidance(pipe.net, clf, pipe.sampler.schedule, mode, tg, scales, variant, loss)
     return make_guide
-
-
-def sample_guided_batches(pipe, seeds: list[int], batch_size: int, make_guide=None,
-                          desc: str = "sample", progress: bool = True):
-    """Yield (seeds, images uint8 [n,H,W,C], the guide's last batch distribution | None) per batch.
-
-    The same per-seed noise as ``diffusion_latent.sample_batches`` (``SeededNoise``), so that with
-    ``make_guide=None`` the images are the vanilla ones of those seeds.
-
-    :param make_guide: batch seeds -> guide_eps callable (``pixel_guidance_factory``), or None.
-    """
-    batches = [seeds[k:k + batch_size] for k in range(0, len(seeds), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress):
-        noise = SeededNoise(batch, pipe.image_shape, pipe.device)
-        guide = make_guide(batch) if make_guide else None
-        x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, guide_eps=guide)
-        yield batch, to_uint8(x0), (dict(guide.last_distribution) if guide is not None else None)

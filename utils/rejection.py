@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffusion_latent import plan_batches, sample_batches
 from models.judge import Judge
-from utils.pixel_guidance import sample_guided_batches
 
 
 @dataclass
@@ -99,8 +99,8 @@ def rejection_sample(pipe, judge: Judge, attr: str, target, n: int, batch_size: 
                          f"{len(judge.attributes[attr])} classes {judge.attributes[attr]}")
     max_draws = int(max_draws or 20 * n)
     seeds = list(range(first_seed, first_seed + max_draws))
-    stream = ((b, im) for b, im, _ in sample_guided_batches(pipe, seeds, batch_size, None,
-                                                           f"reject {attr}", progress))
+    stream = ((b, im) for b, im, _ in sample_batches(pipe, plan_batches(seeds, batch_size),
+                                                     desc=f"reject {attr}", progress=progress))
 
     def classify(im: np.ndarray) -> np.ndarray:
         return judge.predict(uint8_to_tensor(im))[attr].argmax(1).numpy()
