@@ -1,14 +1,14 @@
 # Developer entry points. `make test` builds .venv on first use (then reuses it).
 #   make venv                    .venv with the CPU torch 2.13.0 and requirements(-dev).txt
 #   make TORCH_SPEC=torch test   the same with another torch (e.g. a CUDA build on a GPU machine)
-#   make test | demo | bench     run the tests / the embedded demo / the benchmark
+#   make test | demo | bench     run the tests / the embedded demo / the benchmark (bench-quick: < 5 min)
 #   make clean                   remove .venv and caches (outputs/ and runs/ are kept)
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,10 @@ demo: venv
 	$(VENV)/bin/python main.py --demo
 
 bench: venv
-	$(VENV)/bin/python bench/guidance_eval.py --preset acceptance
+	$(VENV)/bin/python bench/run_all.py
+
+bench-quick: venv
+	$(VENV)/bin/python bench/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,7 +4,7 @@
     python bench/guidance_eval.py --preset sweep --n 500                     # scale / step grid
     python bench/guidance_eval.py --preset speed --n 200                     # guided / vanilla time
     python bench/guidance_eval.py --preset balance --n 1000                  # batch 4, joint target
-    torchrun --nproc_per_node 2 bench/guidance_eval.py --preset distributed --bs 50   # 2 x 50
+    torchrun --nproc_per_node 2 bench/guidance_eval.py --preset distributed --images 1000 --bs 50
 
 Prints a Markdown table (FD per attribute with bootstrap CI, joint FD, feature-space Frechet
 distance to held-out real digits, confident-recognition share, seconds) and writes it, with
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
     p.add_argument("--preset", default="acceptance",
                    choices=["acceptance", "sweep", "speed", "sample", "balance", "distributed"])
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", "--images", dest="n", type=int, default=1000, help="images per run (--images under torchrun)")
     p.add_argument("--bs", type=int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--asymmetric", action="store_true")

@@ -51,7 +51,7 @@ class PeakMemory:
     sampled every 10 ms from /proc (MB)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+        self.device, self.peak_mb, self.start_mb, self._stop = device, 0.0, 0.0, threading.Event()
 
     def _rss_mb(self) -> float:
         try:
@@ -68,7 +68,9 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2 ** 20
         else:
+            self.start_mb = self._rss_mb()
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
         return self
@@ -97,7 +99,8 @@ class Bench:
         par = rep["attributes"]["parity"]
         row = {"name": name, "n": len(x), "fractions": par["fractions"], "fd": par["fd"],
                "fd_ci": par["fd_ci"], "frechet": rep.get("frechet"), "confident": rep["confident_share"],
-               "wall_s": wall, "s_per_img": wall / len(x), "peak_mb": mem.peak_mb, **extra}
+               "wall_s": wall, "s_per_img": wall / len(x), "peak_mb": mem.peak_mb,
+               "extra_mb": mem.peak_mb - mem.start_mb, **extra}
         print(f"  {name}: parity {par['fractions'][0]:.3f}/{par['fractions'][1]:.3f} FD {par['fd']:.3f} "
               f"Frechet {row['frechet']:.2f} confident {row['confident']:.3f} {row['s_per_img']:.4f} s/img",
               flush=True)
@@ -239,22 +242,22 @@ def scaling(b: Bench, quick: bool) -> list[dict]:
 
 
 def md_methods(rows: list[dict]) -> str:
-    lines = ["| method | parity (judge) | FD [95% CI] | Frechet | confident | s/img | cost / vanilla | peak MB | notes |",
+    lines = ["| method | parity (judge) | FD [95% CI] | Frechet | confident | s/img | cost / vanilla | peak MB (+ during row) | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = f"drew {r['drawn']} images for {r['n']}" if "drawn" in r else (f"scale {r['scale']}" if "scale" in r else "")
         lines.append(f"| {r['name']} | {r['fractions'][0]:.3f}/{r['fractions'][1]:.3f} | {r['fd']:.3f} "
                      f"[{r['fd_ci'][0]:.3f}, {r['fd_ci'][1]:.3f}] | {r['frechet']:.2f} | {r['confident']:.3f} | "
-                     f"{r['s_per_img']:.4f} | {r['cost_vs_vanilla']:.2f} | {r['peak_mb']:.0f} | {note} |")
+                     f"{r['s_per_img']:.4f} | {r['cost_vs_vanilla']:.2f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) | {note} |")
     return "\n".join(lines)
 
 
 def md_rows(rows: list[dict], xlabel: str) -> str:
-    lines = [f"| {xlabel} | run | parity (judge) | FD | Frechet | confident | s/img | peak MB |",
+    lines = [f"| {xlabel} | run | parity (judge) | FD | Frechet | confident | s/img | peak MB (+ during row) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['x']} | {r['name']} | {r['fractions'][0]:.3f}/{r['fractions'][1]:.3f} | {r['fd']:.3f} | "
-                     f"{r['frechet']:.2f} | {r['confident']:.3f} | {r['s_per_img']:.4f} | {r['peak_mb']:.0f} |")
+                     f"{r['frechet']:.2f} | {r['confident']:.3f} | {r['s_per_img']:.4f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) |")
     return "\n".join(lines)
 
 
@@ -278,11 +281,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="docs", help="folder for RESULTS_bench.md, bench.json, bench_plots/")
     p.add_argument("--work", default="runs/bench", help="scratch folder (h extraction for the ADP ablation)")
+    p.add_argument("--n_main", type=int, help="images per methods row (default 300; quick 64)")
+    p.add_argument("--n_abl", type=int, help="images per ablation row (default 150; quick 32)")
     args = p.parse_args(argv)
     setup_logging()
     device = pick_device(args.device)
     b = Bench(load_config(args.config), device)
     n_main, n_abl = (64, 32) if args.quick else (300, 150)
+    n_main, n_abl = args.n_main or n_main, args.n_abl or n_abl
     t0 = time.time()
     print("methods", flush=True)
     res = {"methods": methods(b, n_main, 100 if not args.quick else 32)}

@@ -106,27 +106,32 @@ def test_joint_target_fixes_what_marginals_cannot():
 
 
 # ---- all-reduce across processes --------------------------------------------------------------
-def _rank_step(rank, world, port, h, out_q):
+def _rank_step(rank, world, port, h, out_q, estimator):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         adp = _hand_adp()
-        g = HGuidance(adp, _cfg({"a": torch.tensor([0.5, 0.5])}, distributed=True), BETAS)
+        g = HGuidance(adp, _cfg({"a": torch.tensor([0.5, 0.5])}, distributed=True,
+                                estimator=estimator), BETAS)
         part = h.chunk(world)[rank]
         out_q.put((rank, g(part, 0, 10).numpy(), g.batch_total, g.last_distribution["a"]))  # by value
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_guide_one_global_batch():
-    """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it."""
+@pytest.mark.parametrize("estimator", ["soft", "quota"])
+def test_two_processes_guide_one_global_batch(estimator):
+    """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it
+    (soft: the batch mean is all-reduced; quota: the assignment sees the whole batch)."""
     h = torch.tensor([[-2.0, 0.1], [-1.0, 0.2], [-1.5, 0.3], [0.5, 0.4]]).view(4, 2, 1, 1)
-    whole = HGuidance(_hand_adp(), _cfg({"a": torch.tensor([0.5, 0.5])}), BETAS)
+    whole = HGuidance(_hand_adp(), _cfg({"a": torch.tensor([0.5, 0.5])}, estimator=estimator), BETAS)
     expect = whole(h, 0, 10)
+    if estimator == "quota":      # the two likeliest odd samples (rows 1 and 3) are sent up,
+        assert (expect - h)[[1, 3], 0].gt(0).all() and (expect - h)[[0, 2], 0].le(0).all()   # one per rank
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, h, q)) for r in range(2)]
+    port = 29500 + os.getpid() % 1000 + (7 if estimator == "quota" else 0)
+    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, h, q, estimator)) for r in range(2)]
     for p in procs:
         p.start()
     res = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])

@@ -14,6 +14,15 @@ any scale). N (the batch size, distribution mode) makes the scale independent of
 since p_hat is a batch mean. Each sample's step is clipped to ``max_step`` * ||std_t(h)||, which
 bounds the edit and prevents the collapse an over-large step causes (the original's reported
 all-black images). ``precondition: none`` gives the plain gradient direction.
+
+Losses. Sample mode: cross-entropy of each sample's head to its requested class. Distribution
+mode, per target key (an attribute, or ``a*b`` for a joint target):
+  - ``soft`` (the paper): chi-square (or KL / L2) between the batch mean of the ADP's softmax,
+    debiased with the per-step confusion matrix, and the target;
+  - ``quota`` (ours): the batch is assigned to classes in the target's counts and each sample
+    gets the cross-entropy to its assigned class (``HGuidance._quota_loss``).
+Beyond the paper: the estimate can include the run's earlier batches (``RunningBalance``) and
+the batch can span several processes (``distributed``: all-reduce / all-gather).
 """
 from __future__ import annotations
 
@@ -186,8 +195,9 @@ class HGuidance:
             have, n_have = self.balance.sums[key], self.balance.count
         counts = quota_counts(target, len(every), have, n_have)
         assigned = assign_to_quota(every, counts)[offset:offset + n_local]
-        p_est = torch.linalg.solve(self._confusion(key).to(probs), probs.detach().mean(0)) \
-            if self.cfg.debias else probs.detach().mean(0)
+        p_est = every.exp().mean(0)                            # the global batch's estimate
+        if self.cfg.debias:
+            p_est = torch.linalg.solve(self._confusion(key).to(p_est), p_est)
         self.last_distribution[key] = p_est.cpu().tolist()
         self.last_assignment = {**getattr(self, "last_assignment", {}),
                                 key: (counts.double() / counts.sum()).tolist()}
