@@ -87,20 +87,22 @@ def read_checkpoint(path: Path, family: str) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_strict(net: torch.nn.Module, sd: dict[str, torch.Tensor],
-                           config_name: str, ckpt: Path | str) -> None:
-    """``load_state_dict(strict=True)`` with errors that say which keys/layers and which config."""
+                           config_name: str, ckpt: Path | str, error: type = None) -> None:
+    """``load_state_dict(strict=True)`` with errors that say which keys/layers and which config
+    (raised as ``error``, default CheckpointError)."""
+    error = error or CheckpointError
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise CheckpointError(
+        raise error(
             f"checkpoint {ckpt} does not match the architecture of config {config_name}: "
             f"{len(missing)} missing key(s) (first: {missing[:5]}), {len(unexpected)} "
             f"unexpected key(s) (first: {unexpected[:5]}). Is it a checkpoint of another model "
             f"family, or does the config name the wrong checkpoint?")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(
+            raise error(
                 f"checkpoint {ckpt} does not match config {config_name}: layer {k} has shape "
                 f"{tuple(sd[k].shape)} in the checkpoint but {tuple(v.shape)} in the config's "
                 f"architecture; check channels / channel_mult / num_res_blocks in the config.")

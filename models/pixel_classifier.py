@@ -23,6 +23,7 @@ from torch import nn
 
 from models.adp import ClassifierMismatchError
 from models.base import timestep_embedding
+from models.loader import load_state_dict_strict
 from utils.digits import ATTRIBUTES
 
 PIXEL_CLF_KIND = "balancing-act/pixel-classifier-v1"
@@ -114,7 +115,8 @@ class NoisyPixelClassifier(nn.Module):
                 f"{path} was trained on x_t of the schedule {ck['diffusion']}, but the model uses "
                 f"{dict(expect_diffusion)}; retrain it (scripts/train_pixel_classifier.py --config ...)")
         net = cls(PixelClassifierConfig(**ck["config"]))
-        load_strict(net, ck["state_dict"], f"{path} (config {ck['config']})")
+        load_state_dict_strict(net, ck["state_dict"], f"pixel classifier {ck['config']}", path,
+                               ClassifierMismatchError)
         net.meta = {k: ck.get(k) for k in ("diffusion", "data_source", "metrics", "command")}
         return net.to(device).eval()
 
@@ -122,20 +124,6 @@ class NoisyPixelClassifier(nn.Module):
 def _schedule_key(d: dict) -> tuple:
     return (d.get("beta_schedule", "linear"), int(d.get("num_diffusion_timesteps", 1000)),
             float(d.get("beta_start", 1e-4)), float(d.get("beta_end", 0.02)))
-
-
-def load_strict(net: nn.Module, state: dict, what: str) -> None:
-    """``load_state_dict(strict=True)``, with an error naming the first mismatched keys and shapes."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ClassifierMismatchError(
-            f"{what} does not match the architecture: missing keys {missing[:5]}, unexpected keys "
-            f"{unexpected[:5]}, shape mismatches {shapes[:3]}")
-    net.load_state_dict(state, strict=True)
 
 
 # ---- training and evaluation ---------------------------------------------------------------

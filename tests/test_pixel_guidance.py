@@ -180,7 +180,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
     ck = torch.load(path, weights_only=False)
     ck["state_dict"]["heads.extra.weight"] = ck["state_dict"].pop("heads.digit.weight")
     torch.save(ck, tmp_path / "bad.pt")
-    with pytest.raises(ClassifierMismatchError, match=r"missing keys \['heads.digit.weight'\].*heads.extra.weight"):
+    with pytest.raises(ClassifierMismatchError, match=r"missing key\(s\) \(first: \['heads.digit.weight'\]\).*heads.extra.weight"):
         NoisyPixelClassifier.load(tmp_path / "bad.pt")
     torch.save({"kind": "digits_cnn", "state_dict": {}}, tmp_path / "judge.pt")
     with pytest.raises(ClassifierMismatchError, match="not a pixel classifier checkpoint.*digits_cnn"):
