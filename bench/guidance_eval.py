@@ -207,15 +207,15 @@ def main(argv=None) -> int:
         return 0
     md = (f"{args.preset}: n={args.n}, batch={args.bs} per process, processes={world}, device={device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
-    if args.preset == "speed":
+    if args.preset == "speed" and not args.runs:
         van = [r["wall_s"] for r in reports if r["spec"]["mode"] == "vanilla"]
         guided = [r["wall_s"] for r in reports if r["spec"]["mode"] != "vanilla"][0]
         md += f"\n\nguided / vanilla wall time: {guided / (sum(van) / len(van)):.3f} (vanilla runs: {van})"
-    if args.preset == "balance":
+    if args.preset == "balance" and not args.runs:
         wall = {r["name"]: r["wall_s"] for r in reports}
         md += ("\n\nrunning balance / per batch (quota, batch 4), wall time: "
                f"{wall[runs[2]['name']] / wall[runs[1]['name']]:.3f}")
-    if args.preset == "distributed":
+    if args.preset == "distributed" and not args.runs:
         md += (f"\n\nall-reduced / per-rank guidance wall time ({world} processes): "
                f"{reports[0]['wall_s'] / reports[1]['wall_s']:.3f}")
     if world > 1:
