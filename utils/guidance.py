@@ -150,6 +150,7 @@ class HGuidance:
         self.adp, self.cfg, self.betas, self.balance = adp, cfg, betas, balance
         self.attrs = list(dict.fromkeys(a for k in cfg.targets for a in joint_attributes(k)))
         self.last_distribution: dict[str, list[float]] = {}
+        self.last_assignment: dict[str, list[float]] = {}     # quota: assigned class fractions
         self.batch_total = 0                    # samples in the (global) batch
         self.sample_targets: dict[str, torch.Tensor] = {}
 
@@ -199,8 +200,7 @@ class HGuidance:
         if self.cfg.debias:
             p_est = torch.linalg.solve(self._confusion(key).to(p_est), p_est)
         self.last_distribution[key] = p_est.cpu().tolist()
-        self.last_assignment = {**getattr(self, "last_assignment", {}),
-                                key: (counts.double() / counts.sum()).tolist()}
+        self.last_assignment[key] = (counts.double() / counts.sum()).tolist()
         return -logq.gather(1, assigned[:, None]).sum() / self._n_step()
 
     def _n_step(self) -> int:
