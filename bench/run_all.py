@@ -271,7 +271,8 @@ def plot(rows: list[dict], key: str, path: Path, title: str, xlabel: str, ylabel
     xs = sorted({r["x"] for r in numeric})
     tx = [float(np.log2(x)) if log_x else float(x) for x in xs]
     ys = {s: [next((r[key] for r in rs if r["x"] == x), float("nan")) for x in xs] for s, rs in series.items()}
-    line_plot(path, tx, ys, title, xlabel + (" (log2)" if log_x else ""), ylabel)
+    line_plot(path, tx, ys, title, xlabel + (" (log scale)" if log_x else ""), ylabel,
+              x_format=(lambda v: f"{2 ** v:.3g}") if log_x else None)
 
 
 def main(argv=None) -> int:
