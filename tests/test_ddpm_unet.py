@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.adm_unet import ADMConfig, ADMUNet
-from models.ddpm_unet import DDPMConfig, DDPMUNet
+from models.ddpm_unet import DDPMUNet
 from models.loader import CheckpointError, build_model, load_model
 from utils.config import load_config
 
