@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from models.adp import ADP
 from models.base import HSpaceUNet
 from models.loader import file_sha256, load_model, resolve_path
 from utils.diffusion import DDIMSampler, Schedule
-from utils.guidance import GuidanceConfig, HGuidance, RunningBalance
+from utils.guidance import GuidanceConfig, HGuidance, RunningBalance, SampleCheck
 from utils.images import save_grid, save_images, to_uint8
 from utils.seeds import SeededNoise
 
@@ -97,9 +97,37 @@ def sample_batches(pipe: Pipeline, batches: list[list[int]], make_edit=None,
         x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, edit_h=edit, asymmetric=asymmetric,
                                     guide_eps=guide)
         if getattr(edit, "balance", None) is not None and edit.last_distribution:
-            edit.balance.update(edit.last_distribution, edit.batch_total)
+            edit.balance.update(edit.last_distribution, edit.batch_total, x0, edit.cfg.distributed)
+        if getattr(make_edit, "check", None) is not None and edit.cfg.mode == "sample":
+            x0 = _redraw_misses(pipe, batch, x0, make_edit, asymmetric)
         told = edit if edit is not None else guide
         yield batch, to_uint8(x0), (dict(told.last_distribution) if told is not None else None)
+
+
+def _redraw_misses(pipe: Pipeline, batch: list[int], x0: torch.Tensor, make_edit,
+                   asymmetric: bool) -> torch.Tensor:
+    """Sample guidance, checked: the images the check's classifier does not put in their
+    requested class are drawn again from the same seeds with the step cap multiplied by
+    ``check.boost`` (then boost**2, ... up to ``check.retries`` times)."""
+    check = make_edit.check
+    want = make_edit.sample_classes
+    for r in range(1, check.retries + 1):
+        with torch.no_grad():
+            probs = check.labeller.predict(x0.clamp(-1, 1).float().cpu())
+        miss = torch.zeros(len(batch), dtype=torch.bool)
+        for a, c in want.items():
+            miss |= probs[a].argmax(1) != c
+        idx = miss.nonzero().flatten().tolist()
+        check.redrawn += len(idx)
+        if not idx:
+            break
+        sub = [batch[k] for k in idx]
+        noise = SeededNoise(sub, pipe.image_shape, pipe.device)
+        edit = make_edit(sub, boost=check.boost ** r)
+        redo, _ = pipe.sampler.sample(noise.x_T(), noise.step, edit_h=edit, asymmetric=asymmetric)
+        x0 = x0.clone()
+        x0[idx] = redo
+    return x0
 
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -115,20 +143,25 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 def guidance_factory(pipe: Pipeline, adp: ADP | None, guidance: GuidanceConfig | None,
                      sample_classes: dict[str, int] | None = None,
-                     balance: RunningBalance | None = None):
+                     balance: RunningBalance | None = None, check: SampleCheck | None = None):
     """batch seeds -> a fresh HGuidance for that batch (None for vanilla sampling).
 
     :param sample_classes: sample mode: the requested class index per attribute.
     :param balance: distribution mode: the run's running balance, shared by its batches.
+    :param check: sample mode: redraw the images a classifier finds outside their class.
     """
-    def make_edit(batch: list[int]):
+    def make_edit(batch: list[int], boost: float = 1.0):
         if guidance is None:
             return None
-        g = HGuidance(adp, guidance, pipe.sampler.schedule.betas, balance)
+        cfg = guidance if boost == 1.0 else replace(guidance, max_step=guidance.max_step * boost)
+        g = HGuidance(adp, cfg, pipe.sampler.schedule.betas, balance)
         if guidance.mode == "sample":
             g.sample_targets = {a: torch.full((len(batch),), c)
                                 for a, c in (sample_classes or {}).items()}
         return g
+    if check is not None and (guidance is None or guidance.mode != "sample"):
+        raise ValueError("a sample check applies to sample guidance (--mode sample)")
+    make_edit.check, make_edit.sample_classes = check, sample_classes
     return make_edit
 
 
@@ -136,19 +169,25 @@ def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
                    guidance: GuidanceConfig | None, adp: ADP | None, resolved: dict,
                    asymmetric: bool = False, resume: bool = False,
                    sample_classes: dict[str, int] | None = None, running_balance: bool = False,
-                   rank: int = 0, world: int = 1) -> dict:
+                   rank: int = 0, world: int = 1, labeller=None, retries: int = 1,
+                   boost: float = 2.0) -> dict:
     """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``.
 
     With ``world`` > 1 (torchrun) every rank calls this with the same arguments; each writes the
-    images of its share of every global batch, rank 0 the grid and ``run.json``.
+    images of its share of every global batch, rank 0 the grid and ``run.json``. ``labeller``
+    (an image classifier, or None) checks finished images: the running balance counts its
+    classes, sample guidance redraws misses (``SampleCheck``: retries, boost).
     """
     done = {s for s in seeds if resume and (out / f"{s:06d}.png").exists()}
     batches = plan_batches(seeds, batch_size, rank, world, done)
-    balance = RunningBalance() if running_balance else None
+    balance = RunningBalance(labeller) if running_balance else None
     if balance is not None and done:
         log.warning("resuming a running-balance run: the balance restarts from the batches still "
                     "to do (the finished ones are not re-estimated)")
-    make_edit = guidance_factory(pipe, adp, guidance, sample_classes, balance)
+    check = None
+    if labeller is not None and guidance is not None and guidance.mode == "sample":
+        check = SampleCheck(labeller, retries, boost)
+    make_edit = guidance_factory(pipe, adp, guidance, sample_classes, balance, check)
 
     t0, dists, n_new = time.time(), [], 0
     for batch, imgs, dist_ in sample_batches(pipe, batches, make_edit, asymmetric,
@@ -165,7 +204,8 @@ def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
               "timesteps": pipe.sampler.timesteps, "wall_time_s": round(wall, 2),
               "images_generated_now": n_new, "device": str(pipe.device), "world_size": world,
               "adp_distribution_last_step": dists,
-              "running_balance": balance.state() if balance is not None else None}
+              "running_balance": balance.state() if balance is not None else None,
+              "redrawn_by_check": check.redrawn if check is not None else None}
     if rank == 0:
         save_grid(out / "grid.png", [out / f"{s:06d}.png" for s in seeds[:100]])
         (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -24,20 +24,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.cli import parse_fraction_vector  # noqa: E402
-from utils.commands import build_guidance  # noqa: E402
+from utils.cli import joint_classes, parse_fraction_vector  # noqa: E402
+from utils.commands import build_guidance, load_labeller  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import RunningBalance  # noqa: E402
+from utils.evaluate import evaluate_images, judge_from_config, real_reference, real_reference_labels  # noqa: E402
+from utils.guidance import RunningBalance, SampleCheck  # noqa: E402
 from utils.runtime import init_distributed, setup_logging  # noqa: E402
 
 
 def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
     """Run specs: name, mode, targets {attr: spec}, optional scale / max_step / first_step."""
     if name == "acceptance":
-        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"}),
+        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"},
+                     match={"parity*magnitude": "0.6:0.2:0.1:0.1"}),   # Frechet (matched): the training mix
                 dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, estimator="soft", running=False),
+                     targets={"parity": "0.5"}, estimator="soft", running=False, refine=False, check="none"),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
                 dict(name="dist parity+magnitude 50/50", mode="distribution",
@@ -57,7 +58,7 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
     if name == "balance":      # beyond the paper: small batches, joint targets (issue #6)
         return [dict(name="dist parity 50/50, batch 4, paper (soft, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, estimator="soft", running=False),
+                     targets={"parity": "0.5"}, bs=4, estimator="soft", running=False, refine=False, check="none"),
                 dict(name="dist parity 50/50, batch 4, ours (quota, per batch)", mode="distribution",
                      targets={"parity": "0.5"}, bs=4, estimator="quota", running=False),
                 dict(name="dist parity 50/50, batch 4, ours (quota + running balance)", mode="distribution",
@@ -74,7 +75,7 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
     if name == "speed":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
                 dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, estimator="soft", running=False),
+                     targets={"parity": "0.5"}, estimator="soft", running=False, refine=False, check="none"),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="vanilla (again)", mode="vanilla", eval={"parity": "0.5"})]
     raise ValueError(f"unknown preset {name!r}")
@@ -85,10 +86,12 @@ def make_guidance(run: dict, cfg: dict, adp):
                           None if "scale" not in run else str(run["scale"]),
                           run.get("guide_steps"), max_step=run.get("max_step"),
                           temperature=run.get("temperature"), estimator=run.get("estimator"),
-                          commit=run.get("commit"))
+                          commit=run.get("commit"), cap_per_attribute=run.get("cap_per_attribute"),
+                          refine=run.get("refine"))
 
 
-def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1) -> dict | None:
+def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,
+            real_labels=None) -> dict | None:
     """Sample one run (this rank's share), judge it on rank 0; returns the report (None off rank 0)."""
     guidance, cls, targets = (None, None, {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist()
                                            for a, v in run.get("eval", {}).items()})
@@ -97,8 +100,15 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
         guidance.distributed = world > 1 and not run.get("local")
     bs = run.get("bs", bs)
     running = run.get("running", run["mode"] == "distribution" and cfg.get("guidance", {}).get("running_balance"))
-    balance = RunningBalance() if running else None
-    make_edit = guidance_factory(pipe, adp, guidance, cls, balance)
+    spec = run.get("check", cfg.get("guidance", {}).get("check")) or "none"   # config default
+    labeller = load_labeller(spec) if spec != "none" and run["mode"] != "vanilla" else None
+    balance = RunningBalance(labeller) if running else None
+    check = None
+    if run["mode"] == "sample" and labeller is not None:
+        gc = cfg.get("guidance", {})
+        check = SampleCheck(labeller, int(run.get("retries", gc.get("sample_retries", 1))),
+                            float(run.get("boost", gc.get("retry_boost", 2.0))))
+    make_edit = guidance_factory(pipe, adp, guidance, cls, balance, check)
     _sync(pipe, world)
     t0 = time.time()
     imgs, adp_last, mine = [], [], []
@@ -121,13 +131,17 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
             raise RuntimeError("the ranks' seeds are not disjoint and complete")
         x = torch.from_numpy(np.stack([got[s] for s in seeds]))
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
-    rep = evaluate_images(x, judge, targets, real)
+    match = {a: parse_fraction_vector(a, v, joint_classes(a, judge.attributes)).tolist()
+             for a, v in run["match"].items()} if "match" in run else None
+    rep = evaluate_images(x, judge, targets, real, real_labels=real_labels, match=match)
     rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
     if adp_last:     # the guide's own (debiased) estimate at the last step, averaged over batches
         rep["adp_last_step"] = {a: torch.tensor([d[a] for d in adp_last]).mean(0).tolist() for a in adp_last[0]}
     if balance is not None:
         rep["running_balance"] = balance.state()
     rep["world_size"] = world
+    if check is not None:
+        rep["redrawn"] = check.redrawn
     if run["mode"] == "sample":
         a, c = next(iter(cls.items()))
         rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
@@ -143,7 +157,8 @@ def _sync(pipe, world: int) -> None:
 
 
 def table(reports: list[dict]) -> str:
-    head = "| run | attribute fractions (judge) | FD [95% CI] | joint FD | Frechet | confident | s/img |"
+    head = ("| run | attribute fractions (judge) | FD [95% CI] | joint FD | Frechet "
+            "(to real reweighted to the target) | confident | s/img |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in reports:
         at = r["attributes"]
@@ -160,7 +175,10 @@ def table(reports: list[dict]) -> str:
         if "adp_last_step" in r:
             fr += " (ADP: " + "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in p)
                                        for a, p in r["adp_last_step"].items()) + ")"
-        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {r.get('frechet', float('nan')):.2f} | "
+        fr_d = f"{r.get('frechet', float('nan')):.2f}"
+        if "frechet_matched" in r:
+            fr_d += f" ({r['frechet_matched']:.2f})"
+        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {fr_d} | "
                      f"{r['confident_share']:.3f} | {r['wall_s'] / r['n']:.4f} |")
     return "\n".join(lines)
 
@@ -182,14 +200,14 @@ def main(argv=None) -> int:
     p.add_argument("--runs", help="JSON list of run specs replacing the preset's, e.g. "
                    "'[{\"name\": \"q\", \"mode\": \"distribution\", \"targets\": {\"parity\": \"0.5\"}, "
                    "\"estimator\": \"quota\", \"running\": true}]' (keys: bs, scale, max_step, "
-                   "guide_steps, temperature, estimator, commit, running, local)")
+                   "guide_steps, temperature, estimator, commit, cap_per_attribute, refine, running, check, retries, boost, local)")
     args = p.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config)
     rank, world, device = init_distributed(args.device)   # torchrun: one rank per process
     pipe = load_pipeline(cfg, device)
     adp = load_adp_for(pipe, args.adp or cfg["adp"])
-    judge, real = judge_from_config(cfg), real_reference(cfg)
+    judge, real, real_labels = judge_from_config(cfg), real_reference(cfg), real_reference_labels(cfg)
     seeds = list(range(args.n))
     reports = []
     runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
@@ -198,7 +216,8 @@ def main(argv=None) -> int:
         runs = json.loads(args.runs)
     for run in runs:
         run.setdefault("temperature", args.temperature)
-        rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world)
+        rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world,
+                      real_labels)
         if rep is not None:
             reports.append(rep)
             print(table(reports[-1:]).splitlines()[-1], flush=True)

@@ -99,6 +99,20 @@ def test_batch_of_one_with_running_balance_reaches_sampling(capsys, tmp_path, ad
               "--target", "parity*magnitude=uniform", "--bs_test", "1", "--running_balance")
 
 
+@pytest.mark.parametrize("mode, target", [("distribution", "parity=0.5"), ("sample", "parity=odd")])
+def test_missing_check_classifier_exit_2(capsys, tmp_path, adp_path, mode, target):
+    rc, err = _main(capsys, tmp_path, "--mode", mode, "--adp", str(adp_path), "--target", target,
+                    "--check", "nope.onnx")
+    assert rc == 2 and "classifier 'nope.onnx' not found" in err and "--check none" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_none_reaches_sampling(capsys, tmp_path, adp_path):
+    with pytest.raises(AssertionError, match="reached sampling"):
+        _main(capsys, tmp_path, "--mode", "sample", "--adp", str(adp_path), "--target", "parity=odd",
+              "--check", "none")
+
+
 def test_missing_checkpoint_names_path_and_config(capsys, tmp_path):
     rc, err = _main(capsys, tmp_path, "--mode", "vanilla", "--checkpoint", "nope.pt")
     assert rc == 2

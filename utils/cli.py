@@ -58,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--running_balance", action=argparse.BooleanOptionalAction, default=None,
                    help="distribution guidance steers the whole run: the estimate includes the "
                         "samples of earlier batches (default: config guidance.running_balance)")
-    g.add_argument("--estimator", choices=["quota", "soft"],
+    g.add_argument("--estimator", choices=["auto", "quota", "soft"],
                    help="distribution guidance's batch estimate: quota (ours) or soft (the paper's "
-                        "mean of the ADP's softmax); default: config guidance.estimator")
+                        "mean of the ADP's softmax); auto: quota for one attribute, soft for "
+                        "several or a joint target; default: config guidance.estimator")
+    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="guide a coarse target through a finer head that nests it (config "
+                        "guidance.refine, e.g. parity through digit; default: on where configured)")
+    g.add_argument("--check", help="image classifier that checks finished samples (digits_svc, a "
+                   "judge file, or none): the running balance counts its classes, sample guidance "
+                   "redraws the images outside their class; default: config guidance.check")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
     g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
     g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")

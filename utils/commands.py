@@ -10,7 +10,7 @@ from diffusion_latent import load_adp_for, load_pipeline, prepare_out_dir, run_g
 from models.loader import resolve_path
 from utils.cli import (joint_classes, parse_fraction_vector, parse_scales, parse_targets,
                        sample_class_index)
-from utils.guidance import GuidanceConfig
+from utils.guidance import GuidanceConfig, refine_targets
 
 log = logging.getLogger("main")
 
@@ -18,11 +18,27 @@ log = logging.getLogger("main")
 def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: str | None = None,
                    guide_steps: str | None = None, **overrides):
     """(GuidanceConfig, sample classes {attr: index} | None, resolved targets) from raw target
-    strings {attr: value}, the config's ``guidance:`` defaults and overrides (e.g. max_step)."""
+    strings {attr: value}, the config's ``guidance:`` defaults and overrides (e.g. max_step;
+    ``refine=False`` turns the config's refine map off). Resolved targets are the user's; with a
+    refine map the guide may pursue them through a finer head (``GuidanceConfig.refined``)."""
+    use_refine = overrides.pop("refine", None)
     gcfg = {**cfg.get("guidance", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    targets, guided, refined = None, raw, None
+    if mode == "distribution":
+        targets = {k: parse_fraction_vector(k, v, joint_classes(k, adp.attributes)) for k, v in raw.items()}
+        guided = targets
+        if gcfg.get("refine") and use_refine is not False:
+            guided, refined = refine_targets(targets, gcfg["refine"], adp.attributes)
+            refined = refined or None
+    if gcfg.get("estimator") == "auto":       # quota for one attribute, soft for several
+        gcfg["estimator"] = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
     if mode == "distribution" and gcfg.get("estimator", "soft") == "soft" and "soft" in gcfg:
         gcfg = {**gcfg, **gcfg["soft"], **{k: v for k, v in overrides.items() if v is not None}}
     scales = parse_scales(scale_spec, list(raw), gcfg.get(f"{mode}_scale", {}))
+    for via, keys in (refined or {}).items():    # a finer head takes the scale of its first key
+        scales[via] = scales.pop(keys[0])
+        for k in keys[1:]:
+            scales.pop(k)
     first, last = int(gcfg.get("first_step", 1)), gcfg.get("last_step")
     if guide_steps:
         a, _, b = guide_steps.partition(":")
@@ -33,12 +49,12 @@ def build_guidance(cfg: dict, mode: str, raw: dict[str, str], adp, scale_spec: s
                   precondition=gcfg.get("precondition", "covariance"),
                   debias=bool(gcfg.get("debias", False)), commit=float(gcfg.get("commit", 0.0)),
                   estimator=gcfg.get("estimator", "soft"),
+                  cap_per_attribute=bool(gcfg.get("cap_per_attribute", False)),
                   max_step=float(overrides.get("max_step")
                                  or gcfg.get(f"{mode}_max_step", gcfg.get("max_step", 0.5))))
     if mode == "distribution":
-        targets = {k: parse_fraction_vector(k, v, joint_classes(k, adp.attributes)) for k, v in raw.items()}
-        return GuidanceConfig("distribution", targets, **common), None, \
-            {a: v.tolist() for a, v in targets.items()}
+        return GuidanceConfig("distribution", guided, refined=refined, **common), None, \
+            {a: [round(float(x), 6) for x in v] for a, v in targets.items()}
     if any("*" in k for k in raw):
         raise ValueError(f"joint targets ({[k for k in raw if '*' in k]}) need --mode distribution; "
                          f"sample guidance takes one class per attribute, e.g. parity=odd,magnitude=low")
@@ -62,6 +78,10 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
     if args.running_balance and mode != "distribution":
         raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
     pipe = load_pipeline(cfg, device, args.steps, args.eta)
+    check = args.check or cfg.get("guidance", {}).get("check") or "none"
+    labeller = None
+    if mode != "vanilla" and check != "none" and (running or mode == "sample"):
+        labeller = load_labeller(check)
     guidance, classes, targets, adp = None, None, None, None
     if mode != "vanilla":
         if not cfg.get("adp"):
@@ -69,7 +89,7 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
         adp = load_adp_for(pipe, cfg["adp"])
         raw = parse_targets(args, mode, adp.attributes)
         guidance, classes, targets = build_guidance(cfg, mode, raw, adp, args.scale, args.guide_steps,
-                                                    estimator=args.estimator)
+                                                    estimator=args.estimator, refine=args.refine)
         guidance.distributed = world > 1
     out = resolve_path(args.exp)
     problem = None
@@ -89,11 +109,15 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
                 "guide_steps": [guidance.first_step, guidance.last_step] if guidance else None,
                 "batch_size": args.bs_test, "world_size": world,
                 "running_balance": running, "estimator": guidance.estimator if guidance else None,
+                "check": check if labeller is not None else None,
+                "guided_through": guidance.refined if guidance else None,
                 "steps": len(pipe.sampler.timesteps),
                 "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "adp": cfg.get("adp") if adp else None,
                 "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
+    gc = cfg.get("guidance", {})
     record = run_generation(pipe, out, seeds, args.bs_test, guidance, adp, resolved,
-                            args.asymmetric, args.resume, classes, running, rank, world)
+                            args.asymmetric, args.resume, classes, running, rank, world, labeller,
+                            int(gc.get("sample_retries", 1)), float(gc.get("retry_boost", 2.0)))
     if rank != 0:
         return 0
     print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")
@@ -105,11 +129,15 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
     return 0
 
 
-def _labeller(spec: str):
+def load_labeller(spec: str):
+    """An image classifier by name: digits_svc (the embedded default's SVM), or a judge file."""
     if spec == "digits_svc":
         from models.digits_judge import SVCLabeller
         return SVCLabeller()
     from models.judge import load_judge
+    if not resolve_path(spec).is_file():
+        raise FileNotFoundError(f"classifier {spec!r} not found ({resolve_path(spec)}): give digits_svc "
+                                f"or a judge file (.pt / .onnx); --check none turns the check off")
     return load_judge(str(resolve_path(spec)))
 
 
@@ -128,7 +156,7 @@ def extract(cfg: dict, device, args) -> int:
     else:
         from utils.seeds import parse_seeds
         seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
-        extract_pseudo_labelled(pipe.sampler, seeds, _labeller(args.labeller), out,
+        extract_pseudo_labelled(pipe.sampler, seeds, load_labeller(args.labeller), out,
                                 {**meta, "labeller": args.labeller}, args.bs_test, device)
     print(f"h-vectors in {out}")
     return 0

@@ -27,10 +27,51 @@ def real_reference(cfg: dict) -> torch.Tensor | None:
     return None
 
 
+def real_reference_labels(cfg: dict) -> dict[str, np.ndarray] | None:
+    """The held-out real images' attribute labels (the embedded default only)."""
+    if cfg.get("name", "").startswith("digits"):
+        from utils.digits import attribute_labels, load_split
+        return attribute_labels(load_split(cfg["model"]["image_size"]).heldout_y)
+    return None
+
+
+def target_weights(labels: dict[str, np.ndarray], targets: dict[str, list[float]]) -> np.ndarray | None:
+    """Per-image weights [M] that give a labelled real set the targets' class mix: weight =
+    target cell / observed cell share, the cells being those of a joint key ('a*b') if there is
+    one, else of the targeted attributes with the product of their targets. None if nothing
+    applies or a targeted cell has no real image."""
+    joint = [k for k in targets if "*" in k and all(a in labels for a in k.split("*"))]
+    if joint:                 # a joint target 'a*b': its own cells (first attribute slowest)
+        key = joint[0]
+        want = np.asarray(targets[key], dtype=np.float64)
+        parts = key.split("*")
+        sizes = [int(labels[a].max()) + 1 for a in parts]
+        if int(np.prod(sizes)) != len(want):
+            return None
+        cells = joint_labels({a: labels[a] for a in parts}, dict(zip(parts, sizes)))
+        have = np.bincount(cells, minlength=len(want)) / len(cells)
+        return None if ((want > 0) & (have == 0)).any() else want[cells] / have[cells]
+    attrs = [a for a in targets if a in labels]
+    if not attrs:
+        return None
+    cells = joint_labels({a: labels[a] for a in attrs}, {a: len(targets[a]) for a in attrs})
+    want = np.ones(1)
+    for a in attrs:
+        want = np.outer(want, np.asarray(targets[a], dtype=np.float64)).ravel()
+    have = np.bincount(cells, minlength=len(want)) / len(cells)
+    if ((want > 0) & (have == 0)).any():
+        return None
+    return want[cells] / have[cells]
+
+
 def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[float]] | None,
                     real: torch.Tensor | None = None, attrs: list[str] | None = None,
-                    threshold: float = 0.9) -> dict:
-    """A JSON-ready report for images [N,C,H,W] in [-1,1]."""
+                    threshold: float = 0.9, real_labels: dict[str, np.ndarray] | None = None,
+                    match: dict[str, list[float]] | None = None) -> dict:
+    """A JSON-ready report for images [N,C,H,W] in [-1,1]. With ``real_labels`` it also gives
+    ``frechet_matched``: the Frechet distance to the real images reweighted to the class mix
+    ``match`` (default: the targets), i.e. image quality with the intended shift of attributes
+    taken out (for vanilla sampling, pass the training data's mix)."""
     probs = judge.predict(images)
     attrs = attrs or list(probs)
     targets = dict(targets or {})
@@ -56,8 +97,13 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     report["confident_share"] = confident_share(probs[main_attr], threshold)
     report["confident_on"] = main_attr
     if real is not None and hasattr(judge, "features"):
-        report["frechet"] = frechet_distance(judge.features(images).double().numpy(),
-                                             judge.features(real).double().numpy())
+        fake, ref = judge.features(images).double().numpy(), judge.features(real).double().numpy()
+        report["frechet"] = frechet_distance(fake, ref)
+        mix = match if match is not None else targets
+        w = target_weights(real_labels, mix) if real_labels is not None else None
+        if w is not None:
+            report["frechet_matched"] = frechet_distance(fake, ref, w)
+            report["frechet_matched_to"] = {a: list(v) for a, v in mix.items() if a in real_labels}
     return report
 
 

@@ -81,6 +81,61 @@ def joint_attributes(key: str) -> list[str]:
     return key.split("*")
 
 
+def refine_targets(targets: dict[str, torch.Tensor], refine: dict,
+                   attributes: dict[str, list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Targets on coarse attributes -> the same targets on a finer head that nests them (ours).
+
+    ``refine``: {coarse attribute: {"via": finer attribute, "groups": [[finer class indices of
+    coarse class 0], [... of class 1], ...]}}, e.g. parity via digit with groups [[0,2,4,6,8],
+    [1,3,5,7,9]]. Every key (plain or joint) whose attributes all refine via the same head is
+    replaced by one target on that head: finer class j gets prod_k p_k[cell_k(j)] / n(j), the
+    product of the keys' target shares of the cells j lies in, spread evenly over the n(j) finer
+    classes of its combined cell. The judge's coarse fractions are then the target's, while the
+    guide pulls each moved sample to a finer class (e.g. a particular odd digit) instead of along
+    one coarse direction, which keeps the mix within each coarse class (the digits model pushed
+    to 'odd' otherwise draws mostly 3s). Returns (new targets, {finer head: coarse keys}); keys
+    that cannot be refined are left as they are.
+    """
+    by_via: dict[str, list[str]] = {}
+    for key in targets:
+        parts = joint_attributes(key)
+        vias = {refine.get(a, {}).get("via") for a in parts}
+        if len(vias) == 1 and None not in vias:
+            via = vias.pop()
+            if via in attributes and via not in targets:
+                by_via.setdefault(via, []).append(key)
+    out = {k: v for k, v in targets.items() if not any(k in ks for ks in by_via.values())}
+    for via, keys in by_via.items():
+        n_fine = len(attributes[via])
+
+        def cell(a: str, j: int) -> int | None:
+            return next((c for c, g in enumerate(refine[a]["groups"]) if j in g), None)
+        want = torch.zeros(n_fine, dtype=torch.float64)
+        combined: list[tuple | None] = []
+        for j in range(n_fine):
+            idx = [[cell(a, j) for a in joint_attributes(key)] for key in keys]
+            if any(None in i for i in idx):
+                combined.append(None)               # j lies in no group: never a target
+                continue
+            combined.append(tuple(tuple(i) for i in idx))
+            share = 1.0
+            for key, cells in zip(keys, idx):
+                flat = 0
+                for a, c in zip(joint_attributes(key), cells):
+                    flat = flat * len(refine[a]["groups"]) + c
+                share *= float(targets[key][flat])
+            want[j] = share
+        for j in range(n_fine):
+            if want[j] > 0:
+                want[j] /= sum(1 for i in range(n_fine) if combined[i] == combined[j])
+        if abs(float(want.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"cannot guide {keys} through '{via}': some class with a positive target "
+                             f"has no finer class in the config's refine groups; fix the groups or "
+                             f"pass --no-refine")
+        out[via] = want.float()
+    return out, by_via
+
+
 @dataclass
 class GuidanceConfig:
     """What to guide and how hard.
@@ -103,6 +158,8 @@ class GuidanceConfig:
     distributed: bool = False                   # all-reduce the batch estimate across ranks
     commit: float = 0.0                         # weight of the per-sample entropy term (below)
     estimator: str = "soft"                     # "soft" (the paper's batch mean) | "quota" (ours)
+    cap_per_attribute: bool = False             # clip each attribute's step on its own (else the sum)
+    refined: dict | None = None                 # {finer head: coarse keys} (refine_targets)
 
 
 class RunningBalance:
@@ -121,19 +178,65 @@ class RunningBalance:
     batch's h, the loss is the same convex function of p_run, and the step cap bounds each edit.
     """
 
-    def __init__(self):
+    def __init__(self, labeller=None):
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.labeller = labeller
 
-    def update(self, estimate: dict[str, list[float]], n: int) -> None:
-        """Add a finished batch of n samples whose last-step estimate was ``estimate``."""
+    def update(self, estimate: dict[str, list[float]], n: int, images: torch.Tensor | None = None,
+               distributed: bool = False) -> None:
+        """Add a finished batch of n samples whose last-step estimate was ``estimate``. With a
+        ``labeller`` (an image classifier with ``predict(images) -> {attr: [N,K] probs}``, e.g.
+        the one that labelled the ADP's training data) and the batch's final ``images``, the
+        batch's classes are counted on the images instead: what the guide could not see (samples
+        its ADP reads as flipped but whose image is not) is then made up by the next batches.
+        ``distributed``: the images are this rank's part of a global batch (counts all-reduced)."""
+        if self.labeller is not None and images is not None:
+            sums = self._count(images, list(estimate))
+            if distributed and dist.is_available() and dist.is_initialized():
+                on = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+                sums = {k: v.to(on) for k, v in sums.items()}
+                for v in sums.values():
+                    dist.all_reduce(v)
+            for k, v in sums.items():
+                self.sums[k] = self.sums.get(k, 0) + v.double().cpu()
+            self.count += n
+            return
         for k, p in estimate.items():
             self.sums[k] = self.sums.get(k, 0) + n * torch.tensor(p, dtype=torch.float64)
         self.count += n
 
+    def _count(self, images: torch.Tensor, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Per key, the labeller's class counts [K] on images (a joint key counts cells)."""
+        with torch.no_grad():
+            probs = self.labeller.predict(images.clamp(-1, 1).float().cpu())
+        out = {}
+        for key in keys:
+            parts = joint_attributes(key)
+            onehot = torch.nn.functional.one_hot(probs[parts[0]].argmax(1), probs[parts[0]].shape[1]).double()
+            for a in parts[1:]:
+                other = torch.nn.functional.one_hot(probs[a].argmax(1), probs[a].shape[1]).double()
+                onehot = (onehot[:, :, None] * other[:, None, :]).flatten(1)
+            out[key] = onehot.sum(0)
+        return out
+
     def state(self) -> dict:
         return {"count": self.count, "fractions": {k: (v / max(self.count, 1)).tolist()
                                                    for k, v in self.sums.items()}}
+
+
+@dataclass
+class SampleCheck:
+    """Sample guidance, checked (ours): after a batch, ``labeller`` (an image classifier, e.g.
+    the one that labelled the ADP's training data; never the judge that measures the result)
+    classifies the images, and those outside their requested class are drawn again from their
+    own seeds with a longer step cap (``boost`` times, then boost**2, ...; ``retries`` rounds).
+    The h-space guide can move its ADP across the class boundary further than the image goes;
+    the check catches those samples. ``redrawn`` counts the redrawn images (cost)."""
+    labeller: object
+    retries: int = 1
+    boost: float = 2.0
+    redrawn: int = 0
 
 
 class HGuidance:
@@ -260,11 +363,18 @@ class HGuidance:
             grads = torch.autograd.grad(self.loss(logits), list(logits.values()))
         n = self._n_step() if self.cfg.mode == "distribution" else 1
         lam = float(self.betas[t]) ** self.cfg.beta_power
+        cap = self.cfg.max_step * float(self.adp.std[s].norm())
         step = torch.zeros(len(h), h[0].numel(), device=h.device)
         for a, g in zip(self.attrs, grads):
             basis = (self.adp.direction(a, s) if self.cfg.precondition == "covariance"
                      else self.adp.raw_weight(a, s))
-            step -= lam * n * g.float() @ basis.to(h.device)
-        cap = self.cfg.max_step * float(self.adp.std[s].norm())
-        step = step * torch.clamp(cap / step.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+            part = -lam * n * g.float() @ basis.to(h.device)
+            step += _clip_rows(part, cap) if self.cfg.cap_per_attribute else part
+        if not self.cfg.cap_per_attribute:
+            step = _clip_rows(step, cap)
         return (h.float() + step.view_as(h)).to(h.dtype)
+
+
+def _clip_rows(step: torch.Tensor, cap: float) -> torch.Tensor:
+    """Each row of step [N,D] scaled down to norm <= cap."""
+    return step * torch.clamp(cap / step.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)

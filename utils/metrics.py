@@ -190,14 +190,16 @@ def evaluate_attributes(probs_by_attr: Mapping[str, np.ndarray | torch.Tensor],
     return out
 
 
-def frechet_distance(feats_a, feats_b) -> float:
+def frechet_distance(feats_a, feats_b, weights_b=None) -> float:
     """Frechet distance of Gaussians fitted to two feature sets [N, D] and [M, D] (float64).
 
     d^2 = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), S the unbiased covariances.
     Tr (S_a S_b)^{1/2} = sum_i sqrt(lambda_i(S_a^{1/2} S_b S_a^{1/2})), a symmetric PSD matrix,
     so only symmetric eigen-decompositions are needed (negative round-off clipped to 0). When
     min(N, M) <= D it is the nuclear norm of A B^T (S_a = A^T A, A = centred X_a / sqrt(N-1)),
-    an [N, M] SVD instead of [D, D] eigen-decompositions.
+    an [N, M] SVD instead of [D, D] eigen-decompositions. ``weights_b`` [M] (>= 0, frequency
+    weights: weight k counts as k copies) fits the second Gaussian to a reweighted set, e.g.
+    real images reweighted to a target class mix.
     Range [0, inf); lower is better, 0 for identical statistics. FID is this on Inception features.
     """
     a, b = (_to_numpy(f).astype(np.float64) for f in (feats_a, feats_b))
@@ -206,17 +208,20 @@ def frechet_distance(feats_a, feats_b) -> float:
                          f"and {b.shape}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need >= 2 samples per set for a covariance, got {a.shape[0]} and {b.shape[0]}")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    w = np.ones(len(b)) if weights_b is None else np.asarray(weights_b, dtype=np.float64)
+    if w.shape != (len(b),) or (w < 0).any() or w.sum() <= 1:
+        raise ValueError(f"weights_b must be [{len(b)}] non-negative numbers summing to > 1")
+    mu_a, mu_b = a.mean(axis=0), (w[:, None] * b).sum(0) / w.sum()
+    ca = (a - mu_a) / np.sqrt(len(a) - 1)          # frequency weights: weight k = k copies
+    cb = np.sqrt(w)[:, None] * (b - mu_b) / np.sqrt(w.sum() - 1)
+    tr_a, tr_b = np.sum(ca ** 2), np.sum(cb ** 2)
     if min(a.shape[0], b.shape[0]) <= a.shape[1]:
-        ca, cb = (a - mu_a) / np.sqrt(len(a) - 1), (b - mu_b) / np.sqrt(len(b) - 1)
-        tr_a, tr_b = np.sum(ca ** 2), np.sum(cb ** 2)
         tr_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
     else:
-        s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-        w, v = np.linalg.eigh(s_a)
-        sqrt_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        s_a, s_b = ca.T @ ca, cb.T @ cb
+        wa, v = np.linalg.eigh(s_a)
+        sqrt_a = (v * np.sqrt(np.clip(wa, 0.0, None))) @ v.T
         m = sqrt_a @ s_b @ sqrt_a
-        tr_a, tr_b = np.trace(s_a), np.trace(s_b)
         tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
     d2 = np.sum((mu_a - mu_b) ** 2) + tr_a + tr_b - 2.0 * tr_sqrt
     return float(max(d2, 0.0))

@@ -21,8 +21,10 @@ def accuracy_table(timesteps: list[int], metrics: dict, every: int = 5) -> str:
 
 def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], title: str,
               xlabel: str, ylabel: str, y_range: tuple[float, float] | None = None,
-              size: tuple[int, int] = (640, 400), x_format=None) -> None:
-    """A minimal line chart with axes, ticks and a legend (``x_format``: x value -> tick label)."""
+              size: tuple[int, int] = (640, 400), x_format=None,
+              x_ticks: list[float] | None = None) -> None:
+    """A minimal line chart with axes, ticks and a legend (``x_format``: x value -> tick label;
+    ``x_ticks``: where the x ticks go, default six evenly spaced)."""
     w, h = size
     left, right, top, bottom = 60, 20, 30, 50
     img = Image.new("RGB", size, "white")
@@ -39,7 +41,7 @@ def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], title
     for k in range(6):
         y = lo + k * (hi - lo) / 5
         d.text((5, px(x0, y)[1] - 6), f"{y:.2f}", fill="black")
-        x = x0 + k * (x1 - x0) / 5
+    for x in (x_ticks if x_ticks is not None else [x0 + k * (x1 - x0) / 5 for k in range(6)]):
         d.text((px(x, lo)[0] - 10, h - bottom + 5), x_format(x) if x_format else f"{x:.0f}", fill="black")
     for n, (name, ys) in enumerate(series.items()):
         c = COLOURS[n % len(COLOURS)]
