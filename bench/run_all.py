@@ -1,17 +1,20 @@
 """The benchmark behind docs/RESULTS.md: every method side by side, ablations, and cost scaling.
 
-    python bench/run_all.py            # full: ~30 min on 2 CPU cores (make bench)
+    python bench/run_all.py            # full: < 30 min on 2 CPU cores (make bench)
     python bench/run_all.py --quick    # the same tables on fewer images: < 5 min
 
 On the embedded default (shared seeds, target parity 50/50, judged by the independent judge):
   1. methods: vanilla; rejection sampling with the judge (the oracle; how many it drew);
-     sample guidance with the requested classes split in the target proportions; distribution
-     guidance as in the paper (soft batch estimate) and ours (quota estimator + running balance);
+     sample guidance with the requested classes split in the target proportions (plain, and
+     checked: misses redrawn); distribution guidance as in the paper (soft batch estimate) and
+     ours (quota estimator + running balance counted by the finished-image check);
      pixel-space classifier guidance on x_t and on x0_hat (gradient through the U-Net);
      ours with the asymmetric reverse process;
   2. ablations of ours: batch size, guidance scale, guided timesteps, ADP training-set size;
   3. scaling: seconds per image and peak memory against batch size and number of DDIM steps.
-Writes <out>/RESULTS_bench.md, <out>/bench.json and PNG plots under <out>/bench_plots/.
+Writes its tables into <out>/RESULTS.md (between the markers <!-- bench:begin/end -->, or
+<!-- bench-quick:begin/end --> for --quick), <out>/RESULTS_bench.md, <out>/bench.json and PNG
+plots under <out>/bench_plots/ (``*_quick.png`` for --quick).
 Figures: FD = ||p_target - p_judge||_2 (lower is better), Frechet = Frechet distance in the
 judge's feature space to held-out real digits (lower is better), confident = share the judge
 classifies with p >= 0.9 (higher is better), s/img = wall seconds per image, peak = peak
@@ -34,16 +37,16 @@ import torch  # noqa: E402
 
 from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 from models.adp import ADP  # noqa: E402
-from utils.commands import build_guidance  # noqa: E402
+from utils.commands import build_guidance, load_labeller  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import RunningBalance  # noqa: E402
+from utils.guidance import RunningBalance, SampleCheck  # noqa: E402
 from utils.plots import line_plot  # noqa: E402
 from utils.runtime import pick_device, setup_logging  # noqa: E402
 
 TARGET = {"parity": [0.5, 0.5]}
-OURS = dict(estimator="quota", running=True)
-PAPER = dict(estimator="soft", running=False)
+OURS = dict(estimator="quota", running=True, check=True)
+PAPER = dict(estimator="soft", running=False, check=False, refine=False)
 
 
 class PeakMemory:
@@ -92,6 +95,8 @@ class Bench:
         self.pipe = load_pipeline(cfg, device)
         self.adp = load_adp_for(self.pipe, cfg["adp"])
         self.judge, self.real = judge_from_config(cfg), real_reference(cfg)
+        spec = cfg.get("guidance", {}).get("check") or "none"     # ours: the finished-image check
+        self.labeller = load_labeller(spec) if spec != "none" else None
 
     def _finish(self, name: str, imgs: list[np.ndarray], wall: float, mem: PeakMemory, **extra) -> dict:
         x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -118,10 +123,14 @@ class Bench:
 
     def h_run(self, name: str, seeds: list[int], bs: int, mode: str = "vanilla", targets=None,
               estimator: str = "quota", running: bool = False, asymmetric: bool = False,
-              adp: ADP | None = None, sample_classes: list[int] | None = None, **over) -> dict:
-        """Vanilla, sample- or distribution-guided h-space sampling of ``seeds``."""
+              adp: ADP | None = None, sample_classes: list[int] | None = None, check: bool = False,
+              **over) -> dict:
+        """Vanilla, sample- or distribution-guided h-space sampling of ``seeds``; ``check``: the
+        config's classifier checks finished images (running balance counts / sample redraws)."""
         adp = adp or self.adp
-        make_edit, balance = None, RunningBalance() if running else None
+        labeller = self.labeller if check else None
+        make_edit, balance = None, RunningBalance(labeller) if running else None
+        extra = {}
         if mode == "distribution":
             g, cls, _ = build_guidance(self.cfg, mode, targets or {"parity": "0.5"}, adp,
                                        over.pop("scale", None), over.pop("guide_steps", None),
@@ -131,16 +140,21 @@ class Bench:
             if mode == "sample":           # requested classes in the target proportions
                 g, _, _ = build_guidance(self.cfg, "sample", {"parity": "0"}, adp, **over)
                 imgs, wall = [], 0.0
+                gc = self.cfg.get("guidance", {})
+                sc = SampleCheck(labeller, int(gc.get("sample_retries", 1)),
+                                 float(gc.get("retry_boost", 2.0))) if labeller is not None else None
                 for c in (0, 1):
                     part = [s for s, k in zip(seeds, sample_classes) if k == c]
-                    mk = guidance_factory(self.pipe, adp, g, {"parity": c})
+                    mk = guidance_factory(self.pipe, adp, g, {"parity": c}, check=sc)
                     im, w = self._timed(sample_batches(self.pipe, plan_batches(part, bs), mk, asymmetric,
                                                        name, progress=False))
                     imgs, wall = imgs + im, wall + w
+                if sc is not None:
+                    extra["redrawn"] = sc.redrawn
             else:
                 imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), make_edit,
                                                         asymmetric, name, progress=False))
-        return self._finish(name, imgs, wall, mem)
+        return self._finish(name, imgs, wall, mem, **extra)
 
     def rejection(self, name: str, n: int, bs: int) -> dict:
         from utils.rejection import rejection_sample
@@ -164,8 +178,10 @@ def methods(b: Bench, n: int, bs: int) -> list[dict]:
     rows.append(b.rejection("rejection sampling (judge oracle)", n, bs))
     split = [0] * (n // 2) + [1] * (n - n // 2)            # requested classes, target proportions
     rows.append(b.h_run("sample guidance, classes split 50/50", seeds, bs, "sample", sample_classes=split))
+    rows.append(b.h_run("sample guidance, split 50/50, checked (ours: misses redrawn)", seeds, bs, "sample",
+                        sample_classes=split, check=True))
     rows.append(b.h_run("distribution guidance, paper (soft estimate)", seeds, bs, "distribution", **PAPER))
-    rows.append(b.h_run("distribution guidance, ours (quota + running balance)", seeds, bs,
+    rows.append(b.h_run("distribution guidance, ours (defaults: via the digit head, quota, running balance, check)", seeds, bs,
                         "distribution", **OURS))
     rows.append(b.h_run("ours + asymmetric reverse process", seeds, bs, "distribution", asymmetric=True, **OURS))
     rows.append(b.pixel("pixel classifier guidance on x_t", seeds, bs, "xt"))
@@ -176,18 +192,20 @@ def methods(b: Bench, n: int, bs: int) -> list[dict]:
     return rows
 
 
-def ablations(b: Bench, n: int, quick: bool, workdir: Path) -> dict[str, list[dict]]:
+def ablations(b: Bench, n: int, n_batch: int, quick: bool, workdir: Path) -> dict[str, list[dict]]:
+    """Batch size on n_batch images (a batch larger than that on one batch of its own size),
+    the rest on n images."""
     seeds = list(range(n))
     out: dict[str, list[dict]] = {"batch size": [], "guidance scale": [], "guided steps": [], "ADP training set": []}
     for bs in ((8, 32) if quick else (2, 8, 32, 100, 200)):
         for label, kw in (("ours", OURS), ("paper", PAPER)):
-            r = b.h_run(f"{label}, batch {bs}", seeds, bs, "distribution", **kw)
+            r = b.h_run(f"{label}, batch {bs}", list(range(max(n_batch, bs))), bs, "distribution", **kw)
             out["batch size"].append({**r, "x": bs, "series": label})
     base = float(b.cfg["guidance"]["distribution_scale"]["default"])
-    for mult in ((0.25, 1.0) if quick else (0.125, 0.25, 0.5, 1.0, 2.0)):
+    for mult in ((0.25, 1.0) if quick else (0.25, 0.5, 1.0, 2.0)):
         r = b.h_run(f"ours, scale {base * mult:g}", seeds, 100, "distribution", scale=str(base * mult), **OURS)
         out["guidance scale"].append({**r, "x": base * mult, "series": "ours"})
-    for band in (("1:50", "1:25") if quick else ("1:50", "1:25", "25:50", "1:40", "10:40")):
+    for band in (("1:50", "1:25") if quick else ("1:50", "1:25", "25:50", "10:40")):
         r = b.h_run(f"ours, steps {band}", seeds, 100, "distribution", guide_steps=band, **OURS)
         out["guided steps"].append({**r, "x": band, "series": "ours"})
     out["ADP training set"] = adp_sizes(b, seeds, quick, workdir)
@@ -222,7 +240,7 @@ def scaling(b: Bench, quick: bool) -> list[dict]:
     from utils.diffusion import DDIMSampler
     rows, n = [], (20 if quick else 100)
     seeds = list(range(n))
-    for bs in ((10, 20) if quick else (10, 50, 100)):
+    for bs in ((10, 20) if quick else (10, 50, 100)):       # n images per row
         for label, mode in (("vanilla", "vanilla"), ("ours", "distribution")):
             r = b.h_run(f"{label}, batch {bs}", seeds[:max(bs, n)], bs, mode, **(OURS if mode != "vanilla" else {}))
             rows.append({**r, "axis": "batch", "x": bs, "series": label})
@@ -234,7 +252,7 @@ def scaling(b: Bench, quick: bool) -> list[dict]:
             adp = ADP(b.adp.h_shape, b.pipe.sampler.timesteps, b.adp.attributes).to(b.device)
             torch.nn.init.normal_(adp.weight["parity"], std=1e-3)
         for label, mode in (("vanilla", "vanilla"), ("ours", "distribution")):
-            r = b.h_run(f"{label}, {steps} steps", seeds[:n], 50, mode, adp=adp,
+            r = b.h_run(f"{label}, {steps} steps", seeds[:min(n, 50)], 50, mode, adp=adp,
                         **(OURS if mode != "vanilla" else {}))
             rows.append({**r, "axis": "steps", "x": steps, "series": label})
     b.pipe.sampler = orig
@@ -245,7 +263,8 @@ def md_methods(rows: list[dict]) -> str:
     lines = ["| method | parity (judge) | FD [95% CI] | Frechet | confident | s/img | cost / vanilla | peak MB (+ during row) | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        note = f"drew {r['drawn']} images for {r['n']}" if "drawn" in r else (f"scale {r['scale']}" if "scale" in r else "")
+        note = (f"drew {r['drawn']} images for {r['n']}" if "drawn" in r else f"redrew {r['redrawn']}"
+                if "redrawn" in r else f"scale {r['scale']}" if "scale" in r else "")
         lines.append(f"| {r['name']} | {r['fractions'][0]:.3f}/{r['fractions'][1]:.3f} | {r['fd']:.3f} "
                      f"[{r['fd_ci'][0]:.3f}, {r['fd_ci'][1]:.3f}] | {r['frechet']:.2f} | {r['confident']:.3f} | "
                      f"{r['s_per_img']:.4f} | {r['cost_vs_vanilla']:.2f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) | {note} |")
@@ -261,18 +280,60 @@ def md_rows(rows: list[dict], xlabel: str) -> str:
     return "\n".join(lines)
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per competitor: is ours ahead on FD at equal or better quality? Quality counts
+    as equal within the noise of the figures (Frechet within 5%, confident share within 0.02);
+    'not ahead' lines name the figure that decides it."""
+    ours = next(r for r in rows if r["name"].startswith("distribution guidance, ours"))
+    out = []
+    for r in rows:
+        if r is ours or r["name"] == "vanilla" or r["name"].startswith("ours +"):
+            continue
+        fd_ok = ours["fd"] <= r["fd"]
+        fr_ok = ours["frechet"] <= 1.05 * r["frechet"]
+        conf_ok = ours["confident"] >= r["confident"] - 0.02
+        cost = f"cost {ours['cost_vs_vanilla']:.2f}x vs {r['cost_vs_vanilla']:.2f}x vanilla"
+        figs = (f"FD {ours['fd']:.3f} vs {r['fd']:.3f}, Frechet {ours['frechet']:.2f} vs {r['frechet']:.2f}, "
+                f"confident {ours['confident']:.3f} vs {r['confident']:.3f}, {cost}")
+        if fd_ok and fr_ok and conf_ok:
+            how = "ahead of" if ours["fd"] < r["fd"] else "level with"
+            out.append(f"- {how} **{r['name']}** on FD at equal or better quality ({figs})")
+        else:
+            why = [w for ok, w in ((fd_ok, "FD"), (fr_ok, "Frechet"), (conf_ok, "confident share")) if not ok]
+            out.append(f"- **not** ahead of **{r['name']}**: behind on {', '.join(why)} ({figs})")
+    return out
+
+
+def replace_section(path: Path, key: str, body: str) -> None:
+    """Put ``body`` between the markers ``<!-- key:begin -->`` and ``<!-- key:end -->`` of a
+    Markdown file (appended at its end, with the markers, when they are not there yet)."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def plot(rows: list[dict], key: str, path: Path, title: str, xlabel: str, ylabel: str, log_x: bool = False):
-    numeric = [r for r in rows if isinstance(r["x"], (int, float))]
-    if not numeric:
+    """One line per series; x numeric (log2 scale with log_x) or categorical (e.g. '1:25')."""
+    if not rows:
         return
     series: dict[str, list] = {}
-    for r in numeric:
+    for r in rows:
         series.setdefault(r["series"], []).append(r)
-    xs = sorted({r["x"] for r in numeric})
-    tx = [float(np.log2(x)) if log_x else float(x) for x in xs]
+    numeric = all(isinstance(r["x"], (int, float)) for r in rows)
+    xs = sorted({r["x"] for r in rows}) if numeric else list(dict.fromkeys(r["x"] for r in rows))
+    if numeric:
+        tx = [float(np.log2(x)) if log_x else float(x) for x in xs]
+        fmt = (lambda v: f"{2 ** v:.3g}") if log_x else (lambda v: f"{v:g}")
+    else:
+        tx, fmt = [float(k) for k in range(len(xs))], (lambda v: str(xs[int(round(v))]))
     ys = {s: [next((r[key] for r in rs if r["x"] == x), float("nan")) for x in xs] for s, rs in series.items()}
-    line_plot(path, tx, ys, title, xlabel + (" (log scale)" if log_x else ""), ylabel,
-              x_format=(lambda v: f"{2 ** v:.3g}") if log_x else None)
+    line_plot(path, tx, ys, title, xlabel + (" (log scale)" if log_x else ""), ylabel, x_format=fmt, x_ticks=tx)
 
 
 def main(argv=None) -> int:
@@ -280,49 +341,77 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/digits16.yml")
     p.add_argument("--quick", action="store_true", help="fewer images and rows (< 5 min on 2 CPU cores)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="docs", help="folder for RESULTS_bench.md, bench.json, bench_plots/")
+    p.add_argument("--out", default="docs", help="folder for RESULTS.md (its bench section), "
+                   "RESULTS_bench.md, bench.json, bench_plots/")
     p.add_argument("--work", default="runs/bench", help="scratch folder (h extraction for the ADP ablation)")
-    p.add_argument("--n_main", type=int, help="images per methods row (default 300; quick 48)")
-    p.add_argument("--n_abl", type=int, help="images per ablation row (default 150; quick 32)")
+    p.add_argument("--n_main", type=int, help="images per methods row (default 150; quick 40)")
+    p.add_argument("--n_batch", type=int, help="images per batch-size row (default 100, or the batch "
+                   "size where it is larger; quick 32)")
+    p.add_argument("--n_abl", type=int, help="images per other ablation row (default 100; quick 32)")
+    p.add_argument("--report", metavar="JSON", help="no sampling: rewrite the tables and plots from an "
+                   "earlier run's bench.json (e.g. after a change to the report's layout)")
     args = p.parse_args(argv)
     setup_logging()
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        write_report(res, Path(args.out), args.quick)
+        return 0
     device = pick_device(args.device)
     b = Bench(load_config(args.config), device)
-    n_main, n_abl = (48, 32) if args.quick else (300, 150)
-    n_main, n_abl = args.n_main or n_main, args.n_abl or n_abl
+    n_main, n_batch, n_abl = (40, 32, 32) if args.quick else (150, 100, 100)
+    n_main, n_batch, n_abl = args.n_main or n_main, args.n_batch or n_batch, args.n_abl or n_abl
     t0 = time.time()
     print("methods", flush=True)
     res = {"methods": methods(b, n_main, 100 if not args.quick else 32)}
     print("ablations", flush=True)
-    res["ablations"] = ablations(b, n_abl, args.quick, Path(args.work))
+    res["ablations"] = ablations(b, n_abl, n_batch, args.quick, Path(args.work))
     print("scaling", flush=True)
     res["scaling"] = scaling(b, args.quick)
-    total = time.time() - t0
+    dev = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({os.cpu_count()} CPU cores)")
+    res.update(total_s=time.time() - t0, device=dev, sizes={"main": n_main, "batch": n_batch, "ablation": n_abl})
+    write_report(res, Path(args.out), args.quick)
+    return 0
 
-    out, plots = Path(args.out), Path(args.out) / "bench_plots"
+
+def write_report(res: dict, out: Path, quick: bool) -> None:
+    """bench(_quick).json, RESULTS_bench(_quick).md, the plots, and the generated section of
+    RESULTS.md, from one run's results."""
+    plots = out / "bench_plots"
     plots.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if quick else ""
+    sizes = res.get("sizes") or {"main": res["methods"][0]["n"], "batch": res["ablations"]["batch size"][0]["n"],
+                                 "ablation": res["ablations"]["guidance scale"][0]["n"]}
+    figures = []
     for name, rows in res["ablations"].items():
         slug = name.replace(" ", "_")
         for key, lab in (("fd", "FD"), ("frechet", "Frechet"), ("confident", "confident share")):
-            plot(rows, key, plots / f"{slug}_{key}.png", f"{lab} vs {name}", name, lab, log_x=name == "batch size")
+            path = plots / f"{slug}_{key}{suffix}.png"
+            plot(rows, key, path, f"{lab} vs {name}", name, lab, log_x=name == "batch size")
+            figures.append(path)
     for axis in ("batch", "steps"):
         rows = [r for r in res["scaling"] if r["axis"] == axis]
-        plot(rows, "s_per_img", plots / f"scaling_{axis}_time.png", f"s/img vs {axis}", axis, "s/img")
-        plot(rows, "peak_mb", plots / f"scaling_{axis}_memory.png", f"peak memory vs {axis}", axis, "MB")
-    dev = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({os.cpu_count()} CPU cores)")
-    md = [f"# Benchmark ({'quick' if args.quick else 'full'}): `python bench/run_all.py{' --quick' if args.quick else ''}`",
-          "", f"Device: {dev}; total {total / 60:.1f} min. Target parity 50/50, judged by the independent judge.",
-          "", f"## Methods (n = {n_main}, same seeds; cost / vanilla = wall time per image relative to vanilla; "
-          "rejection's cost counts every image it drew)", "", md_methods(res["methods"])]
+        for key, lab, unit in (("s_per_img", "time", "s/img"), ("peak_mb", "memory", "MB")):
+            path = plots / f"scaling_{axis}_{lab}{suffix}.png"
+            plot(rows, key, path, f"{unit} vs {axis}", axis, unit)
+            figures.append(path)
+    cmd = f"python bench/run_all.py{' --quick' if quick else ''}"
+    md = [f"Device: {res['device']}; total **{res['total_s'] / 60:.1f} min** (`{cmd}`). Target parity 50/50, "
+          "judged by the independent judge.", "",
+          f"### Methods (n = {sizes['main']}, same seeds; cost / vanilla = wall time per image relative to "
+          "vanilla; rejection's cost counts every image it drew)", "", md_methods(res["methods"]), "",
+          "Ours against each other method (generated from the table above):", "", *verdicts(res["methods"])]
     for name, rows in res["ablations"].items():
-        md += ["", f"## Ablation: {name} (n = {n_abl})", "", md_rows(rows, name)]
-    md += ["", "## Scaling (time and peak memory; the floor is vanilla: guided time cannot be lower)", "",
-           md_rows(res["scaling"], "batch / steps")]
-    text = "\n".join(md) + "\n"
-    (out / ("RESULTS_bench_quick.md" if args.quick else "RESULTS_bench.md")).write_text(text)
-    (out / ("bench_quick.json" if args.quick else "bench.json")).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(text)
-    return 0
+        size = (f"n = {sizes['batch']}; a larger batch: one batch of its size" if name == "batch size"
+                else f"n = {sizes['ablation']}")
+        md += ["", f"### Ablation: {name} ({size})", "", md_rows(rows, name)]
+    md += ["", "### Scaling (time and peak memory; the floor is vanilla: guided time cannot be lower)", "",
+           md_rows(res["scaling"], "batch / steps"), "",
+           "Plots: " + ", ".join(f"[{f.stem}](bench_plots/{f.name})" for f in figures if f.exists())]
+    body = "\n".join(md) + "\n"
+    (out / f"RESULTS_bench{suffix}.md").write_text(f"# Benchmark ({'quick' if quick else 'full'})\n\n{body}")
+    (out / f"bench{suffix}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    replace_section(out / "RESULTS.md", f"bench{suffix.replace('_', '-')}", body)
+    print(body)
 
 
 if __name__ == "__main__":
