@@ -169,14 +169,15 @@ def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
                    guidance: GuidanceConfig | None, adp: ADP | None, resolved: dict,
                    asymmetric: bool = False, resume: bool = False,
                    sample_classes: dict[str, int] | None = None, running_balance: bool = False,
-                   rank: int = 0, world: int = 1, labeller=None, retries: int = 1,
-                   boost: float = 2.0) -> dict:
+                   rank: int = 0, world: int = 1, labeller=None,
+                   guidance_settings: dict | None = None) -> dict:
     """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``.
 
     With ``world`` > 1 (torchrun) every rank calls this with the same arguments; each writes the
     images of its share of every global batch, rank 0 the grid and ``run.json``. ``labeller``
     (an image classifier, or None) checks finished images: the running balance counts its
-    classes, sample guidance redraws misses (``SampleCheck``: retries, boost).
+    classes, sample guidance redraws misses (``SampleCheck``; its retries and boost come from
+    ``guidance_settings``, the config's ``guidance:`` section).
     """
     done = {s for s in seeds if resume and (out / f"{s:06d}.png").exists()}
     batches = plan_batches(seeds, batch_size, rank, world, done)
@@ -186,7 +187,7 @@ def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
                     "to do (the finished ones are not re-estimated)")
     check = None
     if labeller is not None and guidance is not None and guidance.mode == "sample":
-        check = SampleCheck(labeller, retries, boost)
+        check = SampleCheck.from_config(labeller, guidance_settings or {})
     make_edit = guidance_factory(pipe, adp, guidance, sample_classes, balance, check)
 
     t0, dists, n_new = time.time(), [], 0

@@ -105,9 +105,7 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
     balance = RunningBalance(labeller) if running else None
     check = None
     if run["mode"] == "sample" and labeller is not None:
-        gc = cfg.get("guidance", {})
-        check = SampleCheck(labeller, int(run.get("retries", gc.get("sample_retries", 1))),
-                            float(run.get("boost", gc.get("retry_boost", 2.0))))
+        check = SampleCheck.from_config(labeller, cfg.get("guidance", {}), run.get("retries"), run.get("boost"))
     make_edit = guidance_factory(pipe, adp, guidance, cls, balance, check)
     _sync(pipe, world)
     t0 = time.time()

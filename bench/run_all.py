@@ -140,9 +140,8 @@ class Bench:
             if mode == "sample":           # requested classes in the target proportions
                 g, _, _ = build_guidance(self.cfg, "sample", {"parity": "0"}, adp, **over)
                 imgs, wall = [], 0.0
-                gc = self.cfg.get("guidance", {})
-                sc = SampleCheck(labeller, int(gc.get("sample_retries", 1)),
-                                 float(gc.get("retry_boost", 2.0))) if labeller is not None else None
+                sc = (SampleCheck.from_config(labeller, self.cfg.get("guidance", {}))
+                      if labeller is not None else None)
                 for c in (0, 1):
                     part = [s for s, k in zip(seeds, sample_classes) if k == c]
                     mk = guidance_factory(self.pipe, adp, g, {"parity": c}, check=sc)

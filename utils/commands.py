@@ -114,10 +114,9 @@ def generate(cfg: dict, device, args, mode: str, seeds: list[int], rank: int = 0
                 "steps": len(pipe.sampler.timesteps),
                 "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "adp": cfg.get("adp") if adp else None,
                 "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
-    gc = cfg.get("guidance", {})
     record = run_generation(pipe, out, seeds, args.bs_test, guidance, adp, resolved,
                             args.asymmetric, args.resume, classes, running, rank, world, labeller,
-                            int(gc.get("sample_retries", 1)), float(gc.get("retry_boost", 2.0)))
+                            cfg.get("guidance", {}))
     if rank != 0:
         return 0
     print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")

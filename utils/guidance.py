@@ -238,6 +238,13 @@ class SampleCheck:
     boost: float = 2.0
     redrawn: int = 0
 
+    @classmethod
+    def from_config(cls, labeller, guidance: dict, retries: int | None = None,
+                    boost: float | None = None) -> "SampleCheck":
+        """From a config's ``guidance:`` section (sample_retries, retry_boost), or the overrides."""
+        return cls(labeller, int(guidance.get("sample_retries", 1) if retries is None else retries),
+                   float(guidance.get("retry_boost", 2.0) if boost is None else boost))
+
 
 class HGuidance:
     """The edit applied to h_t at each guided step (one instance per batch)."""
