@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models.loader import resolve_path  # noqa: E402
-from utils.adp_train import train_adp  # noqa: E402
-from utils.extract import load_h_dataset  # noqa: E402
-from utils.plots import accuracy_plot, accuracy_table  # noqa: E402
-from utils.runtime import setup_logging  # noqa: E402
+from utils.data.adp_train import train_adp  # noqa: E402
+from utils.data.extract import load_h_dataset  # noqa: E402
+from utils.evaluation.plots import accuracy_plot, accuracy_table  # noqa: E402
+from utils.app.runtime import setup_logging  # noqa: E402
 
 
 def build_parser(single: bool = False) -> argparse.ArgumentParser:

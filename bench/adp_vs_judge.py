@@ -7,8 +7,8 @@ For each distribution-guided run (target parity 50/50 unless given), prints the 
 fractions, the share the ADP's last-step head calls odd (argmax, on the unedited h), the share
 of samples on which the two disagree, FD, confident share and Frechet distance. A guide that
 "fools" its own classifier shows up as a disagreement well above the ADP's validation error.
-Run keys: name, targets, scale, guide_steps and any build_guidance override (estimator,
-max_step, commit, beta_power, ...).
+Run keys: name, targets, scale, guide_steps and any guidance setting (utils/guidance/settings.py:
+preset, estimator, max_step, beta_power, ...).
 """
 from __future__ import annotations
 
@@ -22,28 +22,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.commands import build_guidance  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.app.runtime import pick_device, setup_logging  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.guidance import build_guide, build_plan  # noqa: E402
+from utils.guidance.settings import parse_guide_steps  # noqa: E402
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 
 
 class LastStepProbe:
-    """Wraps a batch's HGuidance: records the ADP's parity argmax on h at the last step."""
+    """Wraps a run's Guide: records the ADP's parity argmax on the guided h at the last step."""
 
-    def __init__(self, edit, adp, last_i: int, out: list):
-        self.edit, self.adp, self.last_i, self.out = edit, adp, last_i, out
-        self.balance = None
+    def __init__(self, guide, adp, last_i: int):
+        self.guide, self.adp, self.last_i, self.preds = guide, adp, last_i, []
 
-    @property
-    def last_distribution(self):
-        return self.edit.last_distribution
+    def start(self, seeds):
+        return _ProbedBatch(self.guide.start(seeds), self)
 
-    def __call__(self, h, i, t):
-        if i == self.last_i:
-            self.out.append(self.adp.logits(h, t, ["parity"])["parity"].argmax(1).cpu())
-        return self.edit(h, i, t)
+    def summary(self):
+        return self.guide.summary()
+
+
+class _ProbedBatch:
+    def __init__(self, batch, probe: LastStepProbe):
+        self.batch, self.probe = batch, probe
+
+    def hooks(self):
+        return {"edit_h": self.edit}
+
+    def edit(self, h, i, t):
+        h = self.batch.edit(h, i, t)
+        if i == self.probe.last_i:
+            self.probe.preds.append(self.probe.adp.logits(h, t, ["parity"])["parity"].argmax(1).cpu())
+        return h
+
+    def after_batch(self, x0):
+        return self.batch.after_batch(x0)
 
 
 def main(argv=None) -> int:
@@ -64,17 +78,18 @@ def main(argv=None) -> int:
         run = dict(run)
         name, targets = run.pop("name", "run"), run.pop("targets", {"parity": "0.5"})
         scale, steps = run.pop("scale", None), run.pop("guide_steps", None)
-        g, cls, tg = build_guidance(cfg, "distribution", targets, adp,
-                                    None if scale is None else str(scale), steps, **run)
-        make, preds = guidance_factory(pipe, adp, g, cls), []
+        if steps:
+            run.update(parse_guide_steps(steps))
+        plan = build_plan(cfg, "distribution", targets, adp.attributes, run, None if scale is None else str(scale))
+        tg = plan.requested
+        probe = LastStepProbe(build_guide(cfg, plan, adp, pipe.sampler.schedule.betas), adp, last_i)
         t0, imgs = time.time(), []
-        for _, im, _ in sample_batches(pipe, plan_batches(list(range(args.n)), args.bs),
-                                       lambda b: LastStepProbe(make(b), adp, last_i, preds), desc=name):
+        for _, im, _ in sample_batches(pipe, plan_batches(list(range(args.n)), args.bs), probe, desc=name):
             imgs.append(torch.from_numpy(im))
         x = torch.cat(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
         rep = evaluate_images(x, judge, tg, real)
         judged = judge.predict(x)["parity"].argmax(1)
-        adp_odd = torch.cat(preds)
+        adp_odd = torch.cat(probe.preds)
         fr = rep["attributes"]["parity"]["fractions"]
         print(f"| {name} | {fr[0]:.3f}/{fr[1]:.3f} | {adp_odd.float().mean():.3f} | "
               f"{(judged != adp_odd).float().mean():.3f} | {rep['attributes']['parity'].get('fd', float('nan')):.3f} | "

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.cli import joint_classes, parse_fraction_vector  # noqa: E402
-from utils.commands import build_guidance, load_labeller  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config, real_reference, real_reference_labels  # noqa: E402
-from utils.guidance import RunningBalance, SampleCheck  # noqa: E402
-from utils.runtime import init_distributed, setup_logging  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.app.runtime import init_distributed, setup_logging  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference, real_reference_labels  # noqa: E402
+from utils.guidance import build_guide, build_plan  # noqa: E402
+from utils.guidance.settings import parse_guide_steps  # noqa: E402
+from utils.guidance.targets import joint_classes, parse_fraction_vector  # noqa: E402
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 
 
 def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
@@ -37,8 +37,8 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
     if name == "acceptance":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"},
                      match={"parity*magnitude": "0.6:0.2:0.1:0.1"}),   # Frechet (matched): the training mix
-                dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, estimator="soft", running=False, refine=False, check="none"),
+                dict(name="dist parity 50/50, paper preset (the original's method)", mode="distribution",
+                     targets={"parity": "0.5"}, preset="paper"),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
                 dict(name="dist parity+magnitude 50/50", mode="distribution",
@@ -57,8 +57,8 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
         return [dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
     if name == "balance":      # beyond the paper: small batches, joint targets (issue #6)
-        return [dict(name="dist parity 50/50, batch 4, paper (soft, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, estimator="soft", running=False, refine=False, check="none"),
+        return [dict(name="dist parity 50/50, batch 4, paper preset", mode="distribution",
+                     targets={"parity": "0.5"}, bs=4, preset="paper"),
                 dict(name="dist parity 50/50, batch 4, ours (quota, per batch)", mode="distribution",
                      targets={"parity": "0.5"}, bs=4, estimator="quota", running=False),
                 dict(name="dist parity 50/50, batch 4, ours (quota + running balance)", mode="distribution",
@@ -74,43 +74,47 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
                      targets={"parity": "0.5"}, local=True)]
     if name == "speed":
         return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
-                dict(name="dist parity 50/50, paper (soft estimate, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, estimator="soft", running=False, refine=False, check="none"),
+                dict(name="dist parity 50/50, paper preset", mode="distribution",
+                     targets={"parity": "0.5"}, preset="paper"),
                 dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
                 dict(name="vanilla (again)", mode="vanilla", eval={"parity": "0.5"})]
     raise ValueError(f"unknown preset {name!r}")
 
 
-def make_guidance(run: dict, cfg: dict, adp):
-    return build_guidance(cfg, run["mode"], run["targets"], adp,
-                          None if "scale" not in run else str(run["scale"]),
-                          run.get("guide_steps"), max_step=run.get("max_step"),
-                          temperature=run.get("temperature"), estimator=run.get("estimator"),
-                          commit=run.get("commit"), cap_per_attribute=run.get("cap_per_attribute"),
-                          refine=run.get("refine"))
+#: run-spec keys -> guidance settings (utils/guidance/settings.py)
+SETTING_KEYS = {"preset": "preset", "estimator": "estimator", "running": "running_balance",
+                "refine": "refine", "check": "check", "max_step": "max_step",
+                "temperature": "temperature", "retries": "sample_retries", "boost": "retry_boost"}
+RUN_KEYS = {"name", "mode", "targets", "eval", "match", "scale", "guide_steps", "bs", "local"} | set(SETTING_KEYS)
+
+
+def make_plan(run: dict, cfg: dict, adp):
+    """The run spec's guidance plan: the config's settings with the spec's overrides."""
+    unknown = sorted(set(run) - RUN_KEYS)
+    if unknown:
+        raise ValueError(f"run {run.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(RUN_KEYS)}")
+    over = {v: run.get(k) for k, v in SETTING_KEYS.items()}
+    if run.get("guide_steps"):
+        over.update(parse_guide_steps(run["guide_steps"]))
+    return build_plan(cfg, run["mode"], run["targets"], adp.attributes, over,
+                      None if "scale" not in run else str(run["scale"]))
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,
-            real_labels=None) -> dict | None:
+            real_labels=None, labeller=None) -> dict | None:
     """Sample one run (this rank's share), judge it on rank 0; returns the report (None off rank 0)."""
-    guidance, cls, targets = (None, None, {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist()
-                                           for a, v in run.get("eval", {}).items()})
+    targets = {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist() for a, v in run.get("eval", {}).items()}
+    guide, plan = None, None
     if run["mode"] != "vanilla":
-        guidance, cls, targets = make_guidance(run, cfg, adp)
-        guidance.distributed = world > 1 and not run.get("local")
+        plan = make_plan(run, cfg, adp)
+        targets = plan.requested
+        guide = build_guide(cfg, plan, adp, pipe.sampler.schedule.betas,
+                            distributed=world > 1 and not run.get("local"), labeller=labeller)
     bs = run.get("bs", bs)
-    running = run.get("running", run["mode"] == "distribution" and cfg.get("guidance", {}).get("running_balance"))
-    spec = run.get("check", cfg.get("guidance", {}).get("check")) or "none"   # config default
-    labeller = load_labeller(spec) if spec != "none" and run["mode"] != "vanilla" else None
-    balance = RunningBalance(labeller) if running else None
-    check = None
-    if run["mode"] == "sample" and labeller is not None:
-        check = SampleCheck.from_config(labeller, cfg.get("guidance", {}), run.get("retries"), run.get("boost"))
-    make_edit = guidance_factory(pipe, adp, guidance, cls, balance, check)
     _sync(pipe, world)
     t0 = time.time()
     imgs, adp_last, mine = [], [], []
-    for b, im, dist_ in sample_batches(pipe, plan_batches(seeds, bs, rank, world), make_edit, asymmetric,
+    for b, im, dist_ in sample_batches(pipe, plan_batches(seeds, bs, rank, world), guide, asymmetric,
                                        run["name"], progress=rank == 0):
         imgs.append(torch.from_numpy(im))
         mine += b
@@ -135,13 +139,16 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
     rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
     if adp_last:     # the guide's own (debiased) estimate at the last step, averaged over batches
         rep["adp_last_step"] = {a: torch.tensor([d[a] for d in adp_last]).mean(0).tolist() for a in adp_last[0]}
-    if balance is not None:
-        rep["running_balance"] = balance.state()
+    summary = guide.summary() if guide is not None else {}
+    if summary.get("running_balance"):
+        rep["running_balance"] = summary["running_balance"]
     rep["world_size"] = world
-    if check is not None:
-        rep["redrawn"] = check.redrawn
+    if summary.get("redrawn_by_check") is not None:
+        rep["redrawn"] = summary["redrawn_by_check"]
+    if plan is not None:
+        rep["guidance"] = plan.to_dict()
     if run["mode"] == "sample":
-        a, c = next(iter(cls.items()))
+        a, c = next(iter(plan.classes.items()))
         rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
     return rep
 
@@ -197,8 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, help="override the config's ADP softmax temperature")
     p.add_argument("--runs", help="JSON list of run specs replacing the preset's, e.g. "
                    "'[{\"name\": \"q\", \"mode\": \"distribution\", \"targets\": {\"parity\": \"0.5\"}, "
-                   "\"estimator\": \"quota\", \"running\": true}]' (keys: bs, scale, max_step, "
-                   "guide_steps, temperature, estimator, commit, cap_per_attribute, refine, running, check, retries, boost, local)")
+                   "\"estimator\": \"quota\", \"running\": true}]' (keys: bs, scale, guide_steps, local, and the "
+                   "guidance settings preset, estimator, running, refine, check, max_step, temperature, retries, boost)")
     args = p.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config)
@@ -206,6 +213,10 @@ def main(argv=None) -> int:
     pipe = load_pipeline(cfg, device)
     adp = load_adp_for(pipe, args.adp or cfg["adp"])
     judge, real, real_labels = judge_from_config(cfg), real_reference(cfg), real_reference_labels(cfg)
+    labeller = None
+    if cfg.get("labeller"):              # loaded once, shared by the runs that check their images
+        from models.labellers import load_labeller
+        labeller = load_labeller(cfg["labeller"])
     seeds = list(range(args.n))
     reports = []
     runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
@@ -215,7 +226,7 @@ def main(argv=None) -> int:
     for run in runs:
         run.setdefault("temperature", args.temperature)
         rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world,
-                      real_labels)
+                      real_labels, labeller)
         if rep is not None:
             reports.append(rep)
             print(table(reports[-1:]).splitlines()[-1], flush=True)

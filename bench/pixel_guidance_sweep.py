@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusion_latent import load_pipeline  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from diffusion_latent import plan_batches, sample_batches  # noqa: E402
-from utils.pixel_guidance import load_pixel_classifier, pixel_guidance_factory  # noqa: E402
-from utils.rejection import rejection_sample, uint8_to_tensor  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
+from utils.sampling.pipeline import load_pipeline  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.sampling.pipeline import plan_batches, sample_batches  # noqa: E402
+from utils.baselines.pixel_guidance import load_pixel_classifier, pixel_guidance_factory  # noqa: E402
+from utils.baselines.rejection import rejection_sample, uint8_to_tensor  # noqa: E402
+from utils.app.runtime import pick_device, setup_logging  # noqa: E402
 
 
 def timed_run(pipe, seeds, bs, make_guide, desc):
@@ -36,7 +36,7 @@ def timed_run(pipe, seeds, bs, make_guide, desc):
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    imgs = [im for _, im, _ in sample_batches(pipe, plan_batches(seeds, bs), desc=desc, make_guide=make_guide)]
+    imgs = [im for _, im, _ in sample_batches(pipe, plan_batches(seeds, bs), make_guide, desc=desc)]
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     return uint8_to_tensor(np.concatenate(imgs)), time.time() - t0

@@ -35,18 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusion_latent import guidance_factory, load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 from models.adp import ADP  # noqa: E402
-from utils.commands import build_guidance, load_labeller  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import RunningBalance, SampleCheck  # noqa: E402
-from utils.plots import line_plot  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
+from models.labellers import load_labeller  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.app.runtime import pick_device, setup_logging  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.evaluation.plots import line_plot  # noqa: E402
+from utils.guidance import build_guide, build_plan  # noqa: E402
+from utils.guidance.settings import parse_guide_steps  # noqa: E402
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
 
 TARGET = {"parity": [0.5, 0.5]}
-OURS = dict(estimator="quota", running=True, check=True)
-PAPER = dict(estimator="soft", running=False, check=False, refine=False)
+OURS = dict(preset="ours")
+PAPER = dict(preset="paper")
 
 
 class PeakMemory:
@@ -95,8 +96,7 @@ class Bench:
         self.pipe = load_pipeline(cfg, device)
         self.adp = load_adp_for(self.pipe, cfg["adp"])
         self.judge, self.real = judge_from_config(cfg), real_reference(cfg)
-        spec = cfg.get("guidance", {}).get("check") or "none"     # ours: the finished-image check
-        self.labeller = load_labeller(spec) if spec != "none" else None
+        self.labeller = load_labeller(cfg["labeller"]) if cfg.get("labeller") else None
 
     def _finish(self, name: str, imgs: list[np.ndarray], wall: float, mem: PeakMemory, **extra) -> dict:
         x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -122,52 +122,48 @@ class Bench:
         return imgs, time.time() - t0
 
     def h_run(self, name: str, seeds: list[int], bs: int, mode: str = "vanilla", targets=None,
-              estimator: str = "quota", running: bool = False, asymmetric: bool = False,
-              adp: ADP | None = None, sample_classes: list[int] | None = None, check: bool = False,
-              **over) -> dict:
-        """Vanilla, sample- or distribution-guided h-space sampling of ``seeds``; ``check``: the
-        config's classifier checks finished images (running balance counts / sample redraws)."""
+              asymmetric: bool = False, adp: ADP | None = None, sample_classes: list[int] | None = None,
+              scale: str | None = None, guide_steps: str | None = None, **settings) -> dict:
+        """Vanilla, sample- or distribution-guided h-space sampling of ``seeds``; ``settings``:
+        guidance settings over the config's (e.g. preset="paper", check=False)."""
         adp = adp or self.adp
-        labeller = self.labeller if check else None
-        make_edit, balance = None, RunningBalance(labeller) if running else None
+        if guide_steps:
+            settings.update(parse_guide_steps(guide_steps))
+
+        def guide_for(m: str, raw: dict):
+            plan = build_plan(self.cfg, m, raw, adp.attributes, settings, scale)
+            return build_guide(self.cfg, plan, adp, self.pipe.sampler.schedule.betas, labeller=self.labeller)
         extra = {}
-        if mode == "distribution":
-            g, cls, _ = build_guidance(self.cfg, mode, targets or {"parity": "0.5"}, adp,
-                                       over.pop("scale", None), over.pop("guide_steps", None),
-                                       estimator=estimator, **over)
-            make_edit = guidance_factory(self.pipe, adp, g, cls, balance)
         with PeakMemory(self.device) as mem:
             if mode == "sample":           # requested classes in the target proportions
-                g, _, _ = build_guidance(self.cfg, "sample", {"parity": "0"}, adp, **over)
-                imgs, wall = [], 0.0
-                sc = (SampleCheck.from_config(labeller, self.cfg.get("guidance", {}))
-                      if labeller is not None else None)
+                imgs, wall, redrawn = [], 0.0, 0
                 for c in (0, 1):
                     part = [s for s, k in zip(seeds, sample_classes) if k == c]
-                    mk = guidance_factory(self.pipe, adp, g, {"parity": c}, check=sc)
-                    im, w = self._timed(sample_batches(self.pipe, plan_batches(part, bs), mk, asymmetric,
+                    guide = guide_for("sample", {"parity": str(c)})
+                    im, w = self._timed(sample_batches(self.pipe, plan_batches(part, bs), guide, asymmetric,
                                                        name, progress=False))
                     imgs, wall = imgs + im, wall + w
-                if sc is not None:
-                    extra["redrawn"] = sc.redrawn
+                    redrawn += guide.summary()["redrawn_by_check"] or 0
+                extra["redrawn"] = redrawn
             else:
-                imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), make_edit,
+                guide = guide_for(mode, targets or {"parity": "0.5"}) if mode == "distribution" else None
+                imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), guide,
                                                         asymmetric, name, progress=False))
         return self._finish(name, imgs, wall, mem, **extra)
 
     def rejection(self, name: str, n: int, bs: int) -> dict:
-        from utils.rejection import rejection_sample
+        from utils.baselines.rejection import rejection_sample
         with PeakMemory(self.device) as mem:
             res = rejection_sample(self.pipe, self.judge, "parity", TARGET["parity"], n, bs, progress=False)
         return self._finish(name, [res.images], res.wall_s, mem, drawn=res.n_drawn)
 
     def pixel(self, name: str, seeds: list[int], bs: int, variant: str) -> dict:
-        from utils.pixel_guidance import DEFAULT_SCALES, load_pixel_classifier, pixel_guidance_factory
+        from utils.baselines.pixel_guidance import DEFAULT_SCALES, load_pixel_classifier, pixel_guidance_factory
         clf = load_pixel_classifier(self.cfg, self.device)
         mk = pixel_guidance_factory(self.pipe, clf, "distribution", TARGET, DEFAULT_SCALES[variant], variant)
         with PeakMemory(self.device) as mem:
-            imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), desc=name,
-                                                    progress=False, make_guide=mk))
+            imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), mk, desc=name,
+                                                    progress=False))
         return self._finish(name, imgs, wall, mem, scale=DEFAULT_SCALES[variant])
 
 
@@ -176,10 +172,12 @@ def methods(b: Bench, n: int, bs: int) -> list[dict]:
     rows = [b.h_run("vanilla", seeds, bs)]
     rows.append(b.rejection("rejection sampling (judge oracle)", n, bs))
     split = [0] * (n // 2) + [1] * (n - n // 2)            # requested classes, target proportions
-    rows.append(b.h_run("sample guidance, classes split 50/50", seeds, bs, "sample", sample_classes=split))
+    rows.append(b.h_run("sample guidance, classes split 50/50", seeds, bs, "sample", sample_classes=split,
+                        check=False))
     rows.append(b.h_run("sample guidance, split 50/50, checked (ours: misses redrawn)", seeds, bs, "sample",
                         sample_classes=split, check=True))
-    rows.append(b.h_run("distribution guidance, paper (soft estimate)", seeds, bs, "distribution", **PAPER))
+    rows.append(b.h_run("distribution guidance, paper preset (the original's method)", seeds, bs, "distribution",
+                        **PAPER))
     rows.append(b.h_run("distribution guidance, ours (defaults: via the digit head, quota, running balance, check)", seeds, bs,
                         "distribution", **OURS))
     rows.append(b.h_run("ours + asymmetric reverse process", seeds, bs, "distribution", asymmetric=True, **OURS))
@@ -200,7 +198,8 @@ def ablations(b: Bench, n: int, n_batch: int, quick: bool, workdir: Path) -> dic
         for label, kw in (("ours", OURS), ("paper", PAPER)):
             r = b.h_run(f"{label}, batch {bs}", list(range(max(n_batch, bs))), bs, "distribution", **kw)
             out["batch size"].append({**r, "x": bs, "series": label})
-    base = float(b.cfg["guidance"]["distribution_scale"]["default"])
+    from utils.guidance.settings import resolve_settings
+    base = resolve_settings(b.cfg.get("guidance")).distribution_scale[0]
     for mult in ((0.25, 1.0) if quick else (0.25, 0.5, 1.0, 2.0)):
         r = b.h_run(f"ours, scale {base * mult:g}", seeds, 100, "distribution", scale=str(base * mult), **OURS)
         out["guidance scale"].append({**r, "x": base * mult, "series": "ours"})
@@ -215,8 +214,8 @@ def adp_sizes(b: Bench, seeds: list[int], quick: bool, workdir: Path) -> list[di
     """ADPs trained on the first 100 / 500 pseudo-labelled samples of a fresh extraction, and
     the shipped one (2,000 samples)."""
     from models.digits_judge import SVCLabeller
-    from utils.adp_train import train_adp
-    from utils.extract import extract_pseudo_labelled, load_h_dataset
+    from utils.data.adp_train import train_adp
+    from utils.data.extract import extract_pseudo_labelled, load_h_dataset
     sizes = (50, 100) if quick else (100, 500)
     data = workdir / f"h_pseudo_{max(sizes)}"
     extract_pseudo_labelled(b.pipe.sampler, list(range(100_000, 100_000 + max(sizes))), SVCLabeller(), data,
@@ -236,7 +235,7 @@ def adp_sizes(b: Bench, seeds: list[int], quick: bool, workdir: Path) -> list[di
 def scaling(b: Bench, quick: bool) -> list[dict]:
     """Seconds per image and peak memory, vanilla vs ours, against batch size (50 steps) and
     DDIM steps (batch 50; an ADP with random heads stands in on grids it was not trained for)."""
-    from utils.diffusion import DDIMSampler
+    from utils.sampling.diffusion import DDIMSampler
     rows, n = [], (20 if quick else 100)
     seeds = list(range(n))
     for bs in ((10, 20) if quick else (10, 50, 100)):       # n images per row
@@ -250,6 +249,7 @@ def scaling(b: Bench, quick: bool) -> list[dict]:
         if steps != len(orig.timesteps):
             adp = ADP(b.adp.h_shape, b.pipe.sampler.timesteps, b.adp.attributes).to(b.device)
             torch.nn.init.normal_(adp.weight["parity"], std=1e-3)
+            adp.dir_parity.copy_(adp.weight["parity"].detach())    # stand-in directions (timing only)
         for label, mode in (("vanilla", "vanilla"), ("ours", "distribution")):
             r = b.h_run(f"{label}, {steps} steps", seeds[:min(n, 50)], 50, mode, adp=adp,
                         **(OURS if mode != "vanilla" else {}))

@@ -72,6 +72,11 @@ class ADP(nn.Module):
         """Head weights in raw h coordinates [K,D]: logits = W_raw (h - mean) + b."""
         return self.weight[attr][s] / self.std[s]
 
+    def has_directions(self) -> bool:
+        """Whether guidance directions were computed (``compute_directions``; an imported
+        classifier of the original code has none)."""
+        return any(bool(getattr(self, f"dir_{a}").any()) for a in self.attributes)
+
     def direction(self, attr: str, s: int) -> torch.Tensor:
         """Guidance directions [K,D] at step index s: Cov_s(h) @ W_raw^T, one per class logit."""
         return getattr(self, f"dir_{attr}")[s]
@@ -112,10 +117,48 @@ class ADP(nn.Module):
                 getattr(self, f"dir_{a}")[s] = acc / max(n - 1, 1)
 
     # ---- checkpoints -------------------------------------------------------------------
-    def save(self, path: str | Path, model_id: dict, data_source: dict, metrics: dict) -> None:
+    def save(self, path: str | Path, model_id: dict, data_source: dict, metrics: dict,
+             imported: dict | None = None) -> None:
+        """Tensors and plain metadata only: loadable with ``weights_only=True``."""
         torch.save({"kind": ADP_KIND, "state_dict": self.state_dict(), "h_shape": list(self.h_shape),
                     "timesteps": self.timesteps, "attributes": self.attributes,
-                    "model": model_id, "data_source": data_source, "metrics": metrics}, path)
+                    "model": model_id, "data_source": data_source, "metrics": metrics,
+                    "imported": imported}, path)
+
+    @classmethod
+    def from_original(cls, state_dict: dict[str, torch.Tensor], attribute: str, classes: list[str],
+                      timesteps: list[int], h_shape: tuple[int, ...]) -> "ADP":
+        """An ADP from the original code's per-step heads: ``linears.{i}.weight [K, D]`` and
+        ``.bias [K]`` (or the older ``linears.{i}.0.weight``), head i for ``timesteps[i]`` (the
+        original grid in ascending order, without t = 999). Identity standardisation, so its
+        logits equal the original's ``linears[i](h.flatten())``; no directions, identity
+        confusion matrices."""
+        heads = {}
+        for k, v in state_dict.items():
+            parts = k.split(".")
+            if parts[0] != "linears" or parts[-1] not in ("weight", "bias") or len(parts) not in (3, 4) \
+                    or (len(parts) == 4 and parts[2] != "0") or not parts[1].isdigit():
+                raise ClassifierMismatchError(
+                    f"unexpected key {k!r}: an original classifier holds linears.{{i}}.weight / .bias "
+                    f"(or linears.{{i}}.0.weight / .bias) only")
+            heads.setdefault(int(parts[1]), {})[parts[-1]] = v
+        if sorted(heads) != list(range(len(timesteps))):
+            raise ClassifierMismatchError(
+                f"the checkpoint has {len(heads)} heads (indices {sorted(heads)[:3]}...) but the "
+                f"model config's grid has {len(timesteps)} guided steps; it belongs to another grid")
+        d = int(torch.tensor(h_shape).prod())
+        adp = cls(h_shape, timesteps, {attribute: classes})
+        for i, hd in heads.items():
+            w, b = hd.get("weight"), hd.get("bias")
+            if w is None or b is None or tuple(w.shape) != (len(classes), d) or tuple(b.shape) != (len(classes),):
+                raise ClassifierMismatchError(
+                    f"head {i}: weight {None if w is None else tuple(w.shape)}, bias "
+                    f"{None if b is None else tuple(b.shape)}; expected [{len(classes)}, {d}] and "
+                    f"[{len(classes)}] for {len(classes)} classes {classes} on h of shape {tuple(h_shape)}")
+            with torch.no_grad():
+                adp.weight[attribute][i] = w.float()
+                adp.bias[attribute][i] = b.float()
+        return adp
 
     @classmethod
     def load(cls, path: str | Path, expect_model: dict | None = None,
@@ -125,9 +168,17 @@ class ADP(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"h-classifier checkpoint not found: {path}. Train one with "
                                     f"multi_classifier.py (see README) or pass --adp PATH")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:           # a pickle with code in it, a truncated or text file
+            raise ClassifierMismatchError(f"{path} cannot be read as an ADP checkpoint (tensors and "
+                                          f"plain metadata only): {str(e).splitlines()[0][:200]}") from None
         if not isinstance(ck, dict) or ck.get("kind") != ADP_KIND:
-            raise ClassifierMismatchError(f"{path} is not an ADP checkpoint of this project")
+            hint = ""
+            if isinstance(ck, dict) and any(str(k).startswith("linears.") for k in ck):
+                hint = (": it looks like a classifier of the original code; import it with "
+                        "python multi_classifier.py --import_original (README)")
+            raise ClassifierMismatchError(f"{path} is not an ADP checkpoint of this project{hint}")
         if expect_h_shape is not None and tuple(ck["h_shape"]) != tuple(expect_h_shape):
             raise ClassifierMismatchError(
                 f"{path} was trained on h of shape {tuple(ck['h_shape'])} but the model gives "
@@ -142,5 +193,5 @@ class ADP(nn.Module):
                     f"retrain it (multi_classifier.py) for this checkpoint.")
         adp = cls(tuple(ck["h_shape"]), ck["timesteps"], ck["attributes"])
         adp.load_state_dict(ck["state_dict"], strict=True)
-        adp.meta = {k: ck[k] for k in ("model", "data_source", "metrics")}
+        adp.meta = {k: ck.get(k) for k in ("model", "data_source", "metrics", "imported")}
         return adp.eval()

@@ -155,7 +155,7 @@ class DiffusersUNet(HSpaceUNet):
         the architecture) or UNet2DModel's kwargs; optionally ``learn_sigma`` and ``h_shape``
         (checked against the computed bottleneck shape).
         """
-        from models.loader import resolve_path
+        from models.files import resolve_path
         arch = dict(arch)
         folder, h_shape = arch.pop("folder", None), arch.pop("h_shape", None)
         learn_sigma = bool(arch.pop("learn_sigma", False))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.judge import Judge
-from utils.digits import ATTRIBUTES, attribute_labels
+from models.digits import ATTRIBUTES, attribute_labels
 
 
 class DigitsCNN(nn.Module):
@@ -129,7 +129,7 @@ class SVCLabeller(Judge):
     def __init__(self, seed: int = 0):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.svm import SVC
-        from utils.digits import load_split
+        from models.digits import load_split
         split = load_split()
         try:        # scikit-learn >= 1.9 deprecates SVC(probability=True) for this
             self.svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale", random_state=seed),

@@ -8,7 +8,6 @@ Families (``model.family``):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -16,19 +15,9 @@ from typing import Any, Callable
 import torch
 
 from models.base import HSpaceUNet
+from models.files import REPO_ROOT, CheckpointError, file_sha256, resolve_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, or does not fit the architecture its config describes."""
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Paths in configs are relative to the repository root unless absolute."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def dataclass_from_dict(cls, values: dict[str, Any], where: str):
@@ -107,17 +96,6 @@ def load_state_dict_strict(net: torch.nn.Module, sd: dict[str, torch.Tensor],
                 f"{tuple(sd[k].shape)} in the checkpoint but {tuple(v.shape)} in the config's "
                 f"architecture; check channels / channel_mult / num_res_blocks in the config.")
     net.load_state_dict(sd, strict=True)
-
-
-def file_sha256(path: Path, limit_mb: int = 4096) -> str:
-    """sha256 of a checkpoint file (or of a folder's files), used to tie classifiers to models."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(model_cfg: dict, config_name: str = "<config>",

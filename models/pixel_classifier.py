@@ -24,7 +24,7 @@ from torch import nn
 from models.adp import ClassifierMismatchError
 from models.base import timestep_embedding
 from models.loader import load_state_dict_strict
-from utils.digits import ATTRIBUTES
+from models.digits import ATTRIBUTES
 
 PIXEL_CLF_KIND = "balancing-act/pixel-classifier-v1"
 
@@ -133,7 +133,7 @@ def train_pixel_classifier(net: NoisyPixelClassifier, x: torch.Tensor, labels: d
     """Train on x_t = q_sample(aug(x0), t, eps), t ~ U{0..T-1} (sum of cross-entropies over heads).
 
     :param x: real images [N,C,S,S] in [-1,1]; labels: {attribute: class index [N]}.
-    :param schedule: ``utils.diffusion.Schedule`` of the model to guide.
+    :param schedule: ``utils.sampling.diffusion.Schedule`` of the model to guide.
     :param augment_fn: (images, generator) -> images, applied to x0 before noising.
     Returns the loss every 100 steps (for the record).
     """

@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.cli import parse_fraction_vector  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
-from utils.evaluate import evaluate_images, judge_from_config  # noqa: E402
-from utils.images import grid_array, to_uint8  # noqa: E402
+from utils.guidance.targets import parse_fraction_vector  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, judge_from_config  # noqa: E402
+from utils.sampling.images import grid_array, to_uint8  # noqa: E402
 from PIL import Image  # noqa: E402
-from utils.metrics import frechet_distance  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
+from utils.evaluation.metrics import frechet_distance  # noqa: E402
+from utils.app.runtime import pick_device, setup_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     judge = judge_from_config(cfg)
     split = load_split(cfg["model"]["image_size"])
     if args.folder:
-        from diffusion_latent import read_images
+        from utils.sampling.images import read_images
         _, x = read_images(Path(args.folder))
     else:
-        from diffusion_latent import load_pipeline, plan_batches, sample_batches
+        from utils.sampling.pipeline import load_pipeline, plan_batches, sample_batches
         pipe = load_pipeline(cfg, pick_device(args.device))
         imgs = [im for _, im, _ in sample_batches(pipe, plan_batches(list(range(args.vanilla)), args.bs), desc="vanilla")]
         x = torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1

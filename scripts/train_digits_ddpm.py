@@ -15,11 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.loader import build_model, resolve_path  # noqa: E402
-from utils.config import load_config, with_overrides  # noqa: E402
-from utils.diffusion import Schedule  # noqa: E402
-from utils.digits import load_split  # noqa: E402
-from utils.runtime import pick_device, setup_logging  # noqa: E402
-from utils.train_ddpm import train_ddpm  # noqa: E402
+from utils.app.config import load_config, with_overrides  # noqa: E402
+from utils.sampling.diffusion import Schedule  # noqa: E402
+from models.digits import load_split  # noqa: E402
+from utils.app.runtime import pick_device, setup_logging  # noqa: E402
+from utils.data.train_ddpm import train_ddpm  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

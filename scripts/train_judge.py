@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from models.digits_judge import DigitsJudge, train_digits_judge  # noqa: E402
 from models.loader import resolve_path  # noqa: E402
-from utils.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
+from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
 
 
 def judge_accuracy(judge, x: torch.Tensor, digits: np.ndarray) -> dict[str, float]:

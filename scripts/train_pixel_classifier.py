@@ -23,9 +23,9 @@ from models.digits_judge import augment  # noqa: E402
 from models.loader import resolve_path  # noqa: E402
 from models.pixel_classifier import (NoisyPixelClassifier, PixelClassifierConfig,  # noqa: E402
                                      noisy_accuracy, train_pixel_classifier)
-from utils.config import load_config  # noqa: E402
-from utils.diffusion import Schedule  # noqa: E402
-from utils.digits import attribute_labels, load_split  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.sampling.diffusion import Schedule  # noqa: E402
+from models.digits import attribute_labels, load_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = round(time.time() - t0, 1)
     acc = noisy_accuracy(net, split.heldout_x, held, schedule)
     command = "python scripts/train_pixel_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data = {"train": "DDPM training subset (utils.digits.load_split().train_x)",
+    data = {"train": "DDPM training subset (models.digits.load_split().train_x)",
             **split.metadata(), "augment": not args.no_augment}
     metrics = {"heldout_accuracy_by_t": acc, "loss_every_100": losses, "wall_time_s": wall,
                "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.adp import ADP, ClassifierMismatchError
-from utils.adp_train import train_adp
+from utils.data.adp_train import train_adp
 
 N, S, D = 200, 3, 16
 TIMESTEPS = [20, 10, 0]

@@ -1,4 +1,4 @@
-"""Beyond the paper (utils/guidance.py): running balance across batches, the batch estimate
+"""Beyond the paper (utils/guidance): running balance across batches, the batch estimate
 all-reduced across processes (torch.distributed, gloo), and joint targets over two attributes.
 """
 import os
@@ -12,30 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.adp import ADP
-from utils.guidance import GuidanceConfig, HGuidance, RunningBalance
+from helpers import BETAS, edit, guide, hand_adp as _hand_adp
+from utils.guidance.guide import RunningBalance
 
 ROOT = Path(__file__).resolve().parent.parent
-BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-
-
-def _hand_adp(attrs=("a",)):
-    """h_shape (2,1,1), timesteps [10, 0]; attribute 'a': logit_1 - logit_0 = 2 h_0 and (if
-    asked) attribute 'b': logit_1 - logit_0 = 2 h_1. Identity covariance: directions = weights."""
-    adp = ADP((2, 1, 1), [10, 0], {a: ["c0", "c1"] for a in attrs})
-    with torch.no_grad():
-        for k, a in enumerate(attrs):
-            w = torch.zeros(2, 2)
-            w[0, k], w[1, k] = -1.0, 1.0
-            for s in range(2):
-                adp.weight[a][s] = w
-                getattr(adp, f"dir_{a}")[s] = w
-    return adp.eval()
-
-
-def _cfg(targets, scale=1.0, **kw):
-    return GuidanceConfig("distribution", targets, {k: scale for k in targets}, temperature=1.0,
-                          first_step=0, max_step=100.0, **kw)
 
 
 # ---- running balance --------------------------------------------------------------------------
@@ -53,12 +33,11 @@ def test_running_balance_makes_up_an_earlier_deficit():
     adp = _hand_adp()
     h = torch.tensor([[-1.0, 0.0], [1.0, 0.0]]).view(2, 2, 1, 1)   # p1 = 0.12, 0.88: mean 0.5
     target = {"a": torch.tensor([0.5, 0.5])}
-    plain = HGuidance(adp, _cfg(target), BETAS)
-    torch.testing.assert_close(plain(h, 0, 10), h)
-    bal = RunningBalance()
-    bal.update({"a": [1.0, 0.0]}, 6)                   # six earlier samples, all class 0
-    g = HGuidance(adp, _cfg(target), BETAS, bal)
-    out = g(h, 0, 10)
+    plain, _ = edit(adp, target, h)
+    torch.testing.assert_close(plain, h)
+    g = guide(adp, target, running_balance=True)
+    g.balance.update({"a": [1.0, 0.0]}, 6)             # six earlier samples, all class 0
+    out = g.start([0, 1]).edit(h, 0, 10)
     assert (out[:, 0] > h[:, 0]).all()                # both samples move towards class 1
     torch.testing.assert_close(out[:, 1], h[:, 1])
     # the push: -(n_prev + N) * dL/dlogit @ E with p_run = (6*[1,0] + 2*[.5,.5]) / 8 = [.875, .125]
@@ -69,18 +48,39 @@ def test_running_balance_makes_up_an_earlier_deficit():
 
 
 def test_running_balance_is_only_for_distribution_mode():
-    adp = _hand_adp()
-    cfg = GuidanceConfig("sample", {"a": torch.tensor([0.0, 1.0])}, {"a": 1.0}, temperature=1.0)
-    with pytest.raises(ValueError, match="running balance only applies to distribution"):
-        HGuidance(adp, cfg, BETAS, RunningBalance())
+    g = guide(_hand_adp(), {"a": torch.tensor([0.0, 1.0])}, mode="sample", classes={"a": 1},
+              running_balance=True)
+    assert g.balance is None and g.summary()["running_balance"] is None
+
+
+def test_the_batch_loop_feeds_the_running_balance(tiny_adm):
+    """Through the real batch loop: after each batch the balance holds its samples, so the
+    second batch is guided against the first one's outcome (disconnecting the update in
+    after_batch fails here)."""
+    from types import SimpleNamespace
+    from models.adp import ADP
+    from utils.sampling.diffusion import DDIMSampler, Schedule
+    from utils.sampling.pipeline import plan_batches, sample_batches
+    sampler = DDIMSampler(tiny_adm, Schedule.from_config({"beta_schedule": "linear"}), 3, eta=1.0)
+    pipe = SimpleNamespace(net=tiny_adm, sampler=sampler, image_shape=(1, 16, 16), device=torch.device("cpu"))
+    torch.manual_seed(0)
+    adp = ADP(tiny_adm.h_shape, sampler.timesteps, {"a": ["c0", "c1"]})
+    with torch.no_grad():
+        adp.weight["a"].normal_(std=0.05)
+        adp.dir_a.copy_(adp.weight["a"])
+    g = guide(adp, {"a": torch.tensor([0.5, 0.5])}, running_balance=True)
+    estimates = [e for _, _, e in sample_batches(pipe, plan_batches(list(range(6)), 2), g, progress=False)]
+    assert g.balance.count == 6
+    want = sum(2 * torch.tensor(e["a"], dtype=torch.float64) for e in estimates)
+    torch.testing.assert_close(g.balance.sums["a"], want)
 
 
 # ---- joint targets ----------------------------------------------------------------------------
 def test_joint_prediction_is_the_outer_product_first_attribute_slowest():
     adp = _hand_adp(("a", "b"))
-    g = HGuidance(adp, _cfg({"a*b": torch.full((4,), 0.25)}), BETAS)
+    b = guide(adp, {"a*b": torch.full((4,), 0.25)}).start([0])
     qa, qb = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.3, 0.7]])
-    torch.testing.assert_close(g._probs("a*b", {"a": qa, "b": qb}),
+    torch.testing.assert_close(b._joint("a*b", {"a": qa, "b": qb}),
                                torch.tensor([[0.27, 0.63, 0.03, 0.07]]))
 
 
@@ -90,17 +90,14 @@ def test_joint_target_fixes_what_marginals_cannot():
     mass and the joint loss falls."""
     adp = _hand_adp(("a", "b"))
     h = torch.tensor([[-1.5, -1.0], [1.5, 1.0]]).view(2, 2, 1, 1)
-    marg = HGuidance(adp, _cfg({"a": torch.tensor([.5, .5]), "b": torch.tensor([.5, .5])}), BETAS)
-    torch.testing.assert_close(marg(h, 0, 10), h)
+    marg, _ = edit(adp, {"a": torch.tensor([.5, .5]), "b": torch.tensor([.5, .5])}, h)
+    torch.testing.assert_close(marg, h)
     target = {"a*b": torch.full((4,), 0.25)}
-    joint = HGuidance(adp, _cfg(target, scale=1.0), BETAS)
-    out = joint(h, 0, 10)
-    before = joint.last_distribution["a*b"]
+    out, joint = edit(adp, target, h)
+    before = joint.estimate["a*b"]
     assert before[1] + before[2] < 0.3                 # the off-diagonal cells are nearly empty
-    after = HGuidance(adp, _cfg(target, scale=0.0), BETAS)
-    after.cfg.scales["a*b"] = 1e-9                     # a no-op step, only to record the estimate
-    after(out, 0, 10)
-    moved = after.last_distribution["a*b"]
+    _, after = edit(adp, target, out, scale=1e-9)      # a no-op step, only to record the estimate
+    moved = after.estimate["a*b"]
     assert moved[1] + moved[2] > before[1] + before[2] + 0.05
     assert not torch.equal(out, h)
 
@@ -111,10 +108,9 @@ def _rank_step(rank, world, port, h, out_q, estimator):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         adp = _hand_adp()
-        g = HGuidance(adp, _cfg({"a": torch.tensor([0.5, 0.5])}, distributed=True,
-                                estimator=estimator), BETAS)
         part = h.chunk(world)[rank]
-        out_q.put((rank, g(part, 0, 10).numpy(), g.batch_total, g.last_distribution["a"]))  # by value
+        b = guide(adp, {"a": torch.tensor([0.5, 0.5])}, distributed=True, estimator=estimator).start([0] * len(part))
+        out_q.put((rank, b.edit(part, 0, 10).numpy(), b.batch_total, b.estimate["a"]))  # by value
     finally:
         dist.destroy_process_group()
 
@@ -124,8 +120,7 @@ def test_two_processes_guide_one_global_batch(estimator):
     """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it
     (soft: the batch mean is all-reduced; quota: the assignment sees the whole batch)."""
     h = torch.tensor([[-2.0, 0.1], [-1.0, 0.2], [-1.5, 0.3], [0.5, 0.4]]).view(4, 2, 1, 1)
-    whole = HGuidance(_hand_adp(), _cfg({"a": torch.tensor([0.5, 0.5])}, estimator=estimator), BETAS)
-    expect = whole(h, 0, 10)
+    expect, whole = edit(_hand_adp(), {"a": torch.tensor([0.5, 0.5])}, h, estimator=estimator)
     if estimator == "quota":      # the two likeliest odd samples (rows 1 and 3) are sent up,
         assert (expect - h)[[1, 3], 0].gt(0).all() and (expect - h)[[0, 2], 0].le(0).all()   # one per rank
     ctx = mp.get_context("spawn")
@@ -140,7 +135,7 @@ def test_two_processes_guide_one_global_batch(estimator):
     got = torch.cat([torch.from_numpy(r[1]) for r in res])
     torch.testing.assert_close(got, expect)
     assert [r[2] for r in res] == [4, 4]
-    assert res[0][3] == pytest.approx(whole.last_distribution["a"])
+    assert res[0][3] == pytest.approx(whole.estimate["a"])
 
 
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import torch.distributed.run"],
@@ -171,9 +166,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert rec["world_size"] == 2 and rec["seeds"] == list(range(8))
 
 
-# ---- the batch plan (diffusion_latent.plan_batches) -------------------------------------------
+# ---- the batch plan (utils.sampling.pipeline.plan_batches) -------------------------------------------
 def test_plan_batches_splits_global_batches_disjoint_and_complete():
-    from diffusion_latent import plan_batches
+    from utils.sampling.pipeline import plan_batches
     seeds = list(range(10))
     plans = [plan_batches(seeds, 2, r, 2) for r in range(2)]
     assert plans[0] == [[0, 1], [4, 5], [8]] and plans[1] == [[2, 3], [6, 7], [9]]
@@ -183,13 +178,13 @@ def test_plan_batches_splits_global_batches_disjoint_and_complete():
 
 
 def test_plan_batches_resume_redoes_whole_global_batches_on_every_rank():
-    from diffusion_latent import plan_batches
+    from utils.sampling.pipeline import plan_batches
     done = {0, 1, 2, 3, 4, 6}                       # batch 0 complete, batch 1 lacks 5 and 7
     assert plan_batches(list(range(8)), 2, 0, 2, done) == [[4, 5]]
     assert plan_batches(list(range(8)), 2, 1, 2, done) == [[6, 7]]
 
 
 def test_plan_batches_refuses_a_last_batch_smaller_than_the_world():
-    from diffusion_latent import plan_batches
+    from utils.sampling.pipeline import plan_batches
     with pytest.raises(ValueError, match="multiple of 4"):
         plan_batches(list(range(9)), 2, 0, 4)

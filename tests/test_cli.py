@@ -1,4 +1,4 @@
-"""main.py's command line (utils/cli.py): bad input exits 2 with a clear message, before sampling.
+"""main.py's command line (utils/app/cli.py): bad input exits 2 with a clear message, before sampling.
 
 The embedded digits16 model is loaded (small, fast); the ADP is a tiny untrained one written to
 tmp_path for that model. Sampling is patched to fail, so no test here can generate an image.
@@ -8,10 +8,12 @@ import argparse
 import pytest
 import torch
 
+import main as entry
+from diffusion_latent import raw_targets
 from models.adp import ADP
-from models.loader import file_sha256, resolve_path
-from utils import cli
-from utils.diffusion import DDIMSampler, ddim_timesteps
+from models.files import file_sha256, resolve_path
+from utils.guidance.targets import parse_fraction_vector, parse_scales
+from utils.sampling.diffusion import DDIMSampler, ddim_timesteps
 
 ATTRS = {"parity": ["even", "odd"], "magnitude": ["low", "high"], "digit": [str(d) for d in range(10)]}
 CKPT = "pretrained/digits16_ddpm.pt"
@@ -24,6 +26,9 @@ def model_sha():
 
 def _write_adp(path, sha):
     adp = ADP((64, 4, 4), ddim_timesteps(1000, 50), ATTRS)
+    with torch.no_grad():
+        for a in ATTRS:
+            getattr(adp, f"dir_{a}").fill_(1e-3)          # the 'ours' preset steps along these
     adp.save(path, {"config": "digits16", "checkpoint": CKPT, "checkpoint_sha256": sha},
              {"source": "test"}, {})
     return path
@@ -44,7 +49,7 @@ def no_sampling(monkeypatch):
 def _main(capsys, tmp_path, *argv):
     """Run main.py's main; returns (exit code, stderr)."""
     capsys.readouterr()
-    rc = cli.main(["--device", "cpu", "--exp", str(tmp_path / "out"), *argv])
+    rc = entry.main(["--device", "cpu", "--exp", str(tmp_path / "out"), *argv])
     return rc, capsys.readouterr().err
 
 
@@ -102,15 +107,44 @@ def test_batch_of_one_with_running_balance_reaches_sampling(capsys, tmp_path, ad
 @pytest.mark.parametrize("mode, target", [("distribution", "parity=0.5"), ("sample", "parity=odd")])
 def test_missing_check_classifier_exit_2(capsys, tmp_path, adp_path, mode, target):
     rc, err = _main(capsys, tmp_path, "--mode", mode, "--adp", str(adp_path), "--target", target,
-                    "--check", "nope.onnx")
-    assert rc == 2 and "classifier 'nope.onnx' not found" in err and "--check none" in err
+                    "--labeller", "nope.onnx")
+    assert rc == 2 and "labeller 'nope.onnx' not found" in err and "--no-check" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_check_none_reaches_sampling(capsys, tmp_path, adp_path):
+def test_no_check_reaches_sampling(capsys, tmp_path, adp_path):
     with pytest.raises(AssertionError, match="reached sampling"):
         _main(capsys, tmp_path, "--mode", "sample", "--adp", str(adp_path), "--target", "parity=odd",
-              "--check", "none")
+              "--labeller", "nope.onnx", "--no-check")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("guidance: {max_stpe: 2}", "unknown guidance setting(s) ['max_stpe']"),
+    ("guidance: {estimator: quotaa}", "'quotaa' is not one of ['soft', 'quota', 'auto']"),
+    ("guidance: {preset: nope}", "unknown guidance preset 'nope'"),
+    ("guidance: {max_step: two}", "must be a finite number >= 0"),
+    ("guidance: {running_balance: 1}", "must be true or false"),
+])
+def test_bad_guidance_settings_exit_2_naming_the_key(capsys, tmp_path, adp_path, yaml_text, message):
+    base = resolve_path("configs/digits16.yml").read_text().split("\nguidance:")[0]
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(base + "\n" + yaml_text + "\n")
+    rc, err = _main(capsys, tmp_path, "--config", str(cfg), *_dist(adp_path, "--target", "parity=0.5"))
+    assert rc == 2 and message in err, err
+    if "max_stpe" in message:
+        assert "allowed:" in err and "max_step" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_preset_on_the_command_line_is_an_argparse_error(capsys, tmp_path, adp_path):
+    with pytest.raises(SystemExit) as e:
+        _main(capsys, tmp_path, *_dist(adp_path, "--target", "parity=0.5", "--preset", "nope"))
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_guidance_flags_with_vanilla_are_an_error(capsys, tmp_path):
+    rc, err = _main(capsys, tmp_path, "--mode", "vanilla", "--preset", "paper")
+    assert rc == 2 and "apply to --mode sample or distribution" in err
 
 
 def test_missing_checkpoint_names_path_and_config(capsys, tmp_path):
@@ -144,35 +178,36 @@ def test_adp_of_another_grid_is_refused(capsys, tmp_path, adp_path):
 
 def test_unknown_flag_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["--no_such_flag", "1"])
+        entry.main(["--no_such_flag", "1"])
     assert e.value.code == 2
     assert "--no_such_flag" in capsys.readouterr().err
 
 
 # ---- parsing helpers ---------------------------------------------------------------------------
 def test_parse_fraction_vector():
-    torch.testing.assert_close(cli.parse_fraction_vector("parity", "0.3", ["even", "odd"]),
+    torch.testing.assert_close(parse_fraction_vector("parity", "0.3", ["even", "odd"]),
                                torch.tensor([0.7, 0.3]))                 # binary: fraction of class 1
-    torch.testing.assert_close(cli.parse_fraction_vector("digit", "uniform", ATTRS["digit"]),
+    torch.testing.assert_close(parse_fraction_vector("digit", "uniform", ATTRS["digit"]),
                                torch.full((10,), 0.1))
-    torch.testing.assert_close(cli.parse_fraction_vector("m", "0.25/0.75", ["low", "high"]),
+    torch.testing.assert_close(parse_fraction_vector("m", "0.25/0.75", ["low", "high"]),
                                torch.tensor([0.25, 0.75]))
-    v = cli.parse_fraction_vector("parity", "1:0", ["even", "odd"])     # zeros smoothed for chi2
+    v = parse_fraction_vector("parity", "1:0", ["even", "odd"])     # zeros smoothed for chi2
     assert (v > 0).all() and float(v.sum()) == pytest.approx(1.0) and v[0] > 0.99
     for bad, msg in [("x", "not a number"), ("0.5:0.5:0", "3 fractions"), ("1.5", ">= 0")]:
         with pytest.raises(ValueError, match=msg):
-            cli.parse_fraction_vector("parity", bad, ["even", "odd"])
+            parse_fraction_vector("parity", bad, ["even", "odd"])
 
 
 def test_parse_scales():
     attrs = ["parity", "digit"]
-    assert cli.parse_scales(None, attrs, {"parity": 3, "default": 1}) == {"parity": 3.0, "digit": 1.0}
-    assert cli.parse_scales("2", attrs, {}) == {"parity": 2.0, "digit": 2.0}
-    assert cli.parse_scales("parity=2,digit=0.5", attrs, {}) == {"parity": 2.0, "digit": 0.5}
+    default = {"parity": 3.0, "digit": 1.0}
+    assert parse_scales(None, attrs, default) == {"parity": 3.0, "digit": 1.0}
+    assert parse_scales("2", attrs, default) == {"parity": 2.0, "digit": 2.0}
+    assert parse_scales("parity=2,digit=0.5", attrs, default) == {"parity": 2.0, "digit": 0.5}
     for bad, msg in [("abc", "not a number"), ("-1", ">= 0"), ("inf", "finite"),
                      ("colour=1", "not guided")]:
         with pytest.raises(ValueError, match=msg):
-            cli.parse_scales(bad, attrs, {})
+            parse_scales(bad, attrs, default)
 
 
 def _args(**kw):
@@ -181,21 +216,25 @@ def _args(**kw):
 
 
 def test_parse_targets():
-    assert cli.parse_targets(_args(target="parity=0.5, digit=uniform"), "distribution", ATTRS) == \
+    with pytest.raises(ValueError, match="names 'parity' twice"):
+        raw_targets(_args(target="parity=0.9,parity=0.1"), "distribution", ATTRS)
+    with pytest.raises(ValueError, match="must be a class index"):
+        raw_targets(_args(attribute_list="1,0,0", male=0.7), "sample", ATTRS)
+    assert raw_targets(_args(target="parity=0.5, digit=uniform"), "distribution", ATTRS) == \
         {"parity": "0.5", "digit": "uniform"}
-    assert cli.parse_targets(_args(attribute_list="1,0,0", male=0.3), "distribution", ATTRS) == \
+    assert raw_targets(_args(attribute_list="1,0,0", male=0.3), "distribution", ATTRS) == \
         {"parity": "0.3"}
-    assert cli.parse_targets(_args(attribute_list="0,1,0", male=1.0), "sample", ATTRS) == \
+    assert raw_targets(_args(attribute_list="0,1,0", male=1.0), "sample", ATTRS) == \
         {"magnitude": "1"}
     with pytest.raises(ValueError, match="needs --male"):
-        cli.parse_targets(_args(attribute_list="1,0,0"), "distribution", ATTRS)
+        raw_targets(_args(attribute_list="1,0,0"), "distribution", ATTRS)
     with pytest.raises(ValueError, match="one 0/1 switch per ADP attribute"):
-        cli.parse_targets(_args(attribute_list="1,2,0", male=0.5), "distribution", ATTRS)
+        raw_targets(_args(attribute_list="1,2,0", male=0.5), "distribution", ATTRS)
     with pytest.raises(ValueError, match="one 0/1 switch per ADP attribute"):   # 4th switch on, 3 heads
-        cli.parse_targets(_args(attribute_list="0,0,0,1", male=0.5), "distribution", ATTRS)
-    assert cli.parse_targets(_args(attribute_list="1,0,0,0", male=0.5), "distribution", ATTRS) == \
+        raw_targets(_args(attribute_list="0,0,0,1", male=0.5), "distribution", ATTRS)
+    assert raw_targets(_args(attribute_list="1,0,0,0", male=0.5), "distribution", ATTRS) == \
         {"parity": "0.5"}                                                       # original's 4 switches
     with pytest.raises(ValueError, match="no attribute selected"):
-        cli.parse_targets(_args(attribute_list="0,0,0", male=0.5), "distribution", ATTRS)
+        raw_targets(_args(attribute_list="0,0,0", male=0.5), "distribution", ATTRS)
     with pytest.raises(ValueError, match="needs --target"):
-        cli.parse_targets(_args(), "distribution", ATTRS)
+        raw_targets(_args(), "distribution", ATTRS)

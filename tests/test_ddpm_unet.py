@@ -14,7 +14,7 @@ import torch
 from models.adm_unet import ADMConfig, ADMUNet
 from models.ddpm_unet import DDPMUNet
 from models.loader import CheckpointError, build_model, load_model
-from utils.config import load_config
+from utils.app.config import load_config
 
 TINY = dict(family="ddpm", image_size=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
             num_res_blocks=1, attn_resolutions=[8], dropout=0.0, resamp_with_conv=True,

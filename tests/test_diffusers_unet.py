@@ -10,7 +10,7 @@ import torch
 from models.adm_unet import ADMConfig, ADMUNet
 from models.diffusers_unet import DiffusersUNet, read_diffusers_folder
 from models.loader import CheckpointError, build_model, load_model
-from utils.config import load_config
+from utils.app.config import load_config
 
 TOL = 1e-5
 # google/ddpm-celebahq-256's layout, shrunk: 16 px, two levels, attention on the second one

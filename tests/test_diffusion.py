@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.base import HSpaceUNet
-from utils.diffusion import (DDIMSampler, Schedule, beta_schedule, ddim_sigma, ddim_step,
+from utils.sampling.diffusion import (DDIMSampler, Schedule, beta_schedule, ddim_sigma, ddim_step,
                              ddim_timesteps)
-from utils.seeds import SeededNoise
+from utils.sampling.seeds import SeededNoise
 
 SHAPE = (1, 16, 16)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.digits import ATTRIBUTES, BIAS, SPLIT_SEED, attribute_labels, load_split, \
+from models.digits import ATTRIBUTES, BIAS, SPLIT_SEED, attribute_labels, load_split, \
     to_model_images
 
 N_DIGITS = 1797          # sklearn.datasets.load_digits

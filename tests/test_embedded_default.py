@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from models.digits_judge import DigitsJudge
-from utils.cli import main
-from utils.digits import ATTRIBUTES, attribute_labels, load_split
+from main import main
+from models.digits import ATTRIBUTES, attribute_labels, load_split
 
 FAST = ["--n_test_img", "4", "--bs_test", "2", "--steps", "50", "--device", "cpu"]
 
@@ -23,7 +23,7 @@ def test_judge_accuracy_on_heldout_real_digits():
 
 def test_shipped_adp_records_its_model_and_metrics():
 
-    ck = torch.load("pretrained/digits16_adp.pt", map_location="cpu", weights_only=False)
+    ck = torch.load("pretrained/digits16_adp.pt", map_location="cpu", weights_only=True)
     assert ck["h_shape"] == [64, 4, 4] and len(ck["timesteps"]) == 50
     assert set(ck["attributes"]) == {"parity", "magnitude", "digit"}
     assert ck["model"]["config"] == "digits16" and len(ck["model"]["checkpoint_sha256"]) == 64
@@ -44,7 +44,8 @@ def test_scale_zero_equals_vanilla_and_outputs_describe_themselves(tmp_path):
     assert list(a) == ["000000.png", "000001.png", "000002.png", "000003.png"]
     assert all(np.array_equal(a[k], b[k]) for k in a)
     run = json.loads((zero / "run.json").read_text())
-    assert run["seeds"] == [0, 1, 2, 3] and run["resolved"]["targets"] == {"parity": [0.5, 0.5]}
+    assert run["seeds"] == [0, 1, 2, 3] and run["resolved"]["guidance"]["requested"] == {"parity": [0.5, 0.5]}
+    assert run["resolved"]["guidance"]["settings"]["preset"] == "ours"     # the config's preset
     assert run["model"]["checkpoint_sha256"] and (zero / "grid.png").exists()
 
 
@@ -64,7 +65,7 @@ def test_guidance_changes_images_and_resume_keeps_finished_ones(tmp_path):
 def test_sample_mode_runs_with_class_names(tmp_path, mode):
     out = tmp_path / mode
     assert main(["--mode", mode, "--target", "parity=odd", "--exp", str(out)] + FAST) == 0
-    assert json.loads((out / "run.json").read_text())["resolved"]["targets"] == {"parity": [0.0, 1.0]}
+    assert json.loads((out / "run.json").read_text())["resolved"]["guidance"]["requested"] == {"parity": [0.0, 1.0]}
 
 
 def test_ddim_inversion_reconstructs_real_digits():
@@ -76,8 +77,8 @@ def test_ddim_inversion_reconstructs_real_digits():
     """
 
     from models.loader import load_model
-    from utils.config import load_config
-    from utils.diffusion import DDIMSampler, Schedule
+    from utils.app.config import load_config
+    from utils.sampling.diffusion import DDIMSampler, Schedule
     cfg = load_config()
     net = load_model(cfg["model"], "digits16")
     x0 = load_split().heldout_x[:8]

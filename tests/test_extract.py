@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.diffusion import DDIMSampler, Schedule, ddim_step
-from utils.extract import extract_from_folders, extract_pseudo_labelled, load_h_dataset, read_meta
-from utils.seeds import SeededNoise
+from utils.sampling.diffusion import DDIMSampler, Schedule, ddim_step
+from utils.data.extract import extract_from_folders, extract_pseudo_labelled, load_h_dataset, read_meta
+from utils.sampling.seeds import SeededNoise
 
 SHAPE = (1, 16, 16)
 META = {"model": {"config": "tiny", "checkpoint_sha256": "0" * 64}, "config": "tiny"}
@@ -145,7 +145,7 @@ def test_folders_labels_follow_folder_order_and_h_matches_inversion(net, schedul
     assert tuple(sh0["h"].shape) == (4, 5, *net.h_shape)
 
     # one inversion step by hand: x0 -> x_{tau_1}; h at tau_1 is the last (t smallest) entry
-    from utils.extract import load_image
+    from utils.data.extract import load_image
     x0 = torch.stack([load_image(p, 16, 1) for p in sh0["ids"]])
     t1 = sampler.timesteps[-1]
     a1 = schedule.alpha_bar(t1)

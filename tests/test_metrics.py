@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models.judge import OnnxJudge, TorchModuleJudge, load_judge
-from utils.metrics import (bootstrap_fd, class_fractions, confident_share, evaluate_attributes,
+from utils.evaluation.metrics import (bootstrap_fd, class_fractions, confident_share, evaluate_attributes,
                            fairness_discrepancy, fid_inception, frechet_distance,
                            inception_features, joint_fairness_discrepancy, joint_labels,
                            joint_target)

@@ -11,10 +11,10 @@ from torch import nn
 
 from models.adp import ClassifierMismatchError
 from models.pixel_classifier import NoisyPixelClassifier, PixelClassifierConfig
-from utils.diffusion import DDIMSampler, Schedule
-from diffusion_latent import plan_batches, sample_batches
-from utils.pixel_guidance import DEFAULT_SCALES, PixelGuidance, pixel_guidance_factory
-from utils.seeds import SeededNoise
+from utils.sampling.diffusion import DDIMSampler, Schedule
+from utils.sampling.pipeline import plan_batches, sample_batches
+from utils.baselines.pixel_guidance import DEFAULT_SCALES, PixelGuidance, pixel_guidance_factory
+from utils.sampling.seeds import SeededNoise
 
 SHAPE = (1, 16, 16)
 SCHEDULE = Schedule.from_config({})          # linear 1e-4 .. 0.02, T = 1000
@@ -111,8 +111,8 @@ def _tiny_clf(width=8):
 def _run(net, make_guide, seeds=(3, 4), eta=1.0, steps=4):
     pipe = SimpleNamespace(net=net, sampler=DDIMSampler(net, SCHEDULE, steps, eta=eta),
                            image_shape=SHAPE, device=torch.device("cpu"))
-    (_, im, dist), = list(sample_batches(pipe, plan_batches(list(seeds), 8), progress=False,
-                                        make_guide=make_guide))
+    (_, im, dist), = list(sample_batches(pipe, plan_batches(list(seeds), 8), make_guide,
+                                         progress=False))
     return pipe, im, dist
 
 
@@ -124,7 +124,7 @@ def test_scale_zero_is_vanilla_bit_for_bit(tiny_adm, variant):
     pipe, im0, _ = _run(tiny_adm, None)
     make = pixel_guidance_factory(pipe, clf, "distribution", {"parity": [0.5, 0.5]}, 0.0, variant)
     noise = SeededNoise([3, 4], SHAPE)
-    zero, _ = pipe.sampler.sample(noise.x_T(), noise.step, guide_eps=make([3, 4]))
+    zero, _ = pipe.sampler.sample(noise.x_T(), noise.step, **make.start([3, 4]).hooks())
     assert torch.equal(zero, plain)
     _, im1, dist = _run(tiny_adm, make)
     assert (im1 == im0).all() and dist == {}          # scale 0 never runs the classifier
@@ -142,9 +142,9 @@ def test_guided_sampling_changes_images_and_reports_distribution(tiny_adm):
 def test_factory_expands_classes_and_rejects_bad_requests(tiny_adm):
     clf = _tiny_clf()
     pipe = SimpleNamespace(net=tiny_adm, sampler=DDIMSampler(tiny_adm, SCHEDULE, 2, eta=0.0))
-    g = pixel_guidance_factory(pipe, clf, "sample", {"parity": 1}, 1.0)([5, 6, 7])
+    g = pixel_guidance_factory(pipe, clf, "sample", {"parity": 1}, 1.0).start([5, 6, 7])
     assert g.targets["parity"].tolist() == [1, 1, 1]
-    g = pixel_guidance_factory(pipe, clf, "distribution", {"parity": [0.5, 0.5]}, None, "x0")([5])
+    g = pixel_guidance_factory(pipe, clf, "distribution", {"parity": [0.5, 0.5]}, None, "x0").start([5])
     assert g.scales == {"parity": DEFAULT_SCALES["x0"]}
     with pytest.raises(ValueError, match="no measured default scale"):
         pixel_guidance_factory(pipe, clf, "sample", {"parity": 1}, None)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from models.judge import Judge
-from utils.diffusion import DDIMSampler, Schedule
-from utils.images import to_uint8
-from utils.rejection import accept_from_stream, class_quotas, rejection_sample
-from utils.seeds import SeededNoise
+from utils.sampling.diffusion import DDIMSampler, Schedule
+from utils.sampling.images import to_uint8
+from utils.baselines.rejection import accept_from_stream, class_quotas, rejection_sample
+from utils.sampling.seeds import SeededNoise
 
 SHAPE = (1, 16, 16)
 

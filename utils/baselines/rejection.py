@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffusion_latent import plan_batches, sample_batches
+from utils.sampling.pipeline import plan_batches, sample_batches
 from models.judge import Judge
 
 
@@ -87,7 +87,7 @@ def rejection_sample(pipe, judge: Judge, attr: str, target, n: int, batch_size: 
                      progress: bool = True) -> RejectionResult:
     """n images whose judge labels for ``attr`` follow ``target``, by rejecting vanilla samples.
 
-    :param pipe: ``diffusion_latent.Pipeline``; images use seeds first_seed, first_seed + 1, ...
+    :param pipe: ``utils.sampling.pipeline.Pipeline``; images use seeds first_seed, first_seed + 1, ...
     :param target: class fractions [K] for ``attr`` (e.g. parity [0.5, 0.5]).
     :param max_draws: at most this many images are sampled (default 20 n); then RuntimeError.
     """

@@ -50,3 +50,14 @@ def save_grid(path: Path, files_or_imgs, ncol: int | None = None, upscale: int =
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
+
+
+def read_images(folder: Path) -> tuple[list[int], torch.Tensor]:
+    """The ``{seed}.png`` images of a run folder -> (seeds, tensor [N,C,H,W] in [-1,1])."""
+    files = sorted(p for p in Path(folder).glob("*.png") if p.stem.isdigit())
+    if not files:
+        raise ValueError(f"{folder} holds no generated images (<seed>.png)")
+    arrs = [np.asarray(Image.open(f)) for f in files]
+    x = torch.from_numpy(np.stack(arrs)).float() / 127.5 - 1
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return [int(f.stem) for f in files], x

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from models.judge import Judge, load_judge
-from models.loader import resolve_path
-from utils.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
+from models.files import resolve_path
+from utils.sampling.images import read_images
+from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
                            joint_labels)
 
 
@@ -19,20 +20,35 @@ def judge_from_config(cfg: dict) -> Judge:
     return load_judge(str(resolve_path(cfg["judge"])))
 
 
+def _digits_reference(cfg: dict) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    from models.digits import attribute_labels, load_split
+    split = load_split(cfg["model"]["image_size"])
+    return split.heldout_x, attribute_labels(split.heldout_y)
+
+
+#: real reference sets by the config's ``reference:`` name -> cfg -> (images, attribute labels)
+REFERENCES = {"digits": _digits_reference}
+
+
+def _reference(cfg: dict):
+    name = cfg.get("reference")
+    if name is None:
+        return None
+    if name not in REFERENCES:
+        raise ValueError(f"config {cfg.get('name')}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
+    return REFERENCES[name](cfg)
+
+
 def real_reference(cfg: dict) -> torch.Tensor | None:
-    """Held-out real images for the Frechet distance (the embedded default only)."""
-    if cfg.get("name", "").startswith("digits"):
-        from utils.digits import load_split
-        return load_split(cfg["model"]["image_size"]).heldout_x
-    return None
+    """Held-out real images for the Frechet distance (the config's ``reference:``), or None."""
+    ref = _reference(cfg)
+    return None if ref is None else ref[0]
 
 
 def real_reference_labels(cfg: dict) -> dict[str, np.ndarray] | None:
-    """The held-out real images' attribute labels (the embedded default only)."""
-    if cfg.get("name", "").startswith("digits"):
-        from utils.digits import attribute_labels, load_split
-        return attribute_labels(load_split(cfg["model"]["image_size"]).heldout_y)
-    return None
+    """The reference images' attribute labels, or None."""
+    ref = _reference(cfg)
+    return None if ref is None else ref[1]
 
 
 def target_weights(labels: dict[str, np.ndarray], targets: dict[str, list[float]]) -> np.ndarray | None:
@@ -128,6 +144,5 @@ def format_table(rows: list[tuple[str, dict]], attrs: list[str]) -> str:
 
 def evaluate_folder(folder: Path, cfg: dict, targets: dict | None = None,
                     judge: Judge | None = None) -> dict:
-    from diffusion_latent import read_images
     _, x = read_images(folder)
     return evaluate_images(x, judge or judge_from_config(cfg), targets, real_reference(cfg))

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from models.base import HSpaceUNet
@@ -64,18 +65,22 @@ class Schedule:
 def ddim_timesteps(num_train_steps: int, num_steps: int, skip_type: str = "uniform") -> list[int]:
     """Descending DDIM timesteps tau_S > ... > tau_1.
 
-    ``uniform`` spreads them as ``linspace(0, T-1, S)`` rounded, so that the first step is
-    t = T-1 = 999 as in the original (Asyrp) code; ``leading`` is diffusers' spacing
+    ``original``: the grid of the original (Asyrp / Balancing Act) code,
+    ``int(linspace(0, 1, S) * (T-1))`` truncated (0, 20, 40, 61, ..., 978, 999 for S = 50): the
+    grid its committed classifiers were trained on. ``uniform`` rounds the same points instead
+    (0, 20, 41, 61, ..., 979, 999; the digits default's grid); ``leading`` is diffusers' spacing
     (``arange(S) * (T // S)``).
     """
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"number of DDIM steps must be in [1, {num_train_steps}], got {num_steps}")
     if skip_type == "uniform":
         ts = torch.linspace(0, num_train_steps - 1, num_steps).round().long().tolist()
+    elif skip_type == "original":
+        ts = [int(u * (num_train_steps - 1)) for u in np.linspace(0, 1, num_steps)]
     elif skip_type == "leading":
         ts = [i * (num_train_steps // num_steps) for i in range(num_steps)]
     else:
-        raise ValueError(f"unknown skip_type {skip_type!r}: use 'uniform' or 'leading'")
+        raise ValueError(f"unknown skip_type {skip_type!r}: use 'original', 'uniform' or 'leading'")
     return sorted(set(int(t) for t in ts), reverse=True)
 
 

@@ -14,7 +14,7 @@ Two ways to get p(y | x_t) from the noise-aware classifier (``models.pixel_class
 Two modes, as the h-space guidance (``utils.guidance``):
   - ``sample``: log p = sum_n log softmax(logits_n)[c_n], each sample's requested class;
   - ``distribution``: log p is replaced by -N * L(p_hat, p_ref), L the chi-squared distance
-    (``utils.guidance.distribution_loss``) between the batch-mean softmax p_hat and the target;
+    (``utils.guidance.estimators.chi_square``) between the batch-mean softmax p_hat and the target;
     N, the batch size, makes the scale independent of the batch size since p_hat is a mean.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from models.loader import resolve_path
 from models.pixel_classifier import NoisyPixelClassifier
-from utils.guidance import distribution_loss
+from utils.guidance.estimators import chi_square
+from utils.guidance.guide import BatchReport
 
 MODES, VARIANTS = ("distribution", "sample"), ("xt", "x0")
 DEFAULT_CHECKPOINT = "pretrained/digits16_pixel_clf.pt"
@@ -54,8 +55,7 @@ class PixelGuidance:
     """guide_eps for ``DDIMSampler.sample``: eps -> eps - sqrt(1 - a_t) * grad_x (scaled log p)."""
 
     def __init__(self, net, clf: NoisyPixelClassifier, schedule, mode: str,
-                 targets: dict[str, torch.Tensor], scales: dict[str, float], variant: str = "xt",
-                 loss: str = "chi2"):
+                 targets: dict[str, torch.Tensor], scales: dict[str, float], variant: str = "xt"):
         """
         :param net: the U-Net (used by the ``x0`` variant only).
         :param targets: distribution mode {attr: fractions [K]}; sample mode {attr: classes [N]}.
@@ -63,7 +63,7 @@ class PixelGuidance:
         """
         check_request(clf, mode, targets, variant)
         self.net, self.clf, self.schedule = net, clf, schedule
-        self.mode, self.targets, self.scales, self.variant, self.loss = mode, targets, scales, variant, loss
+        self.mode, self.targets, self.scales, self.variant = mode, targets, scales, variant
         self.last_distribution: dict[str, list[float]] = {}
 
     def log_p(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,8 +73,7 @@ class PixelGuidance:
             q = torch.softmax(lg, dim=1)
             self.last_distribution[a] = q.detach().mean(0).cpu().tolist()
             if self.mode == "distribution":
-                total = total - self.scales[a] * len(lg) * distribution_loss(
-                    q.mean(0), self.targets[a].to(q), self.loss)
+                total = total - self.scales[a] * len(lg) * chi_square(q.mean(0), self.targets[a].to(q))
             else:
                 c = self.targets[a].to(lg.device).long()
                 total = total + self.scales[a] * torch.log_softmax(lg, 1).gather(1, c[:, None]).sum()
@@ -96,6 +95,26 @@ class PixelGuidance:
                 logits = self.clf(x0_hat, torch.zeros_like(tt))
             (grad,) = torch.autograd.grad(self.log_p({a: logits[a] for a in attrs}), x_in)
         return eps - math.sqrt(1 - a_t) * grad.to(eps.dtype)
+
+    # the batch loop's interface (as utils.guidance.guide.BatchGuide)
+    def hooks(self) -> dict:
+        return {"guide_eps": self}
+
+    def after_batch(self, x0: torch.Tensor) -> BatchReport:
+        return BatchReport(dict(self.last_distribution))
+
+
+class PixelGuide:
+    """A run's pixel-space guidance: ``start(seeds)`` gives each batch its ``PixelGuidance``."""
+
+    def __init__(self, make):
+        self._make = make
+
+    def start(self, seeds: list[int]) -> PixelGuidance:
+        return self._make(seeds)
+
+    def summary(self) -> dict:
+        return {}
 
 
 def check_request(clf: NoisyPixelClassifier, mode: str, targets: dict, variant: str) -> None:
@@ -121,11 +140,10 @@ def check_request(clf: NoisyPixelClassifier, mode: str, targets: dict, variant: 
 
 
 def pixel_guidance_factory(pipe, clf: NoisyPixelClassifier, mode: str, targets_or_classes: dict,
-                           scale: float | dict[str, float] | None = None, variant: str = "xt",
-                           loss: str = "chi2"):
-    """batch seeds -> a fresh ``PixelGuidance`` for that batch (as ``diffusion_latent.guidance_factory``).
+                           scale: float | dict[str, float] | None = None, variant: str = "xt") -> PixelGuide:
+    """A run's pixel guidance: ``start(batch seeds)`` -> a fresh ``PixelGuidance`` for that batch.
 
-    :param pipe: ``diffusion_latent.Pipeline``.
+    :param pipe: ``utils.sampling.pipeline.Pipeline``.
     :param targets_or_classes: distribution mode {attr: fractions [K]}; sample mode {attr: class index}.
     :param scale: s for every attribute, or {attr: s}; None: ``DEFAULT_SCALES[variant]``
         (measured for distribution mode only; sample mode needs a scale).
@@ -146,5 +164,5 @@ def pixel_guidance_factory(pipe, clf: NoisyPixelClassifier, mode: str, targets_o
 
     def make_guide(batch: list[int]) -> PixelGuidance:
         tg = targets if mode == "distribution" else {a: c.expand(len(batch)) for a, c in targets.items()}
-        return PixelGuidance(pipe.net, clf, pipe.sampler.schedule, mode, tg, scales, variant, loss)
-    return make_guide
+        return PixelGuidance(pipe.net, clf, pipe.sampler.schedule, mode, tg, scales, variant)
+    return PixelGuide(make_guide)

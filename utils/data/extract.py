@@ -23,8 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils.diffusion import DDIMSampler
-from utils.seeds import SeededNoise
+from utils.sampling.diffusion import DDIMSampler
+from utils.sampling.seeds import SeededNoise
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}

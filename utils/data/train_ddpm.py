@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from models.base import HSpaceUNet
-from utils.diffusion import Schedule
+from utils.sampling.diffusion import Schedule
 
 log = logging.getLogger(__name__)
 

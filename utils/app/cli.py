@@ -1,0 +1,140 @@
+"""Command line of main.py: the parser, the mode and guidance overrides it resolves, and the
+error handling around a command (the commands themselves are handed in by main.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+import yaml
+
+from models.adp import ClassifierMismatchError
+from models.files import CheckpointError
+from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
+from utils.app.runtime import setup_logging
+from utils.guidance.settings import PRESETS, SettingsError, parse_guide_steps
+
+log = logging.getLogger("main")
+
+
+def str2bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py", description=sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and run")
+    g.add_argument("--config", default=DEFAULT_CONFIG, help="YAML preset (default: the embedded digits model)")
+    g.add_argument("--checkpoint", help="override model.checkpoint of the config")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--exp", default="runs/generate", help="output folder")
+    g.add_argument("--n_test_img", type=int, default=100, help="number of images to generate")
+    g.add_argument("--bs_test", type=int, default=100, help="batch size (the unit of distribution guidance)")
+    g.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k")
+    g.add_argument("--seeds", help="explicit seeds, e.g. 0-999 or 3,5,8 (overrides --seed/--n_test_img)")
+    g.add_argument("--steps", type=int, help="DDIM steps (default: config sampling.steps)")
+    g.add_argument("--eta", type=float, help="DDIM eta (default: config sampling.eta)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g.add_argument("--resume", action="store_true", help="continue a run, skipping images already written")
+    g = p.add_argument_group("guidance")
+    g.add_argument("--mode", choices=["vanilla", "sample", "distribution"])
+    g.add_argument("--vanilla_generation", type=str2bool, help="original flag: True = --mode vanilla")
+    g.add_argument("--sample", type=str2bool, help="original flag: True = sample guidance, False = distribution")
+    g.add_argument("--attribute_list", help="original flag: one 0/1 switch per ADP attribute, e.g. 1,1,0")
+    g.add_argument("--male", type=float, help="original flag: class index (sample) or fraction of class 1 (distribution)")
+    g.add_argument("--target", help="parity=0.5 | digit=uniform | race=0.25:0.25:0.25:0.25 | (sample) parity=odd"
+                   " | (joint, first attribute slowest) 'parity*magnitude=0.25:0.25:0.25:0.25'")
+    g.add_argument("--scale", help="guidance scale: one number, or per attribute: parity=2,magnitude=1")
+    g.add_argument("--adp", help="ADP checkpoint (default: config adp)")
+    g.add_argument("--guide_steps", help="guided step indices start:end (default: the preset's, 1: = all but t = 999)")
+    g.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric reverse process")
+    g.add_argument("--running_balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="distribution guidance steers the whole run: the estimate includes the "
+                        "samples of earlier batches (default: the preset's)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="guidance settings: paper (the original code's method, literally) or ours "
+                        "(this project's; docs/RESULTS.md); default: config guidance.preset, else paper")
+    g.add_argument("--estimator", choices=["auto", "quota", "soft"],
+                   help="distribution guidance's batch estimate: quota (ours) or soft (the paper's "
+                        "mean of the ADP's softmax); auto: quota for one attribute, soft for "
+                        "several or a joint target; default: the preset's")
+    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="guide a coarse target through a finer head that nests it (the config's "
+                        "refine: map, e.g. parity through digit; default: the preset's)")
+    g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="the config's labeller checks finished images: the running balance counts "
+                        "its classes, sample guidance redraws the images outside their class "
+                        "(default: the preset's)")
+    g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
+    g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
+    g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")
+    g.add_argument("--test_path_one", help="folder with one sub-folder of images per class")
+    g.add_argument("--attribute", help="attribute name for --test_path_one (e.g. gender)")
+    g.add_argument("--savepath", help="output folder of the extraction")
+    g.add_argument("--extract_pseudo", type=int, metavar="N", help="sample N images, record h, pseudo-label")
+    g.add_argument("--labeller", help="image classifier that labels extraction samples and checks "
+                   "finished images: a name (digits_svc) or a file (.pt / .onnx); default: config labeller")
+    p.add_argument("--demo", action="store_true", help="vanilla vs balanced on the embedded default")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def resolve_mode(args) -> str:
+    """--mode, or the original boolean flags."""
+    if args.mode:
+        return args.mode
+    if args.vanilla_generation is None and args.sample is None:
+        return "vanilla"
+    if args.vanilla_generation:
+        return "vanilla"
+    return "sample" if args.sample else "distribution"
+
+
+def guidance_overrides(args) -> dict:
+    """The command line's guidance settings (None: not given), for ``resolve_settings``."""
+    out = {"preset": args.preset, "estimator": args.estimator,
+           "running_balance": args.running_balance, "refine": args.refine, "check": args.check}
+    if args.guide_steps:
+        out.update(parse_guide_steps(args.guide_steps))
+    return out
+
+
+def load_run_config(args) -> dict:
+    """The config with the command line's model / ADP / labeller overrides."""
+    return with_overrides(load_config(args.config), {"model.checkpoint": args.checkpoint,
+                                                     "adp": args.adp, "labeller": args.labeller})
+
+
+#: errors that are the user's to fix: one line, exit 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError,
+               ClassifierMismatchError, SettingsError, yaml.YAMLError)
+
+
+def run(argv: list[str] | None, generate: Callable, demo: Callable, extract: Callable) -> int:
+    """Parse argv and run the command it names: ``demo(cfg, args)``, ``extract(cfg, args)`` or
+    ``generate(cfg, args, mode)``. A user error prints one line and returns 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_run_config(args)
+        if args.demo:
+            return demo(cfg, args)
+        if args.just_precompute or args.extract_pseudo:
+            return extract(cfg, args)
+        return generate(cfg, args, resolve_mode(args))
+    except USER_ERRORS as e:
+        if args.verbose:
+            log.exception("error")
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2

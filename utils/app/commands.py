@@ -1,0 +1,33 @@
+"""main.py's extraction command (script_extract_he.sh): h-vectors from labelled image folders
+(DDIM inversion) or from generated samples labelled by a classifier."""
+from __future__ import annotations
+
+from models.files import resolve_path
+from models.labellers import load_labeller
+from utils.app.runtime import pick_device
+from utils.sampling.pipeline import load_pipeline
+from utils.sampling.seeds import parse_seeds
+
+
+def extract(cfg: dict, args) -> int:
+    from utils.data.extract import extract_from_folders, extract_pseudo_labelled
+    if not args.savepath:
+        raise ValueError("extraction needs --savepath (the folder the h-vectors go to)")
+    device = pick_device(args.device)
+    pipe = load_pipeline(cfg, device, args.steps, 0.0 if args.just_precompute else args.eta)
+    meta = {"model": pipe.model_id, "config": cfg.get("name")}
+    out = resolve_path(args.savepath)
+    if args.just_precompute:
+        if not args.test_path_one or not args.attribute:
+            raise ValueError("--just_precompute needs --test_path_one (class folders) and --attribute")
+        extract_from_folders(pipe.sampler, resolve_path(args.test_path_one), args.attribute, out,
+                             meta, args.bs_test, device)
+    else:
+        if not cfg.get("labeller"):
+            raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
+                             f"pass --labeller NAME_OR_FILE")
+        seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
+        extract_pseudo_labelled(pipe.sampler, seeds, load_labeller(cfg["labeller"]), out,
+                                {**meta, "labeller": cfg["labeller"]}, args.bs_test, device)
+    print(f"h-vectors in {out}")
+    return 0

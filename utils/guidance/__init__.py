@@ -1,0 +1,35 @@
+"""h-space guidance: settings and presets (``settings``), targets and the resolved plan
+(``targets``), the estimators and losses (``estimators``), the guide the batch loop calls
+(``guide``). ``build_guide`` ties them together from a config, as every entry point does."""
+from __future__ import annotations
+
+from utils.guidance.guide import Guide
+from utils.guidance.settings import GuidanceSettings, resolve_settings
+from utils.guidance.targets import GuidancePlan, plan_guidance
+
+
+def build_plan(cfg: dict, mode: str, raw: dict[str, str], attributes: dict[str, list[str]],
+               overrides: dict | None = None, scale_spec: str | None = None) -> GuidancePlan:
+    """Settings from ``cfg['guidance']`` + overrides, resolved for raw targets {key: value}."""
+    settings: GuidanceSettings = resolve_settings(cfg.get("guidance"), overrides)
+    return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec)
+
+
+def needs_labeller(plan: GuidancePlan) -> bool:
+    """Whether the plan's finished-image check has anything to do (a running balance to count
+    or sample guidance to redraw)."""
+    s = plan.settings
+    return s.check and (plan.mode == "sample" or s.running_balance)
+
+
+def build_guide(cfg: dict, plan: GuidancePlan, adp, betas, distributed: bool = False,
+                labeller=None) -> Guide:
+    """The run's Guide; the check's labeller is the config's ``labeller`` (loaded here unless
+    given)."""
+    if labeller is None and needs_labeller(plan):
+        if not cfg.get("labeller"):
+            raise ValueError(f"the guidance settings ask for a finished-image check but config "
+                             f"{cfg.get('name')} names no labeller: set 'labeller:' or pass --no-check")
+        from models.labellers import load_labeller
+        labeller = load_labeller(cfg["labeller"])
+    return Guide(plan, adp, betas, labeller if needs_labeller(plan) else None, distributed)

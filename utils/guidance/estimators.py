@@ -1,0 +1,72 @@
+"""The batch estimates and losses of h-space guidance, each a small function.
+
+Notation: q_i = softmax(logits_i / tau) [N,K] the ADP's per-sample prediction, p [K] the target,
+M_s [K,K] the ADP's confusion matrix at step s (column c: mean prediction for true class c).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def chi_square(p_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """L = sum_k (p_hat_k - p_k)^2 / p_k (the original CelebA-HQ code's distribution loss)."""
+    return ((p_hat - p) ** 2 / p.clamp_min(1e-6)).sum()
+
+
+def soft_estimate(q: torch.Tensor, confusion: torch.Tensor | None = None) -> torch.Tensor:
+    """p_hat = (1/N) sum_i q_i (the paper); debiased: M_s^-1 p_hat, since E[p_hat] = M_s p_true
+    (as CLEAM corrects a classifier's counts with its confusion matrix)."""
+    p_hat = q.mean(0)
+    return p_hat if confusion is None else debias(p_hat, confusion)
+
+
+def debias(p_hat: torch.Tensor, confusion: torch.Tensor) -> torch.Tensor:
+    """M_s^-1 p_hat (differentiable in p_hat)."""
+    return torch.linalg.solve(confusion.to(p_hat), p_hat)
+
+
+def with_running_balance(p_hat: torch.Tensor, n: int, prev_sum: torch.Tensor | None,
+                         n_prev: int) -> torch.Tensor:
+    """p_run = (S_prev + n p_hat) / (n_prev + n): the run's estimate when its earlier batches
+    (n_prev samples whose class counts sum to S_prev, constants) are counted with this one."""
+    if not n_prev or prev_sum is None:
+        return p_hat
+    return (prev_sum.to(p_hat) + n * p_hat) / (n_prev + n)
+
+
+def quota_counts(p: torch.Tensor, n: int, have: torch.Tensor | None = None,
+                 n_have: int = 0) -> torch.Tensor:
+    """Class counts [K] for the next n samples so that, with ``have`` [K] (the counts already
+    drawn, n_have in all), the totals come as close as possible to (n_have + n) * p:
+    the deficits, clipped at 0, shared out by largest remainder."""
+    want = (n_have + n) * p.double() - (have.double() if have is not None else 0)
+    want = want.clamp_min(0)
+    want = want / want.sum() * n if want.sum() > 0 else p.double() * n
+    counts = want.floor()
+    rest = int(n - counts.sum())
+    if rest > 0:
+        counts[torch.argsort(want - counts, descending=True)[:rest]] += 1
+    return counts.long()
+
+
+def assign_to_quota(logq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The class per sample [N] that maximises sum_i log q_i,c(i) with exactly counts[c]
+    samples in class c (a linear assignment of samples to class slots)."""
+    from scipy.optimize import linear_sum_assignment
+    slots = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu())
+    cost = -logq.detach().double().cpu()[:, slots]                   # [N, N]
+    rows, cols = linear_sum_assignment(cost.numpy())
+    out = torch.empty(len(logq), dtype=torch.long)
+    out[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
+    return out.to(logq.device)
+
+
+def cross_entropy_to(logq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """L = -sum_i log q_i[c_i]: the quota estimator's pull of each sample to its assigned
+    class, and ours for sample guidance."""
+    return -logq.gather(1, classes.to(logq.device)[:, None]).sum()
+
+
+def probability_of(q: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """L = -sum_i q_i[c_i]: the original's sample-guidance loss."""
+    return -q.gather(1, classes.to(q.device)[:, None]).sum()

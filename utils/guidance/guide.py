@@ -1,0 +1,293 @@
+"""The guide: a run's h-space guidance, and the per-batch object the batch loop talks to.
+
+The batch loop uses exactly this interface:
+
+    batch = guide.start(seeds)               # one BatchGuide per batch of seeds
+    sampler.sample(..., **batch.hooks())      # edit(h, i, t) -> h at every step
+    report = batch.after_batch(x0)            # BatchReport: estimate, which images to redraw
+    guide.summary()                           # what the run's guide counted (for run.json)
+
+The step at a guided step index i, timestep t (step index s of the ADP), for a loss L built from
+the ADP's logits (``distribution``: sum_k s_k L_k over the target keys with the plan's
+estimator; ``sample``: each sample's requested class):
+
+    delta_h = -step_factor * beta_t^beta_power * n * sum_a (dL/dlogits_a) @ B_a,s
+
+with B = W_s / std_s (the head's weights in raw h coordinates: the plain gradient dL/dh, the
+paper) or B = Cov_s(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
+differences), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
+paper) and, when the plan has a cap, each sample's delta_h clipped to cap * ||std_s(h)||.
+The gradient runs through the ADP only, never back through the U-Net.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from models.adp import ADP
+from utils.guidance.estimators import (assign_to_quota, chi_square, cross_entropy_to, debias,
+                                       probability_of, quota_counts, with_running_balance)
+from utils.guidance.targets import GuidancePlan, joint_attributes
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class RunningBalance:
+    """What the earlier batches of a run produced: per target key, the summed class counts
+    (or estimates) of their final samples and how many samples they hold. With it, distribution
+    guidance steers the *run* rather than each batch on its own (``with_running_balance``);
+    the step stays that of one large batch whose earlier members are already drawn, so a
+    deficit left by earlier batches (a batch of 4 that came out 3/1) is made up by later ones.
+    With a ``labeller`` (an image classifier with ``predict(images) -> {attr: [N,K] probs}``,
+    e.g. the one that labelled the ADP's training data, never the judge) a finished batch's
+    classes are counted on its images instead of taken from the guide's estimate."""
+
+    def __init__(self, labeller=None):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.labeller = labeller
+
+    def update(self, estimate: dict[str, list[float]], n: int, images: torch.Tensor | None = None,
+               distributed: bool = False) -> None:
+        """Add a finished batch of n samples (the global batch; its images are this rank's part
+        of it when ``distributed``, and the counts are all-reduced)."""
+        if self.labeller is not None and images is not None:
+            sums = self._count(images, list(estimate))
+            if distributed and _distributed():
+                on = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+                sums = {k: v.to(on) for k, v in sums.items()}
+                for v in sums.values():
+                    dist.all_reduce(v)
+        else:
+            sums = {k: n * torch.tensor(p, dtype=torch.float64) for k, p in estimate.items()}
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0) + v.double().cpu()
+        self.count += n
+
+    def _count(self, images: torch.Tensor, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Per key, the labeller's class counts [K] on images (a joint key counts cells)."""
+        with torch.no_grad():
+            probs = self.labeller.predict(images.clamp(-1, 1).float().cpu())
+        out = {}
+        for key in keys:
+            parts = joint_attributes(key)
+            onehot = torch.nn.functional.one_hot(probs[parts[0]].argmax(1), probs[parts[0]].shape[1]).double()
+            for a in parts[1:]:
+                other = torch.nn.functional.one_hot(probs[a].argmax(1), probs[a].shape[1]).double()
+                onehot = (onehot[:, :, None] * other[:, None, :]).flatten(1)
+            out[key] = onehot.sum(0)
+        return out
+
+    def state(self) -> dict:
+        return {"count": self.count, "fractions": {k: (v / max(self.count, 1)).tolist()
+                                                   for k, v in self.sums.items()}}
+
+
+@dataclass
+class BatchReport:
+    """What a finished batch told: the guide's last-step estimate per key, the indices of the
+    images to draw again (from their own seeds) and the guide to draw them with."""
+    estimate: dict[str, list[float]] = field(default_factory=dict)
+    redraw: list[int] = field(default_factory=list)
+    retry: "BatchGuide | None" = None
+
+
+class Guide:
+    """A run's h-space guidance: the plan, the ADP, the running balance and the check.
+
+    :param plan: the resolved targets, scales, estimator and cap (``plan_guidance``).
+    :param betas: the model's noise schedule beta_t [T].
+    :param labeller: the finished-image check's classifier (when ``plan.settings.check``): the
+        running balance counts its classes; sample guidance redraws the images it puts outside
+        their requested class, with the cap times retry_boost per round.
+    :param distributed: the batch spans the ranks of a torchrun group (estimates all-reduced).
+    """
+
+    def __init__(self, plan: GuidancePlan, adp: ADP, betas: torch.Tensor, labeller=None,
+                 distributed: bool = False):
+        s = plan.settings
+        if s.direction == "covariance" and not adp.has_directions():
+            raise ValueError(
+                "this ADP has no guidance directions (an imported classifier of the original code): "
+                "the 'ours' preset steps along them. Compute them from an extraction "
+                "(python multi_classifier.py --directions_from H_FOLDER --adp ADP.pt --out NEW.pt) "
+                "or use --preset paper")
+        if s.check and labeller is None and (plan.mode == "sample" or s.running_balance):
+            raise ValueError("the guidance settings ask for a finished-image check but no labeller "
+                             "was given: set 'labeller:' in the config, or pass --no-check")
+        self.plan, self.adp, self.betas, self.distributed = plan, adp, betas, distributed
+        self.labeller = labeller if s.check else None
+        use_balance = plan.mode == "distribution" and s.running_balance
+        self.balance = RunningBalance(self.labeller) if use_balance else None
+        self.attrs = list(dict.fromkeys(a for k in plan.targets for a in joint_attributes(k)))
+        self.redrawn = 0
+
+    def start(self, seeds: list[int], round_: int = 0) -> "BatchGuide":
+        """The guide of one batch (``round_`` > 0: a redraw of checked misses)."""
+        return BatchGuide(self, len(seeds), round_)
+
+    def summary(self) -> dict:
+        """For run.json: the running balance's counts, how many images the check redrew."""
+        return {"running_balance": self.balance.state() if self.balance is not None else None,
+                "redrawn_by_check": self.redrawn if self.plan.mode == "sample" and self.labeller else None}
+
+
+class BatchGuide:
+    """Guidance of one batch: ``edit(h, i, t)`` at each step, ``after_batch(x0)`` at the end."""
+
+    def __init__(self, guide: Guide, n: int, round_: int = 0):
+        self.g, self.n, self.round = guide, n, round_
+        self.batch_total = n                    # samples in the (global) batch
+        self.estimate: dict[str, list[float]] = {}
+        cap = guide.plan.cap
+        self.cap = None if cap is None else cap * guide.plan.settings.retry_boost ** round_
+        self.classes = ({a: torch.full((n,), c) for a, c in guide.plan.classes.items()}
+                        if guide.plan.classes else {})
+
+    def hooks(self) -> dict:
+        """Keyword arguments for ``DDIMSampler.sample``."""
+        return {"edit_h": self.edit}
+
+    def guided(self, i: int) -> bool:
+        s = self.g.plan.settings
+        return s.first_step <= i < (s.last_step if s.last_step is not None else 10 ** 9)
+
+    # ---- the loss -----------------------------------------------------------------------
+    def loss(self, logits: dict[str, torch.Tensor], s: int) -> torch.Tensor:
+        """The guidance loss L (a scalar, scales included) from the ADP's logits {attr: [N,K]}
+        at ADP step index s."""
+        plan, st = self.g.plan, self.g.plan.settings
+        q = {a: torch.softmax(lg / st.temperature, dim=1) for a, lg in logits.items()}
+        total = next(iter(logits.values())).new_zeros(())
+        for key in plan.targets:
+            scale = plan.scales[key]
+            if plan.mode == "sample":
+                self.estimate[key] = q[key].detach().mean(0).cpu().tolist()
+                c = self.classes[key]
+                part = (cross_entropy_to(torch.log_softmax(logits[key] / st.temperature, dim=1), c)
+                        if st.sample_loss == "xent" else probability_of(q[key], c))
+            elif plan.estimator == "quota":
+                part = self._quota_loss(key, self._joint(key, q), s)
+            else:
+                part = self._soft_loss(key, self._joint(key, q), s)
+            total = total + scale * part
+        return total
+
+    def _joint(self, key: str, q: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample prediction [N,K] over a key's classes (outer product for a joint key)."""
+        parts = joint_attributes(key)
+        out = q[parts[0]]
+        for a in parts[1:]:
+            out = (out[:, :, None] * q[a][:, None, :]).flatten(1)
+        return out
+
+    def _confusion(self, key: str, s: int) -> torch.Tensor:
+        """M_s for a key (Kronecker product over a joint key's attributes)."""
+        parts = joint_attributes(key)
+        m = self.g.adp.confusion(parts[0], s)
+        for a in parts[1:]:
+            m = torch.kron(m, self.g.adp.confusion(a, s))
+        return m
+
+    def _soft_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
+        """chi-square of the (debiased, running-balanced) batch mean to the key's target."""
+        p_hat = self._batch_mean(probs)
+        if self.g.plan.settings.debias:
+            p_hat = debias(p_hat, self._confusion(key, s))
+        self.estimate[key] = p_hat.detach().cpu().tolist()
+        bal = self.g.balance
+        if bal is not None:
+            p_hat = with_running_balance(p_hat, self.batch_total, bal.sums.get(key), bal.count)
+        return chi_square(p_hat, self.g.plan.targets[key].to(p_hat))
+
+    def _quota_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
+        """Quota (ours): the global batch is assigned to classes in the target's counts (minus
+        what earlier batches of a running balance already hold), keeping each sample's likeliest
+        class as far as the counts allow; each sample is pulled to its class by cross-entropy,
+        divided by n (the step multiplies by n again: a per-sample pull)."""
+        logq = torch.log(probs.clamp_min(1e-12))
+        every, offset = logq.detach(), 0
+        if self.g.distributed and _distributed():
+            parts = [None] * dist.get_world_size()          # local batches may differ by one
+            dist.all_gather_object(parts, every.cpu())
+            offset = sum(len(p) for p in parts[:dist.get_rank()])
+            every = torch.cat(parts).to(logq.device)
+        self.batch_total = len(every)
+        bal = self.g.balance
+        have, n_have = (bal.sums[key], bal.count) if bal is not None and key in bal.sums else (None, 0)
+        counts = quota_counts(self.g.plan.targets[key], len(every), have, n_have)
+        assigned = assign_to_quota(every, counts)[offset:offset + len(logq)]
+        p_est = every.exp().mean(0)
+        if self.g.plan.settings.debias:
+            p_est = debias(p_est, self._confusion(key, s))
+        self.estimate[key] = p_est.cpu().tolist()
+        return cross_entropy_to(logq, assigned) / self._n_step()
+
+    def _batch_mean(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch; over the global batch of every rank when distributed (the other
+        ranks' sums enter as constants, so the gradient reaches only this rank's samples)."""
+        total, n = probs.sum(0), len(probs)
+        if self.g.distributed and _distributed():
+            buf = torch.cat([total.detach(), total.new_tensor([n])])
+            dist.all_reduce(buf)
+            total = total + (buf[:-1] - total.detach())
+            n = int(round(float(buf[-1])))
+        self.batch_total = n
+        return total / n
+
+    def _n_step(self) -> int:
+        """The number of samples p_hat averages (global batch + a running balance's earlier
+        batches): a batch-normalised step multiplies by it to undo the mean's 1/n."""
+        bal = self.g.balance
+        return self.batch_total + (bal.count if bal is not None else 0)
+
+    # ---- the interface --------------------------------------------------------------------
+    def edit(self, h: torch.Tensor, i: int, t: int) -> torch.Tensor:
+        """h_t [N,C,H,W] -> the guided h_t (unchanged outside the guided steps)."""
+        plan, st = self.g.plan, self.g.plan.settings
+        if not self.guided(i) or all(v == 0 for v in plan.scales.values()):
+            return h
+        adp = self.g.adp
+        s = adp.step_index(t)
+        with torch.enable_grad():
+            logits = {a: v.detach().requires_grad_(True)
+                      for a, v in adp.logits(h.detach(), t, self.g.attrs).items()}
+            grads = torch.autograd.grad(self.loss(logits, s), list(logits.values()))
+        n = self._n_step() if plan.mode == "distribution" and st.batch_normalise else 1
+        lam = st.step_factor * float(self.g.betas[t]) ** st.beta_power * n
+        step = torch.zeros(len(h), h[0].numel(), device=h.device)
+        for a, g in zip(self.g.attrs, grads):
+            basis = adp.direction(a, s) if st.direction == "covariance" else adp.raw_weight(a, s)
+            step -= lam * g.float() @ basis.to(h.device)
+        if self.cap is not None:
+            step = clip_rows(step, self.cap * float(adp.std[s].norm()))
+        return (h.float() + step.view_as(h)).to(h.dtype)
+
+    def after_batch(self, x0: torch.Tensor) -> BatchReport:
+        """The batch is finished (images x0 [N,C,H,W] in [-1,1]): add it to the running balance;
+        in sample mode with the check, name the images outside their requested class (while
+        redraw rounds remain) and give the guide to redraw them with."""
+        g = self.g
+        report = BatchReport(dict(self.estimate))
+        if g.balance is not None and self.estimate:
+            g.balance.update(self.estimate, self.batch_total, x0, g.distributed)
+        if g.plan.mode == "sample" and g.labeller is not None and self.round < g.plan.settings.sample_retries:
+            with torch.no_grad():
+                probs = g.labeller.predict(x0.clamp(-1, 1).float().cpu())
+            miss = torch.zeros(len(x0), dtype=torch.bool)
+            for a, c in g.plan.classes.items():
+                miss |= probs[a].argmax(1) != c
+            report.redraw = miss.nonzero().flatten().tolist()
+            g.redrawn += len(report.redraw)
+            if report.redraw:
+                report.retry = g.start(report.redraw, self.round + 1)
+        return report
+
+
+def clip_rows(step: torch.Tensor, cap: float) -> torch.Tensor:
+    """Each row of step [N,D] scaled down to norm <= cap."""
+    return step * torch.clamp(cap / step.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)

@@ -1,0 +1,179 @@
+"""Guidance settings: one typed, validated object, built in one place from a config's
+``guidance:`` section and command-line overrides, starting from a named preset.
+
+Presets are complete value sets (every field below), not overrides of each other:
+
+- ``paper``: the original code, literally (Parihar et al. 2024, its ``multi_classifier.py`` /
+  ``h_classification.py`` and the guided-diffusion U-Net's update):
+  q = softmax(logits / 8); distribution loss L = sum_a s_a sum_k (p_hat_k - p_k)^2 / p_k with
+  p_hat the batch mean of q; sample loss L = -sum_i s q_i[c_i];
+  h <- h - 1.5 * beta_t^0.05 * grad_h(300 * L), i.e. ``step_factor`` 450 on the plain gradient;
+  no cap, no debias, no running balance, no refine, no finished-image check; scales 1500 (one
+  attribute), [1500, 700] (two), 15 (sample); every step guided but the first (t = 999).
+  The original samples with eta = 1: so do the configs of this project (``sampling.eta``).
+- ``ours``: this project's method (measured in docs/RESULTS.md): the covariance-preconditioned
+  step normalised by batch size and capped per sample, q at temperature 1 debiased with the
+  ADP's confusion matrices, the quota estimator for one target (soft for several), a running
+  balance over the run counted on the finished images by the config's labeller, coarse targets
+  pursued through a finer head (the config's ``refine`` map), sample guidance with redraws.
+
+A config without a ``guidance:`` section uses ``paper``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A guidance setting is unknown, of the wrong type or out of range."""
+
+
+#: field -> allowed values, for the enumerated settings
+CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
+           "sample_loss": ("prob", "xent")}
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """Every knob of h-space guidance (docstrings of the fields: the comments)."""
+    preset: str
+    estimator: str                    # distribution: soft (paper: batch mean of q) | quota (ours) | auto
+    temperature: float                # q = softmax(logits / temperature)
+    direction: str                    # gradient (paper: grad_h L) | covariance (ours: Cov_s(h) W_s^T)
+    step_factor: float                # the step's constant: paper 1.5 * 300 = 450
+    beta_power: float                 # lambda_t = step_factor * beta_t ** beta_power
+    batch_normalise: bool             # multiply the distribution step by N (p_hat is a mean over N)
+    distribution_scale: tuple         # s per target in order (the last repeats), e.g. (1500, 700)
+    sample_scale: float               # s of sample guidance
+    max_step: float | None            # per-sample cap on ||delta h|| in units of ||std_t(h)||; None: none
+    sample_max_step: float | None     # the same for sample guidance
+    soft_distribution_scale: tuple | None   # used instead of distribution_scale by the soft
+    soft_max_step: float | None             # estimator, and cap; None: the same as the general ones
+    sample_loss: str                  # prob (paper: -q_c) | xent (ours: -log q_c)
+    first_step: int                   # guided step indices i in [first_step, last_step)
+    last_step: int | None
+    debias: bool                      # estimate p as M_s^-1 p_hat (the ADP's confusion matrices)
+    running_balance: bool             # the estimate includes the run's earlier batches
+    refine: bool                      # pursue coarse targets through a finer head (config refine:)
+    check: bool                       # the config's labeller checks finished images
+    sample_retries: int               # sample guidance with check: rounds of redrawing misses
+    retry_boost: float                # ... each round with the step cap times this
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for run.json."""
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def scale_for(self, index: int, soft: bool, mode: str) -> float:
+        """Scale of the index-th guided target (sample mode: the sample scale)."""
+        if mode == "sample":
+            return self.sample_scale
+        scales = self.soft_distribution_scale if soft and self.soft_distribution_scale else self.distribution_scale
+        return float(scales[min(index, len(scales) - 1)])
+
+    def cap(self, soft: bool, mode: str) -> float | None:
+        """The per-sample step cap (units of ||std_t(h)||) or None."""
+        if mode == "sample":
+            return self.sample_max_step
+        return self.soft_max_step if soft and self.soft_max_step is not None else self.max_step
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(estimator="soft", temperature=8.0, direction="gradient", step_factor=450.0,
+                  beta_power=0.05, batch_normalise=False, distribution_scale=(1500.0, 700.0),
+                  sample_scale=15.0, max_step=None, sample_max_step=None,
+                  soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
+                  first_step=1, last_step=None, debias=False, running_balance=False,
+                  refine=False, check=False, sample_retries=0, retry_boost=1.0),
+    "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
+                 beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
+                 sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
+                 soft_distribution_scale=(128.0,), soft_max_step=1.0, sample_loss="xent",
+                 first_step=1, last_step=None, debias=True, running_balance=True,
+                 refine=True, check=True, sample_retries=2, retry_boost=2.0),
+}
+DEFAULT_PRESET = "paper"
+
+_TYPES = {f.name: f.type for f in dataclasses.fields(GuidanceSettings) if f.name not in ("preset", "extra")}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """value as the field's type, or a SettingsError naming the key."""
+    kind = _TYPES[key]
+
+    def bad(why: str) -> SettingsError:
+        return SettingsError(f"guidance setting {key}: {value!r} {why}")
+    if value is None:
+        if "None" in kind:
+            return None
+        raise bad("must be set (null is not allowed here)")
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise bad(f"is not one of {list(CHOICES[key])}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("must be an integer >= 0")
+        return value
+    if kind.startswith("tuple"):
+        vals = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not vals:
+            raise bad("must be a number or a non-empty list of numbers")
+        return tuple(_number(key, v) for v in vals)
+    return _number(key, value)
+
+
+def _number(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise SettingsError(f"guidance setting {key}: {v!r} must be a finite number >= 0")
+    return float(v)
+
+
+def resolve_settings(section: dict | None, overrides: dict | None = None) -> GuidanceSettings:
+    """Settings from a config's ``guidance:`` section (``preset:`` plus any field) and
+    command-line / programmatic overrides (None values are ignored). Unknown keys, wrong types
+    and unknown enumeration values are a SettingsError that names them."""
+    section = dict(section or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.pop("preset", None) or section.pop("preset", None) or DEFAULT_PRESET
+    section.pop("preset", None)
+    if preset not in PRESETS:
+        raise SettingsError(f"unknown guidance preset {preset!r}; presets: {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    for where, src in (("the config's guidance: section", section), ("the overrides", overrides)):
+        unknown = sorted(set(src) - set(values))
+        if unknown:
+            raise SettingsError(f"unknown guidance setting(s) {unknown} in {where}; allowed: "
+                                f"{['preset'] + sorted(values)}")
+        values.update(src)
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    if values["temperature"] <= 0:
+        raise SettingsError("guidance setting temperature must be > 0")
+    if values["debias"] and values["temperature"] != 1.0:
+        raise SettingsError("guidance setting debias needs temperature 1 (the ADP's confusion "
+                            "matrices are measured at temperature 1)")
+    if values["last_step"] is not None and values["last_step"] <= values["first_step"]:
+        raise SettingsError(f"guided steps [{values['first_step']}, {values['last_step']}) are empty: "
+                            f"last_step must be > first_step")
+    return GuidanceSettings(preset=preset, **values)
+
+
+def parse_guide_steps(spec: str) -> dict[str, int | None]:
+    """'1:25' -> {first_step: 1, last_step: 25}; '10:' -> last_step None."""
+    a, sep, b = spec.partition(":")
+    try:
+        first, last = int(a or 0), (int(b) if b else None)
+    except ValueError:
+        raise SettingsError(f"--guide_steps {spec!r}: expected start:end step indices, e.g. 1:25") from None
+    if not sep:
+        raise SettingsError(f"--guide_steps {spec!r}: expected start:end step indices, e.g. 1:25")
+    return {"first_step": first, "last_step": last}

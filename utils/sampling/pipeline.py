@@ -1,0 +1,110 @@
+"""A loaded model with its DDIM sampler, the batch plan (a seed per image) and the batch loop.
+
+The loop talks to a guide only through ``guide.start(seeds)`` and the returned batch guide's
+``hooks()`` (keyword arguments for the sampler) and ``after_batch(x0)`` (a report with the
+guide's estimate and the images to redraw from their own seeds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.adp import ADP
+from models.base import HSpaceUNet
+from models.files import file_sha256, resolve_path
+from models.loader import load_model
+from utils.sampling.diffusion import DDIMSampler, Schedule
+from utils.sampling.images import to_uint8
+from utils.sampling.seeds import SeededNoise
+
+
+@dataclass
+class Pipeline:
+    """A loaded model with its sampler and identity (config name + checkpoint hash)."""
+    net: HSpaceUNet
+    sampler: DDIMSampler
+    model_id: dict
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+
+def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
+                  eta: float | None = None) -> Pipeline:
+    """Build the U-Net from ``cfg['model']`` (strict load) and a DDIM sampler from ``cfg``."""
+    net = load_model(cfg["model"], cfg.get("name", "<config>"), device)
+    s = cfg.get("sampling", {})
+    sampler = DDIMSampler(net, Schedule.from_config(cfg["diffusion"]),
+                          steps or int(s.get("steps", 50)),
+                          float(s.get("eta", 1.0) if eta is None else eta),
+                          s.get("skip_type", "uniform"))
+    ckpt = resolve_path(cfg["model"]["checkpoint"])
+    model_id = {"config": cfg.get("name"), "checkpoint": cfg["model"]["checkpoint"],
+                "checkpoint_sha256": cfg["model"].get("sha256") or file_sha256(ckpt)}
+    return Pipeline(net, sampler, model_id, net.image_shape, device)
+
+
+def load_adp_for(pipe: Pipeline, path) -> ADP:
+    """Load an ADP checkpoint and check it belongs to this model and sampling grid."""
+    adp = ADP.load(resolve_path(path), pipe.model_id, pipe.net.h_shape)
+    for t in pipe.sampler.timesteps[1:]:
+        adp.step_index(t)
+    return adp.to(pipe.device)
+
+
+def plan_batches(seeds: list[int], batch_size: int, rank: int = 0, world: int = 1,
+                 skip: set[int] | frozenset = frozenset()) -> list[list[int]]:
+    """This rank's seed lists, one per global batch of ``batch_size * world`` seeds.
+
+    Global batch g holds seeds[g*B:(g+1)*B], split over the ranks in order (rank r gets the r-th
+    part), so the ranks' seeds are disjoint and together complete. A global batch whose seeds
+    are all in ``skip`` (images already written) is left out on every rank alike, which keeps
+    the ranks in step for the all-reduce; one with any seed missing is redone whole.
+    """
+    gb = batch_size * world
+    plan = []
+    for g in range(0, len(seeds), gb):
+        glob = seeds[g:g + gb]
+        if all(s in skip for s in glob):
+            continue
+        if len(glob) < world:
+            raise ValueError(f"the last global batch has {len(glob)} seeds for {world} processes; "
+                             f"make the number of images a multiple of {world}")
+        parts = np.array_split(np.asarray(glob), world)
+        plan.append([int(s) for s in parts[rank]])
+    return plan
+
+
+def sample_seeds(pipe: Pipeline, seeds: list[int], guide=None, asymmetric: bool = False):
+    """Draw one batch: (x0 [n,C,H,W] in [-1,1], the guide's report or None). Images the
+    guide's report names are drawn again from their own seeds with the guide it gives."""
+    batch = guide.start(seeds) if guide is not None else None
+    return _draw(pipe, seeds, batch, asymmetric)
+
+
+def _draw(pipe: Pipeline, seeds: list[int], batch, asymmetric: bool):
+    noise = SeededNoise(seeds, pipe.image_shape, pipe.device)
+    hooks = batch.hooks() if batch is not None else {}
+    x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, asymmetric=asymmetric, **hooks)
+    if batch is None:
+        return x0, None
+    report = batch.after_batch(x0)
+    if report.redraw:
+        redo, _ = _draw(pipe, [seeds[k] for k in report.redraw], report.retry, asymmetric)
+        x0 = x0.clone()
+        x0[report.redraw] = redo
+    return x0, report
+
+
+def sample_batches(pipe: Pipeline, batches: list[list[int]], guide=None, asymmetric: bool = False,
+                   desc: str = "sample", progress: bool = True):
+    """Yield (seeds, images uint8 [n,H,W,C], the guide's last-step estimate or None) per batch.
+
+    :param batches: seed lists (``plan_batches``), one per batch.
+    :param guide: None (vanilla), a ``utils.guidance.guide.Guide`` or a pixel-space baseline.
+    """
+    for seeds in tqdm(batches, desc=desc, disable=not progress):
+        x0, report = sample_seeds(pipe, seeds, guide, asymmetric)
+        yield seeds, to_uint8(x0), (report.estimate if report is not None else None)
