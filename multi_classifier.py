@@ -1,12 +1,23 @@
-"""Train the Attribute Distribution Predictor (ADP) on extracted h-vectors: several attributes.
+"""The Attribute Distribution Predictor (ADP): train it on extracted h-vectors, import the
+original code's classifiers, or add guidance directions to an ADP from an extraction.
 
     python multi_classifier.py --data runs/h_digits_pseudo --attributes parity,magnitude,digit \
         --out pretrained/digits16_adp.pt
+    python multi_classifier.py --import_original gender.pt --attribute gender --classes female,male \
+        --config configs/celeba_hq_p2.yml --out pretrained/celebahq_gender_original.pt
+    python multi_classifier.py --directions_from runs/h_faces --adp pretrained/celebahq_gender_original.pt \
+        --out pretrained/celebahq_gender_directions.pt
 
-One linear head per (attribute, DDIM timestep); validation accuracy per timestep is printed
-as a table, written next to the checkpoint (``.json``, ``.md``) and plotted (``.png``).
-The checkpoint records attribute/class names, h shape, timesteps, the model it was trained for
-(config + checkpoint sha256), the data source and the metrics.
+Training: one linear head per (attribute, DDIM timestep); validation accuracy per timestep is
+printed as a table, written next to the checkpoint (``.json``, ``.md``) and plotted (``.png``).
+Import: the original's ``classification_checkpoints/new_model/*.pt`` (``linears.{i}.weight``,
+one head per step of its grid ``int(linspace(0, 1, 50) * 999)``, none for t = 999) become an ADP
+of this project with identical logits, tied to the config's model; it runs with ``--preset
+paper``. The ``ours`` preset also needs guidance directions: ``--directions_from`` an extraction
+(script_extract_he.sh) of the same model adds them (and the confusion matrices when the
+extraction has labels for the attribute).
+Every checkpoint records attribute/class names, h shape, timesteps, the model it was made for
+(config + checkpoint sha256 when the file is present), its data source and metrics.
 """
 from __future__ import annotations
 
@@ -17,18 +28,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models.loader import resolve_path  # noqa: E402
+import torch  # noqa: E402
+
+from models.adp import ADP, ClassifierMismatchError  # noqa: E402
+from models.files import file_sha256, resolve_path  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+from utils.app.runtime import setup_logging  # noqa: E402
 from utils.data.adp_train import train_adp  # noqa: E402
 from utils.data.extract import load_h_dataset  # noqa: E402
 from utils.evaluation.plots import accuracy_plot, accuracy_table  # noqa: E402
-from utils.app.runtime import setup_logging  # noqa: E402
+from utils.sampling.diffusion import ddim_timesteps  # noqa: E402
 
 
 def build_parser(single: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", required=True, help="extraction folder(s) (meta.json + shards)")
+    p.add_argument("--data", nargs="+", help="(train) extraction folder(s) (meta.json + shards)")
     p.add_argument("--attribute" if single else "--attributes", required=single,
-                   help="attribute to train" if single else "comma-separated attributes (default: all in the data)")
+                   help="attribute to train" if single else "comma-separated attributes (default: all "
+                   "in the data; with --import_original: one name per file)")
     p.add_argument("--out", required=True, help="ADP checkpoint to write (.pt)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -37,24 +54,35 @@ def build_parser(single: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N samples (ablations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    if not single:
+        p.add_argument("--attribute", dest="attributes", help=argparse.SUPPRESS)
+        g = p.add_argument_group("the original code's classifiers")
+        g.add_argument("--import_original", nargs="+", metavar="PT",
+                       help="original classifier file(s) (linears.{i}.weight / .bias), one per attribute")
+        g.add_argument("--classes", action="append",
+                       help="class names of the imported heads, e.g. female,male (once for all, or once per file)")
+        g.add_argument("--config", help="(import) the model config the classifiers belong to")
+        g.add_argument("--directions_from", nargs="+", metavar="H_FOLDER",
+                       help="extraction folder(s) of the ADP's model: add guidance directions to --adp")
+        g.add_argument("--adp", help="(directions) the ADP checkpoint to complete")
     return p
 
 
-def run(args, attrs: list[str] | None) -> int:
-    setup_logging()
-    out = resolve_path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    try:
-        meta, h, labels = load_h_dataset([resolve_path(d) for d in args.data], attrs)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def train(args, attrs: list[str] | None, out: Path) -> int:
+    if not args.data:
+        raise ValueError("training needs --data (extraction folders); or --import_original / --directions_from")
+    if args.epochs < 1 or not 0 < args.val_fraction < 1:
+        raise ValueError("--epochs must be >= 1 and --val_fraction in (0, 1)")
+    meta, h, labels = load_h_dataset([resolve_path(d) for d in args.data], attrs)
     missing = [a for a in (attrs or []) if a not in labels]
     if missing:
-        print(f"error: the data has no labels for {missing}; it has {list(meta['attributes'])}", file=sys.stderr)
-        return 2
+        have = list(meta["attributes"]) or "no labels (an unlabelled extraction)"
+        raise ValueError(f"the data has no labels for {missing}; it has {have}")
     if args.limit:
         h, labels = h[:args.limit], {a: v[:args.limit] for a, v in labels.items()}
     adp, metrics = train_adp(h, labels, meta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -76,9 +104,107 @@ def run(args, attrs: list[str] | None) -> int:
     return 0
 
 
+def read_original(path: Path) -> dict[str, torch.Tensor]:
+    """An original classifier's state dict (tensors only: nothing in it can run)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"original classifier not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ClassifierMismatchError(f"{path} cannot be read as a state dict of tensors: "
+                                      f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(sd, dict):
+        raise ClassifierMismatchError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def import_original(args, out: Path) -> int:
+    """The original's classifiers -> one ADP tied to the config's model and grid."""
+    from models.loader import build_model
+    files = [resolve_path(f) for f in args.import_original]
+    names = [a.strip() for a in (args.attributes or "").split(",") if a.strip()]
+    if len(names) != len(files):
+        raise ValueError(f"--import_original: give one attribute name per file with --attribute "
+                         f"(got {len(files)} files and names {names})")
+    classes = [[c.strip() for c in spec.split(",")] for spec in (args.classes or ["0,1"])]
+    if len(classes) == 1:
+        classes = classes * len(files)
+    if len(classes) != len(files) or any(len(c) < 2 for c in classes):
+        raise ValueError("--classes: class names (at least two, comma-separated) once for all files or once per file")
+    if not args.config:
+        raise ValueError("--import_original needs --config (the model config the classifiers belong to)")
+    cfg = load_config(args.config)
+    s = cfg.get("sampling", {})
+    if s.get("skip_type", "uniform") != "original":
+        raise ValueError(f"config {cfg['name']} samples on the '{s.get('skip_type', 'uniform')}' grid; the "
+                         f"original's classifiers belong to its grid int(linspace(0, 1, S) * 999): set "
+                         f"sampling.skip_type: original in the config")
+    grid = ddim_timesteps(int(cfg["diffusion"].get("num_diffusion_timesteps", 1000)),
+                          int(s.get("steps", 50)), "original")
+    timesteps = sorted(grid[1:])               # head i <-> the i-th step of the ascending grid
+    h_shape = tuple(cfg["model"].get("h_shape") or build_model(cfg["model"], cfg["name"]).h_shape)
+    adp = ADP.from_original({a: (read_original(f), c) for a, f, c in zip(names, files, classes)},
+                            timesteps, h_shape)
+    ckpt = resolve_path(cfg["model"]["checkpoint"])
+    model_id = {"config": cfg["name"], "checkpoint": cfg["model"]["checkpoint"],
+                "checkpoint_sha256": file_sha256(ckpt) if ckpt.exists() else None}
+    imported = {"files": [f.name for f in files], "layout": "linears.{i} (Balancing Act original code)",
+                "grid": "original", "temperature": 8.0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adp.save(out, model_id, {"source": "imported", "files": [f.name for f in files]}, {}, imported)
+    tie = "its checkpoint's sha256" if model_id["checkpoint_sha256"] else "the config only (checkpoint file absent)"
+    print(f"wrote {out}: {len(timesteps)} heads per attribute {dict(zip(names, classes))}, h {h_shape}, "
+          f"tied to {cfg['name']} by {tie}; run with --preset paper, or add directions with --directions_from")
+    return 0
+
+
+def add_directions(args, out: Path) -> int:
+    """Guidance directions (and, with labels, confusion matrices) for an ADP from an extraction."""
+    if not args.adp:
+        raise ValueError("--directions_from needs --adp (the ADP to complete)")
+    adp = ADP.load(resolve_path(args.adp))
+    meta, h, labels = load_h_dataset([resolve_path(d) for d in args.directions_from], None)
+    if tuple(meta["h_shape"]) != adp.h_shape:
+        raise ClassifierMismatchError(f"the extraction's h shape {tuple(meta['h_shape'])} is not the ADP's {adp.h_shape}")
+    want, have = adp.meta["model"].get("checkpoint_sha256"), meta["model"].get("checkpoint_sha256")
+    if want and have and want != have:
+        raise ClassifierMismatchError("the extraction was made with another model checkpoint than the ADP's")
+    missing = [t for t in adp.timesteps if t not in meta["timesteps"]]
+    if missing:
+        raise ClassifierMismatchError(f"the extraction has no h at timesteps {missing[:5]}...; extract "
+                                      f"on the ADP's grid (the config's sampling.skip_type and steps)")
+    h = h[:, [meta["timesteps"].index(t) for t in adp.timesteps]]
+    adp.compute_directions(h)
+    calibrated = [a for a in adp.attributes if a in labels]
+    if calibrated:
+        adp.calibrate(h, {a: labels[a] for a in calibrated})
+    source = {**(adp.meta.get("data_source") or {}), "directions_from": [str(d) for d in args.directions_from],
+              "directions_n": int(len(h)), "calibrated": calibrated}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adp.save(out, adp.meta["model"], source, adp.meta.get("metrics") or {}, adp.meta.get("imported"))
+    print(f"wrote {out}: directions from {len(h)} samples; confusion matrices for {calibrated or 'none (no labels)'}")
+    return 0
+
+
+def run(args, attrs: list[str] | None) -> int:
+    setup_logging()
+    try:
+        out = resolve_path(args.out)
+        _refuse_existing(out, args.overwrite)
+        if getattr(args, "import_original", None):
+            return import_original(args, out)
+        if getattr(args, "directions_from", None):
+            return add_directions(args, out)
+        return train(args, attrs, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args, [a.strip() for a in args.attributes.split(",")] if args.attributes else None)
+    attrs = [a.strip() for a in args.attributes.split(",")] if args.attributes and not args.import_original else None
+    return run(args, attrs)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ class ADP(nn.Module):
         """{attribute: logits [N,K]} for bottleneck features h at timestep t."""
         s = self.step_index(t)
         z = self.normalise(h, s)
-        return {a: z @ self.weight[a][s].T + self.bias[a][s] for a in (attrs or self.attributes)}
+        return {a: nn.functional.linear(z, self.weight[a][s], self.bias[a][s])     # as nn.Linear
+                for a in (attrs or self.attributes)}
 
     def logits_all_steps(self, h_steps: torch.Tensor, attr: str) -> torch.Tensor:
         """h_steps [N,S,D] at every grid step -> logits [N,S,K] (training / evaluation)."""
@@ -126,38 +127,35 @@ class ADP(nn.Module):
                     "imported": imported}, path)
 
     @classmethod
-    def from_original(cls, state_dict: dict[str, torch.Tensor], attribute: str, classes: list[str],
+    def from_original(cls, heads: dict[str, tuple[dict[str, torch.Tensor], list[str]]],
                       timesteps: list[int], h_shape: tuple[int, ...]) -> "ADP":
-        """An ADP from the original code's per-step heads: ``linears.{i}.weight [K, D]`` and
-        ``.bias [K]`` (or the older ``linears.{i}.0.weight``), head i for ``timesteps[i]`` (the
-        original grid in ascending order, without t = 999). Identity standardisation, so its
-        logits equal the original's ``linears[i](h.flatten())``; no directions, identity
-        confusion matrices."""
-        heads = {}
-        for k, v in state_dict.items():
-            parts = k.split(".")
-            if parts[0] != "linears" or parts[-1] not in ("weight", "bias") or len(parts) not in (3, 4) \
-                    or (len(parts) == 4 and parts[2] != "0") or not parts[1].isdigit():
-                raise ClassifierMismatchError(
-                    f"unexpected key {k!r}: an original classifier holds linears.{{i}}.weight / .bias "
-                    f"(or linears.{{i}}.0.weight / .bias) only")
-            heads.setdefault(int(parts[1]), {})[parts[-1]] = v
-        if sorted(heads) != list(range(len(timesteps))):
-            raise ClassifierMismatchError(
-                f"the checkpoint has {len(heads)} heads (indices {sorted(heads)[:3]}...) but the "
-                f"model config's grid has {len(timesteps)} guided steps; it belongs to another grid")
+        """An ADP from the original code's classifiers: {attribute: (state dict, class names)},
+        each state dict holding one head per step, ``linears.{i}.weight [K, D]`` and ``.bias
+        [K]`` (or the older ``linears.{i}.0.weight``), head i for ``timesteps[i]`` (the original
+        grid in ascending order, without t = 999). Identity standardisation, so the logits equal
+        the original's ``linears[i](h.flatten())``; no guidance directions (``compute_directions``
+        adds them), identity confusion matrices."""
+        adp = cls(h_shape, timesteps, {a: c for a, (_, c) in heads.items()})
         d = int(torch.tensor(h_shape).prod())
-        adp = cls(h_shape, timesteps, {attribute: classes})
-        for i, hd in heads.items():
-            w, b = hd.get("weight"), hd.get("bias")
-            if w is None or b is None or tuple(w.shape) != (len(classes), d) or tuple(b.shape) != (len(classes),):
+        for attr, (sd, classes) in heads.items():
+            per_head = _original_heads(sd, attr)
+            if sorted(per_head) != list(range(len(timesteps))):
                 raise ClassifierMismatchError(
-                    f"head {i}: weight {None if w is None else tuple(w.shape)}, bias "
-                    f"{None if b is None else tuple(b.shape)}; expected [{len(classes)}, {d}] and "
-                    f"[{len(classes)}] for {len(classes)} classes {classes} on h of shape {tuple(h_shape)}")
-            with torch.no_grad():
-                adp.weight[attribute][i] = w.float()
-                adp.bias[attribute][i] = b.float()
+                    f"{attr}: the checkpoint has {len(per_head)} heads (indices {sorted(per_head)[:3]}...) "
+                    f"but the model config's grid has {len(timesteps)} guided steps; it was made for "
+                    f"another grid or number of steps")
+            k = len(classes)
+            for i, hd in per_head.items():
+                w, b = hd.get("weight"), hd.get("bias")
+                if w is None or b is None or tuple(w.shape) != (k, d) or tuple(b.shape) != (k,):
+                    raise ClassifierMismatchError(
+                        f"{attr}, head {i}: weight {None if w is None else tuple(w.shape)}, bias "
+                        f"{None if b is None else tuple(b.shape)}; expected [{k}, {d}] and [{k}] for "
+                        f"classes {classes} on h of shape {tuple(h_shape)} (another model, or another "
+                        f"number of classes)")
+                with torch.no_grad():
+                    adp.weight[attr][i] = w.float()
+                    adp.bias[attr][i] = b.float()
         return adp
 
     @classmethod
@@ -195,3 +193,18 @@ class ADP(nn.Module):
         adp.load_state_dict(ck["state_dict"], strict=True)
         adp.meta = {k: ck.get(k) for k in ("model", "data_source", "metrics", "imported")}
         return adp.eval()
+
+
+def _original_heads(sd: dict, attr: str) -> dict[int, dict[str, torch.Tensor]]:
+    """{head index: {"weight", "bias"}} from an original classifier's state dict."""
+    heads: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in sd.items():
+        parts = str(key).split(".")
+        ok = (parts[0] == "linears" and len(parts) in (3, 4) and parts[1].isdigit()
+              and parts[-1] in ("weight", "bias") and (len(parts) == 3 or parts[2] == "0"))
+        if not ok or not isinstance(v, torch.Tensor):
+            raise ClassifierMismatchError(
+                f"{attr}: unexpected entry {key!r}; a classifier of the original code holds "
+                f"linears.{{i}}.weight / .bias (or linears.{{i}}.0.weight / .bias) tensors only")
+        heads.setdefault(int(parts[1]), {})[parts[-1]] = v
+    return heads

@@ -165,3 +165,21 @@ def test_quota_guidance_pushes_the_assigned_sample_across():
     moved = (out - h)[:, 0].flatten()
     # quota 2/2: samples 1 (-0.2) and 3 (-1.0) are the likeliest odd ones: they go up, the rest down
     assert moved[1] > 0 and moved[3] > 0 and moved[0] <= 0 and moved[2] <= 0
+
+
+# ---- the confusion debias (ours) ---------------------------------------------------------------
+def test_debias_estimates_the_batch_through_the_inverse_confusion_matrix():
+    """With M = [[.8, .2], [.2, .8]] (a head that reads 20% of each class as the other), a batch
+    whose mean prediction is [.6, .4] holds [2/3, 1/3] in truth: the guide's estimate is
+    M^-1 p_hat, and its push towards 50/50 is the larger for it."""
+    adp = hand_adp()
+    with torch.no_grad():
+        adp.conf_a.copy_(torch.tensor([[0.8, 0.2], [0.2, 0.8]]).repeat(2, 1, 1))
+    p1 = torch.tensor([0.3, 0.5])                              # mean prediction of class 1: 0.4
+    h = torch.zeros(2, 2, 1, 1)
+    h[:, 0, 0, 0] = torch.log(p1 / (1 - p1)) / 2               # logit_1 - logit_0 = 2 h_0
+    plain, b0 = edit(adp, HALF, h)
+    debiased, b1 = edit(adp, HALF, h, debias=True)
+    assert b0.estimate["a"] == pytest.approx([0.6, 0.4], abs=1e-6)
+    assert b1.estimate["a"] == pytest.approx([2 / 3, 1 / 3], abs=1e-6)
+    assert ((debiased - h)[:, 0] > (plain - h)[:, 0]).all() and ((plain - h)[:, 0] > 0).all()

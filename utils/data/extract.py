@@ -148,7 +148,11 @@ def iter_shards(folder: Path) -> Iterator[dict]:
     if not files:
         raise ValueError(f"{folder} holds no finished shards")
     for f in files:
-        yield torch.load(f, map_location="cpu", weights_only=False)
+        try:                     # tensors and plain values only: a shard can never run code
+            yield torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{f} cannot be read as an extraction shard (tensors and plain values "
+                             f"only): {str(e).splitlines()[0][:200]}") from None
 
 
 def load_h_dataset(folders: list[Path], attrs: list[str] | None = None,
