@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from models.files import resolve_path
-from utils.app.cli import guidance_overrides
-from utils.app.rundir import prepare_out_dir
+from models.files import file_sha256, resolve_path
+from utils.app.cli import guidance_overrides, output_path
+from utils.app.rundir import RunFolder, RunFolderError
 from utils.app.runtime import init_distributed
 from utils.guidance import build_guide, build_plan
 from utils.guidance.targets import attribute_list_targets, check_target_keys, parse_target_spec
@@ -27,20 +26,30 @@ from utils.sampling.seeds import parse_seeds
 log = logging.getLogger(__name__)
 
 
-def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int, guide,
+def run_generation(pipe: Pipeline, folder: RunFolder, seeds: list[int], batch_size: int, guide,
                    resolved: dict, asymmetric: bool = False, resume: bool = False,
                    rank: int = 0, world: int = 1) -> dict:
-    """Generate one run into ``out``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``.
+    """Generate one run into ``folder``: ``{seed:06d}.png`` per image, ``grid.png``, ``run.json``.
 
     :param guide: None (vanilla) or a ``Guide`` (``utils.guidance.build_guide``).
     With ``world`` > 1 (torchrun) every rank calls this with the same arguments; each writes the
     images of its share of every global batch, rank 0 the grid and ``run.json``.
     """
-    done = {s for s in seeds if resume and (out / f"{s:06d}.png").exists()}
+    out = folder.out
+    done = folder.finished_seeds(seeds) if resume else set()
+    if world > 1:                     # every rank plans the same batches
+        box = [sorted(done)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = set(box[0])
     batches = plan_batches(seeds, batch_size, rank, world, done)
     if guide is not None and done and resolved.get("guidance", {}).get("settings", {}).get("running_balance"):
         log.warning("resuming a running-balance run: the balance restarts from the batches still "
                     "to do (the finished ones are not re-estimated)")
+    record = {"status": "running", "identity": resolved["identity"], "resolved": resolved, "seeds": seeds,
+              "model": pipe.model_id, "timesteps": pipe.sampler.timesteps, "device": str(pipe.device),
+              "world_size": world}
+    if rank == 0:
+        folder.write_record(record)
     t0, dists, n_new = time.time(), [], 0
     for batch, imgs, estimate in sample_batches(pipe, batches, guide, asymmetric,
                                                 desc=resolved.get("mode", "sample"), progress=rank == 0):
@@ -52,13 +61,11 @@ def run_generation(pipe: Pipeline, out: Path, seeds: list[int], batch_size: int,
     wall = time.time() - t0
     if world > 1:
         torch.distributed.barrier()
-    record = {"resolved": resolved, "seeds": seeds, "model": pipe.model_id,
-              "timesteps": pipe.sampler.timesteps, "wall_time_s": round(wall, 2),
-              "images_generated_now": n_new, "device": str(pipe.device), "world_size": world,
-              "adp_distribution_last_step": dists, **(guide.summary() if guide is not None else {})}
+    record.update({"status": "complete", "wall_time_s": round(wall, 2), "images_generated_now": n_new,
+                   "adp_distribution_last_step": dists, **(guide.summary() if guide is not None else {})})
     if rank == 0:
         save_grid(out / "grid.png", [out / f"{s:06d}.png" for s in seeds[:100]])
-        (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+        folder.write_record(record)
     return record
 
 
@@ -92,12 +99,14 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
     if mode == "vanilla" and any(v is not None for k, v in overrides.items()):
         given = [k for k, v in overrides.items() if v is not None]
         raise ValueError(f"guidance settings {given} apply to --mode sample or distribution, not vanilla")
+    # everything is validated and loaded before the output folder is touched
     pipe = load_pipeline(cfg, device, args.steps, args.eta)
-    guide, plan = None, None
+    guide, plan, adp_sha = None, None, None
     if mode != "vanilla":
         if not cfg.get("adp"):
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
         adp = load_adp_for(pipe, cfg["adp"])
+        adp_sha = file_sha256(resolve_path(cfg["adp"]))
         plan = build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
                           overrides, args.scale)
         if mode == "distribution" and args.bs_test * world < 2 and not plan.settings.running_balance:
@@ -108,34 +117,48 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         if args.running_balance and mode != "distribution":
             raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
         guide = build_guide(cfg, plan, adp, pipe.sampler.schedule.betas, distributed=world > 1)
-    out = resolve_path(args.exp)
+    judge = None
+    if args.evaluate and rank == 0:
+        from utils.evaluation.evaluate import judge_from_config
+        judge = judge_from_config(cfg)
+    folder = RunFolder(output_path(args.exp), pipe.image_shape)
+    identity = {"mode": mode, "config": cfg.get("name"), "model_sha256": pipe.model_id["checkpoint_sha256"],
+                "adp": str(resolve_path(cfg["adp"])) if plan else None, "adp_sha256": adp_sha,
+                "steps": len(pipe.sampler.timesteps), "timesteps": pipe.sampler.timesteps,
+                "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "batch_size": args.bs_test,
+                "world_size": world, "guidance": plan.to_dict() if plan else None}
     problem = None
     if rank == 0:
         try:
-            prepare_out_dir(out, args.overwrite, args.resume)
-        except FileExistsError as e:
+            folder.check(identity, args.overwrite, args.resume)
+            folder.open(args.overwrite)
+        except RunFolderError as e:
             problem = str(e)
     if world > 1:                     # every rank learns rank 0's verdict before anyone writes
         box = [problem]
         torch.distributed.broadcast_object_list(box, src=0)
         problem = box[0]
     if problem:
-        raise FileExistsError(problem)
+        raise RunFolderError(problem)
     resolved = {"mode": mode, "config": cfg.get("name"), "batch_size": args.bs_test, "world_size": world,
                 "steps": len(pipe.sampler.timesteps), "eta": pipe.sampler.eta,
                 "asymmetric": args.asymmetric, "adp": cfg.get("adp") if plan else None,
-                "guidance": plan.to_dict() if plan else None,
+                "guidance": plan.to_dict() if plan else None, "identity": identity,
                 "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
-    record = run_generation(pipe, out, seeds, args.bs_test, guide, resolved, args.asymmetric,
-                            args.resume, rank, world)
-    if rank != 0:
-        return 0
-    print(f"wrote {len(seeds)} images to {out} ({record['wall_time_s']} s)")
-    if args.evaluate:
-        from utils.evaluation.evaluate import evaluate_folder, format_table
-        rep = evaluate_folder(out, cfg, plan.requested if plan and mode == "distribution" else None)
-        (out / "eval.json").write_text(json.dumps(rep, indent=1) + "\n")
-        print(format_table([(mode, rep)], list(rep["attributes"])))
+    try:
+        record = run_generation(pipe, folder, seeds, args.bs_test, guide, resolved, args.asymmetric,
+                                args.resume, rank, world)
+        if rank != 0:
+            return 0
+        print(f"wrote {len(seeds)} images to {folder.out} ({record['wall_time_s']} s)")
+        if args.evaluate:
+            from utils.evaluation.evaluate import evaluate_folder, format_table
+            rep = evaluate_folder(folder.out, cfg, plan.requested if plan and mode == "distribution" else None, judge)
+            (folder.out / "eval.json").write_text(json.dumps(rep, indent=1) + "\n")
+            print(format_table([(mode, rep)], list(rep["attributes"])))
+    finally:
+        if rank == 0:
+            folder.close()
     return 0
 
 
@@ -151,7 +174,7 @@ def demo(cfg: dict, args) -> int:
     target = args.target or spec.get("target")
     if not target:
         raise ValueError(f"config {cfg.get('name')} has no demo: target; pass --target (e.g. parity=0.5)")
-    root = resolve_path(args.exp if args.exp != "runs/generate" else "runs/demo")
+    root = output_path(args.exp if args.exp != "runs/generate" else "runs/demo")
     n = args.n_test_img if args.n_test_img != 100 else int(spec.get("n", 100))
     seeds = parse_seeds(args.seeds, n, args.seed)
     judge, rows = judge_from_config(cfg), []
@@ -160,7 +183,8 @@ def demo(cfg: dict, args) -> int:
                  for k, v in parse_target_spec(target).items()}
     for mode in ("vanilla", "distribution"):
         sub = type(args)(**{**vars(args), "exp": str(root / mode), "mode": mode, "target": target,
-                            "seeds": ",".join(map(str, seeds)), "overwrite": True, "evaluate": False})
+                            "seeds": ",".join(map(str, seeds)), "evaluate": False,
+                            "overwrite": True, "resume": False})       # the demo's own run folders
         if mode == "vanilla":         # the guidance flags are the guided run's
             for k in ("preset", "estimator", "running_balance", "refine", "check", "guide_steps"):
                 setattr(sub, k, None)

@@ -13,8 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from multi_classifier import build_parser, run  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(single=True).parse_args(argv)
     return run(args, [args.attribute])

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from models.adp import ADP, ClassifierMismatchError  # noqa: E402
-from models.files import file_sha256, resolve_path  # noqa: E402
+from models.files import file_sha256, load_tensors, resolve_path  # noqa: E402
+from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import setup_logging  # noqa: E402
 from utils.data.adp_train import train_adp  # noqa: E402
@@ -78,7 +79,7 @@ def train(args, attrs: list[str] | None, out: Path) -> int:
         raise ValueError("training needs --data (extraction folders); or --import_original / --directions_from")
     if args.epochs < 1 or not 0 < args.val_fraction < 1:
         raise ValueError("--epochs must be >= 1 and --val_fraction in (0, 1)")
-    meta, h, labels = load_h_dataset([resolve_path(d) for d in args.data], attrs)
+    meta, h, labels = load_h_dataset([resolve_path(input_path(d)) for d in args.data], attrs)
     missing = [a for a in (attrs or []) if a not in labels]
     if missing:
         have = list(meta["attributes"]) or "no labels (an unlabelled extraction)"
@@ -106,13 +107,7 @@ def train(args, attrs: list[str] | None, out: Path) -> int:
 
 def read_original(path: Path) -> dict[str, torch.Tensor]:
     """An original classifier's state dict (tensors only: nothing in it can run)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"original classifier not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ClassifierMismatchError(f"{path} cannot be read as a state dict of tensors: "
-                                      f"{str(e).splitlines()[0][:200]}") from None
+    sd = load_tensors(path, "a classifier of the original code (a state dict)", ClassifierMismatchError)
     if not isinstance(sd, dict):
         raise ClassifierMismatchError(f"{path} holds a {type(sd).__name__}, not a state dict")
     return sd
@@ -121,7 +116,7 @@ def read_original(path: Path) -> dict[str, torch.Tensor]:
 def import_original(args, out: Path) -> int:
     """The original's classifiers -> one ADP tied to the config's model and grid."""
     from models.loader import build_model
-    files = [resolve_path(f) for f in args.import_original]
+    files = [resolve_path(input_path(f)) for f in args.import_original]
     names = [a.strip() for a in (args.attributes or "").split(",") if a.strip()]
     if len(names) != len(files):
         raise ValueError(f"--import_original: give one attribute name per file with --attribute "
@@ -133,7 +128,7 @@ def import_original(args, out: Path) -> int:
         raise ValueError("--classes: class names (at least two, comma-separated) once for all files or once per file")
     if not args.config:
         raise ValueError("--import_original needs --config (the model config the classifiers belong to)")
-    cfg = load_config(args.config)
+    cfg = load_config(input_path(args.config))
     s = cfg.get("sampling", {})
     if s.get("skip_type", "uniform") != "original":
         raise ValueError(f"config {cfg['name']} samples on the '{s.get('skip_type', 'uniform')}' grid; the "
@@ -142,9 +137,9 @@ def import_original(args, out: Path) -> int:
     grid = ddim_timesteps(int(cfg["diffusion"].get("num_diffusion_timesteps", 1000)),
                           int(s.get("steps", 50)), "original")
     timesteps = sorted(grid[1:])               # head i <-> the i-th step of the ascending grid
+    heads = {a: (read_original(f), c) for a, f, c in zip(names, files, classes)}   # read first: cheap
     h_shape = tuple(cfg["model"].get("h_shape") or build_model(cfg["model"], cfg["name"]).h_shape)
-    adp = ADP.from_original({a: (read_original(f), c) for a, f, c in zip(names, files, classes)},
-                            timesteps, h_shape)
+    adp = ADP.from_original(heads, timesteps, h_shape)
     ckpt = resolve_path(cfg["model"]["checkpoint"])
     model_id = {"config": cfg["name"], "checkpoint": cfg["model"]["checkpoint"],
                 "checkpoint_sha256": file_sha256(ckpt) if ckpt.exists() else None}
@@ -162,8 +157,8 @@ def add_directions(args, out: Path) -> int:
     """Guidance directions (and, with labels, confusion matrices) for an ADP from an extraction."""
     if not args.adp:
         raise ValueError("--directions_from needs --adp (the ADP to complete)")
-    adp = ADP.load(resolve_path(args.adp))
-    meta, h, labels = load_h_dataset([resolve_path(d) for d in args.directions_from], None)
+    adp = ADP.load(resolve_path(input_path(args.adp)))
+    meta, h, labels = load_h_dataset([resolve_path(input_path(d)) for d in args.directions_from], None)
     if tuple(meta["h_shape"]) != adp.h_shape:
         raise ClassifierMismatchError(f"the extraction's h shape {tuple(meta['h_shape'])} is not the ADP's {adp.h_shape}")
     want, have = adp.meta["model"].get("checkpoint_sha256"), meta["model"].get("checkpoint_sha256")
@@ -188,19 +183,16 @@ def add_directions(args, out: Path) -> int:
 
 def run(args, attrs: list[str] | None) -> int:
     setup_logging()
-    try:
-        out = resolve_path(args.out)
-        _refuse_existing(out, args.overwrite)
-        if getattr(args, "import_original", None):
-            return import_original(args, out)
-        if getattr(args, "directions_from", None):
-            return add_directions(args, out)
-        return train(args, attrs, out)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = output_path(args.out)
+    _refuse_existing(out, args.overwrite)
+    if getattr(args, "import_original", None):
+        return import_original(args, out)
+    if getattr(args, "directions_from", None):
+        return add_directions(args, out)
+    return train(args, attrs, out)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     attrs = [a.strip() for a in args.attributes.split(",")] if args.attributes and not args.import_original else None

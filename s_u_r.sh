@@ -14,9 +14,11 @@ sample=False                    # True: sample guidance (each image to class $ma
 bs_test=100                     # batch size: distribution guidance balances each batch
 male=0.5                        # sample: class index; distribution: fraction of class 1
 seed=0                          # first seed (image k uses seed+k): runs are reproducible
+overwrite=""                    # --overwrite: replace an earlier run in $exp (only a run's own files);
+                                # --resume: continue it; empty: refuse a non-empty $exp
 python=${PYTHON:-.venv/bin/python}
 
 "$python" main.py --config "$config" --exp "$exp" --n_test_img "$n_test_img" \
     --attribute_list "$attribute_list" ${scale:+--scale "$scale"} \
     --vanilla_generation "$vanilla_generation" --sample "$sample" --bs_test "$bs_test" \
-    --male "$male" --seed "$seed" --evaluate --overwrite "$@"
+    --male "$male" --seed "$seed" --evaluate ${overwrite:+"$overwrite"} "$@"

@@ -28,6 +28,7 @@ from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_r
 from utils.guidance import build_guide, build_plan  # noqa: E402
 from utils.guidance.settings import parse_guide_steps  # noqa: E402
 from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
 class LastStepProbe:
@@ -60,6 +61,7 @@ class _ProbedBatch:
         return self.batch.after_batch(x0)
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

@@ -30,6 +30,7 @@ from utils.guidance import build_guide, build_plan  # noqa: E402
 from utils.guidance.settings import parse_guide_steps  # noqa: E402
 from utils.guidance.targets import joint_classes, parse_fraction_vector  # noqa: E402
 from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
 def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
@@ -188,6 +189,7 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

@@ -29,6 +29,7 @@ from utils.sampling.pipeline import plan_batches, sample_batches  # noqa: E402
 from utils.baselines.pixel_guidance import load_pixel_classifier, pixel_guidance_factory  # noqa: E402
 from utils.baselines.rejection import rejection_sample, uint8_to_tensor  # noqa: E402
 from utils.app.runtime import pick_device, setup_logging  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
 def timed_run(pipe, seeds, bs, make_guide, desc):
@@ -52,6 +53,7 @@ def row(r: dict, attr: str, van_s: float) -> str:
                                                if "n_drawn" in r else ""))
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

@@ -44,6 +44,7 @@ from utils.evaluation.plots import line_plot  # noqa: E402
 from utils.guidance import build_guide, build_plan  # noqa: E402
 from utils.guidance.settings import parse_guide_steps  # noqa: E402
 from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 TARGET = {"parity": [0.5, 0.5]}
 OURS = dict(preset="ours")
@@ -335,6 +336,7 @@ def plot(rows: list[dict], key: str, path: Path, title: str, xlabel: str, ylabel
     line_plot(path, tx, ys, title, xlabel + (" (log scale)" if log_x else ""), ylabel, x_format=fmt, x_ticks=tx)
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

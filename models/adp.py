@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.files import load_tensors
+
 ADP_KIND = "balancing-act/adp-v1"
 
 
@@ -166,11 +168,7 @@ class ADP(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"h-classifier checkpoint not found: {path}. Train one with "
                                     f"multi_classifier.py (see README) or pass --adp PATH")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:           # a pickle with code in it, a truncated or text file
-            raise ClassifierMismatchError(f"{path} cannot be read as an ADP checkpoint (tensors and "
-                                          f"plain metadata only): {str(e).splitlines()[0][:200]}") from None
+        ck = load_tensors(path, "an ADP checkpoint", ClassifierMismatchError)
         if not isinstance(ck, dict) or ck.get("kind") != ADP_KIND:
             hint = ""
             if isinstance(ck, dict) and any(str(k).startswith("linears.") for k in ck):
@@ -182,10 +180,16 @@ class ADP(nn.Module):
                 f"{path} was trained on h of shape {tuple(ck['h_shape'])} but the model gives "
                 f"{tuple(expect_h_shape)}: it belongs to another model ({ck['model']}).")
         if expect_model is not None:
-            want, have = expect_model.get("checkpoint_sha256"), ck["model"].get("checkpoint_sha256")
+            model = ck.get("model") if isinstance(ck.get("model"), dict) else {}
+            want, have = expect_model.get("checkpoint_sha256"), model.get("checkpoint_sha256")
+            if want and not have and not (ck.get("imported") and model.get("config") == expect_model.get("config")):
+                raise ClassifierMismatchError(
+                    f"{path} records no model checkpoint hash, so it cannot be checked to belong to "
+                    f"the loaded model ({expect_model.get('config')}); retrain it (multi_classifier.py) "
+                    f"or re-import it with the checkpoint file present")
             if want and have and want != have:
                 raise ClassifierMismatchError(
-                    f"{path} was trained for model {ck['model'].get('config')} with checkpoint "
+                    f"{path} was trained for model {model.get('config')} with checkpoint "
                     f"sha256 {have[:12]}…, but the loaded model's checkpoint is {want[:12]}… "
                     f"({expect_model.get('config')}). A classifier must match its model; "
                     f"retrain it (multi_classifier.py) for this checkpoint.")

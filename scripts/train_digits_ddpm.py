@@ -20,8 +20,10 @@ from utils.sampling.diffusion import Schedule  # noqa: E402
 from models.digits import load_split  # noqa: E402
 from utils.app.runtime import pick_device, setup_logging  # noqa: E402
 from utils.data.train_ddpm import train_ddpm  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml")

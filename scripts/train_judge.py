@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from models.digits_judge import DigitsJudge, train_digits_judge  # noqa: E402
 from models.loader import resolve_path  # noqa: E402
 from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
 def judge_accuracy(judge, x: torch.Tensor, digits: np.ndarray) -> dict[str, float]:
@@ -29,6 +30,7 @@ def judge_accuracy(judge, x: torch.Tensor, digits: np.ndarray) -> dict[str, floa
     return {a: float((probs[a].argmax(1).numpy() == labels[a]).mean()) for a in ATTRIBUTES}
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="pretrained/digits16_judge.pt")

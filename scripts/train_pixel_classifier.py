@@ -26,8 +26,10 @@ from models.pixel_classifier import (NoisyPixelClassifier, PixelClassifierConfig
 from utils.app.config import load_config  # noqa: E402
 from utils.sampling.diffusion import Schedule  # noqa: E402
 from models.digits import attribute_labels, load_split  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16.yml", help="model config (its diffusion schedule)")

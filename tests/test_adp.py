@@ -1,4 +1,4 @@
-"""models/adp.py and utils/adp_train.py: training on a separable toy h-space, checkpoints, directions.
+"""models/adp.py and utils/data/adp_train.py: training on a separable toy h-space, checkpoints, directions.
 
 CPU only, tiny data: h [N=200, S=3, D=16] with a class-dependent mean shift, so a linear head per
 step must reach 100% validation accuracy.

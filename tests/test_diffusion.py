@@ -1,4 +1,4 @@
-"""utils/diffusion.py: schedules, the DDIM step against diffusers, sampling, inversion, h edits.
+"""utils/sampling/diffusion.py: schedules, the DDIM step against diffusers, sampling, inversion, h edits.
 
 CPU only, tiny nets: a random 16x16 ADM U-Net (~0.7 M parameters, ~15 ms a call) and
 closed-form eps "networks" whose answers are known.

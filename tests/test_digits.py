@@ -1,4 +1,4 @@
-"""utils/digits.py: the seeded, deliberately biased split of scikit-learn's digits."""
+"""models/digits.py: the seeded, deliberately biased split of scikit-learn's digits."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""utils/extract.py: pseudo-labelled and folder (DDIM-inversion) extraction, resume, errors, loading.
+"""utils/data/extract.py: pseudo-labelled and folder (DDIM-inversion) extraction, resume, errors, loading.
 
 CPU only: a tiny random 16x16 ADM U-Net, 5 DDIM steps, batches of 2 and a stub labeller.
 """
@@ -46,7 +46,7 @@ def sampler(net, schedule):
 
 
 def _shard(folder, k):
-    return torch.load(folder / f"shard_{k:05d}.pt", weights_only=False)
+    return torch.load(folder / f"shard_{k:05d}.pt", weights_only=True)
 
 
 @torch.no_grad()

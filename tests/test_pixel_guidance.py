@@ -1,4 +1,4 @@
-"""models/pixel_classifier.py and utils/pixel_guidance.py: the guided eps on a hand-built
+"""models/pixel_classifier.py and utils/baselines/pixel_guidance.py: the guided eps on a hand-built
 classifier (known gradients, both variants, both modes), scale 0 == vanilla bit for bit,
 checkpoints round trip and refuse mismatches.
 """
@@ -177,7 +177,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
 
     with pytest.raises(ClassifierMismatchError, match="schedule"):
         NoisyPixelClassifier.load(path, expect_diffusion={"beta_schedule": "cosine"})
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     ck["state_dict"]["heads.extra.weight"] = ck["state_dict"].pop("heads.digit.weight")
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(ClassifierMismatchError, match=r"missing key\(s\) \(first: \['heads.digit.weight'\]\).*heads.extra.weight"):

@@ -1,4 +1,4 @@
-"""utils/rejection.py: quotas, the acceptance rule on a stream with a known answer, the max-draw
+"""utils/baselines/rejection.py: quotas, the acceptance rule on a stream with a known answer, the max-draw
 error, and the pipeline path (tiny ADM, a fake judge) against an independent vanilla run."""
 from types import SimpleNamespace
 

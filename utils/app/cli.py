@@ -3,8 +3,11 @@ error handling around a command (the commands themselves are handed in by main.p
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import sys
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-999 or 3,5,8 (overrides --seed/--n_test_img)")
     g.add_argument("--steps", type=int, help="DDIM steps (default: config sampling.steps)")
-    g.add_argument("--eta", type=float, help="DDIM eta (default: config sampling.eta)")
+    g.add_argument("--eta", type=finite_float, help="DDIM eta in [0, 1] (default: config sampling.eta)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g.add_argument("--resume", action="store_true", help="continue a run, skipping images already written")
     g = p.add_argument_group("guidance")
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vanilla_generation", type=str2bool, help="original flag: True = --mode vanilla")
     g.add_argument("--sample", type=str2bool, help="original flag: True = sample guidance, False = distribution")
     g.add_argument("--attribute_list", help="original flag: one 0/1 switch per ADP attribute, e.g. 1,1,0")
-    g.add_argument("--male", type=float, help="original flag: class index (sample) or fraction of class 1 (distribution)")
+    g.add_argument("--male", type=finite_float, help="original flag: class index (sample) or fraction of class 1 (distribution)")
     g.add_argument("--target", help="parity=0.5 | digit=uniform | race=0.25:0.25:0.25:0.25 | (sample) parity=odd"
                    " | (joint, first attribute slowest) 'parity*magnitude=0.25:0.25:0.25:0.25'")
     g.add_argument("--scale", help="guidance scale: one number, or per attribute: parity=2,magnitude=1")
@@ -87,6 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return x
+
+
+def output_path(path: str) -> Path:
+    """An output folder given on the command line: relative to the current directory."""
+    return Path(path).expanduser().resolve()
+
+
+def input_path(path: str | None) -> str | None:
+    """A file given on the command line: relative to the current directory if it is there,
+    else to the repository (as paths in configs are)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def check_numbers(args) -> None:
+    """Ranges of the numeric flags (before anything is loaded)."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: the number of DDIM steps must be >= 1")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta {args.eta}: DDIM eta must be in [0, 1] (0 deterministic, 1 the original's)")
+    if args.bs_test < 1 or args.n_test_img < 1:
+        raise ValueError("--bs_test and --n_test_img must be >= 1")
+
+
 def resolve_mode(args) -> str:
     """--mode, or the original boolean flags."""
     if args.mode:
@@ -109,13 +147,32 @@ def guidance_overrides(args) -> dict:
 
 def load_run_config(args) -> dict:
     """The config with the command line's model / ADP / labeller overrides."""
-    return with_overrides(load_config(args.config), {"model.checkpoint": args.checkpoint,
-                                                     "adp": args.adp, "labeller": args.labeller})
+    return with_overrides(load_config(input_path(args.config)), {
+        "model.checkpoint": input_path(args.checkpoint), "adp": input_path(args.adp),
+        "labeller": input_path(args.labeller)})
 
 
-#: errors that are the user's to fix: one line, exit 2
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError,
-               ClassifierMismatchError, SettingsError, yaml.YAMLError)
+#: errors that are the user's to fix: one line, exit 2 (OSError: a folder that cannot be written)
+USER_ERRORS = (ValueError, OSError, CheckpointError, ClassifierMismatchError, SettingsError,
+               yaml.YAMLError)
+
+
+def guarded(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a script's ``main``: a user error prints one line (``-v`` in argv: the traceback
+    too) and returns 2; Ctrl-C returns 130."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        except USER_ERRORS as e:
+            if "-v" in (sys.argv[1:] if argv is None else argv):
+                log.exception("error")
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return wrapper
 
 
 def run(argv: list[str] | None, generate: Callable, demo: Callable, extract: Callable) -> int:
@@ -126,15 +183,19 @@ def run(argv: list[str] | None, generate: Callable, demo: Callable, extract: Cal
     args._argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
     try:
+        check_numbers(args)
         cfg = load_run_config(args)
         if args.demo:
             return demo(cfg, args)
         if args.just_precompute or args.extract_pseudo:
             return extract(cfg, args)
         return generate(cfg, args, resolve_mode(args))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the images written so far are kept; to finish, run the same command "
+              f"with --resume (output: {args.exp})", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         if args.verbose:
             log.exception("error")
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

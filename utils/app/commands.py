@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from models.files import resolve_path
 from models.labellers import load_labeller
+from utils.app.cli import input_path, output_path
 from utils.app.runtime import pick_device
 from utils.sampling.pipeline import load_pipeline
 from utils.sampling.seeds import parse_seeds
@@ -16,11 +17,11 @@ def extract(cfg: dict, args) -> int:
     device = pick_device(args.device)
     pipe = load_pipeline(cfg, device, args.steps, 0.0 if args.just_precompute else args.eta)
     meta = {"model": pipe.model_id, "config": cfg.get("name")}
-    out = resolve_path(args.savepath)
+    out = output_path(args.savepath)
     if args.just_precompute:
         if not args.test_path_one or not args.attribute:
             raise ValueError("--just_precompute needs --test_path_one (class folders) and --attribute")
-        extract_from_folders(pipe.sampler, resolve_path(args.test_path_one), args.attribute, out,
+        extract_from_folders(pipe.sampler, resolve_path(input_path(args.test_path_one)), args.attribute, out,
                              meta, args.bs_test, device)
     else:
         if not cfg.get("labeller"):

@@ -18,8 +18,13 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
     if not p.exists():
         known = sorted(str(c.relative_to(REPO_ROOT)) for c in (REPO_ROOT / "configs").glob("*.yml"))
         raise FileNotFoundError(f"config {path} not found; available: {known}")
-    with open(p) as fh:
-        cfg = yaml.safe_load(fh) or {}
+    try:
+        with open(p) as fh:
+            cfg = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {p} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {p} must be a YAML mapping (model:, diffusion:, ...), got {type(cfg).__name__}")
     cfg.setdefault("name", p.stem)
     return cfg
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from models.files import load_tensors
 from utils.sampling.diffusion import DDIMSampler
 from utils.sampling.seeds import SeededNoise
 
@@ -34,7 +35,7 @@ def _write_meta(out: Path, meta: dict) -> None:
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        keys = ("model", "h_shape", "timesteps", "source", "attributes", "shard_size")
+        keys = ("model", "h_shape", "timesteps", "source", "attributes", "shard_size", "seeds", "eta")
         diff = [k for k in keys if old.get(k) != meta.get(k)]
         if diff:
             raise ValueError(f"{out} already holds an extraction with different {diff}; "
@@ -62,7 +63,8 @@ def extract_pseudo_labelled(sampler: DDIMSampler, seeds: list[int], labeller, ou
     net = sampler.net
     meta = {**meta, "source": "pseudo", "timesteps": sampler.timesteps, "h_shape": list(net.h_shape),
             "attributes": labeller.attributes, "shard_size": batch_size, "n": len(seeds),
-            "eta": sampler.eta}
+            "eta": sampler.eta, "seeds": [seeds[0], seeds[-1]] if seeds == list(range(seeds[0], seeds[-1] + 1))
+            else list(seeds)}
     _write_meta(out, meta)
     shape = net.image_shape
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -148,11 +150,7 @@ def iter_shards(folder: Path) -> Iterator[dict]:
     if not files:
         raise ValueError(f"{folder} holds no finished shards")
     for f in files:
-        try:                     # tensors and plain values only: a shard can never run code
-            yield torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{f} cannot be read as an extraction shard (tensors and plain values "
-                             f"only): {str(e).splitlines()[0][:200]}") from None
+        yield load_tensors(f, "an extraction shard", ValueError)     # tensors only: never runs code
 
 
 def load_h_dataset(folders: list[Path], attrs: list[str] | None = None,

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from models.base import HSpaceUNet
+from models.files import load_tensors
 from utils.sampling.diffusion import Schedule
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def train_ddpm(net: HSpaceUNet, data: torch.Tensor, schedule: Schedule, out_path
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start, elapsed, losses = 0, 0.0, []
     if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = load_tensors(state_path, "a training state (--state)", ValueError)
         net.load_state_dict(st["net"]); ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"]); gen.set_state(st["gen"])
         start, elapsed = st["step"], st["elapsed"]

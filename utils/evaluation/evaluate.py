@@ -108,7 +108,7 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
         fd, lo, hi = bootstrap_fd(labels, np.asarray(targets[key]), k)
         report.setdefault("joint_targets", {})[key] = {**sub, "target": list(targets[key]),
                                                        "fd": fd, "fd_ci": [lo, hi]}
-    main_attr = "digit" if "digit" in probs else next(iter(probs))
+    main_attr = max(probs, key=lambda a: probs[a].shape[1])     # the finest attribute (digits: digit)
     report["n"] = int(len(images))
     report["confident_share"] = confident_share(probs[main_attr], threshold)
     report["confident_on"] = main_attr

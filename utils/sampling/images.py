@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,17 @@ def _pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG under a temporary name, then rename it: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
 def save_images(out: Path, seeds: list[int], imgs: np.ndarray) -> None:
-    """One PNG per image, named by its seed: ``{seed:06d}.png``."""
+    """One PNG per image, named by its seed: ``{seed:06d}.png`` (written atomically)."""
     for s, a in zip(seeds, imgs):
-        _pil(a).save(out / f"{s:06d}.png")
+        save_png(_pil(a), out / f"{s:06d}.png")
 
 
 def grid_array(imgs: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
@@ -49,7 +57,7 @@ def save_grid(path: Path, files_or_imgs, ncol: int | None = None, upscale: int =
     img = _pil(grid_array(imgs, ncol))
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    save_png(img, Path(path))
 
 
 def read_images(folder: Path) -> tuple[list[int], torch.Tensor]:

@@ -37,7 +37,7 @@ def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
     net = load_model(cfg["model"], cfg.get("name", "<config>"), device)
     s = cfg.get("sampling", {})
     sampler = DDIMSampler(net, Schedule.from_config(cfg["diffusion"]),
-                          steps or int(s.get("steps", 50)),
+                          steps if steps is not None else int(s.get("steps", 50)),
                           float(s.get("eta", 1.0) if eta is None else eta),
                           s.get("skip_type", "uniform"))
     ckpt = resolve_path(cfg["model"]["checkpoint"])

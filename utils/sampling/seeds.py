@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+MAX_SEED = 2 ** 32          # seeds are in [0, 2**32): torch generators, file names and sorting agree
+
 
 class SeededNoise:
     """Per-sample Gaussian streams: ``x_T()`` first, then ``step(i)`` once per sampling step."""
@@ -30,15 +32,24 @@ class SeededNoise:
 def parse_seeds(spec: str | None, n: int, start: int = 0) -> list[int]:
     """``"0-99"`` or ``"3,5,9"`` -> a list; None -> ``start .. start+n-1``."""
     if spec is None:
-        return list(range(start, start + n))
-    seeds: list[int] = []
-    for part in str(spec).split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-")
-            seeds.extend(range(int(a), int(b) + 1))
-        elif part:
-            seeds.append(int(part))
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {spec!r} repeats a seed; each sample needs its own")
+        seeds = list(range(start, start + n))
+    else:
+        seeds = []
+        for part in str(spec).split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    a, b = part.split("-")
+                    seeds.extend(range(int(a), int(b) + 1))
+                elif part:
+                    seeds.append(int(part))
+            except ValueError:
+                raise ValueError(f"--seeds {spec!r}: expected seeds like 0-999 or 3,5,8") from None
+        if not seeds:
+            raise ValueError(f"--seeds {spec!r} names no seed")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds {spec!r} repeats a seed; each sample needs its own")
+    bad = [s for s in (min(seeds), max(seeds)) if not 0 <= s < MAX_SEED]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is out of range: seeds must be in [0, 2**32) (--seed, --seeds)")
     return seeds
