@@ -36,8 +36,8 @@ def run_generation(pipe: Pipeline, folder: RunFolder, seeds: list[int], batch_si
     images of its share of every global batch, rank 0 the grid and ``run.json``.
     """
     out = folder.out
-    done = folder.finished_seeds(seeds) if resume else set()
-    if world > 1:                     # every rank plans the same batches
+    done = folder.finished_seeds(seeds) if resume and rank == 0 else set()
+    if world > 1:                     # every rank plans the same batches (rank 0's view)
         box = [sorted(done)]
         torch.distributed.broadcast_object_list(box, src=0)
         done = set(box[0])

@@ -23,6 +23,6 @@ run "running-balance update" utils/guidance/guide.py "            g.balance.upda
 run "redraw of checked samples kept" utils/sampling/pipeline.py "        x0[report.redraw] = redo" "        pass"
 run "confusion debias" utils/guidance/estimators.py "    return torch.linalg.solve(confusion.to(p_hat), p_hat)" "    return p_hat"
 run "refine" utils/guidance/targets.py "    if settings.refine and refine_map:" "    if False:"
-run "quota assignment" utils/guidance/guide.py "        assigned = assign_to_quota(every, counts)[offset:offset + len(logq)]" "        assigned = every.argmax(1)[offset:offset + len(logq)]"
+run "quota assignment" utils/guidance/estimators.py "    return assign_to_quota(logq, quota_counts(p, len(logq), have, n_have))" "    return logq.argmax(1)"
 run "paper temperature 8 -> 1" utils/guidance/settings.py 'estimator="soft", temperature=8.0' 'estimator="soft", temperature=1.0'
 run "paper step factor" utils/guidance/settings.py 'step_factor=450.0' 'step_factor=300.0'

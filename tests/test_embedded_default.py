@@ -89,3 +89,17 @@ def test_ddim_inversion_reconstructs_real_digits():
         errs[steps] = (s.sample(x_T)[0] - x0).abs().mean().item()
     assert errs[50] < 0.06 and errs[200] < 0.015 and errs[200] < errs[50] / 2.5, errs
 
+
+
+def test_demo_honours_target_and_seeds(tmp_path):
+    root = tmp_path / "demo"
+    assert main(["--demo", "--target", "magnitude=0.5", "--seeds", "10-13", "--bs_test", "4",
+                 "--device", "cpu", "--exp", str(root)]) == 0
+    for mode in ("vanilla", "distribution"):
+        run = json.loads((root / mode / "run.json").read_text())
+        assert run["seeds"] == [10, 11, 12, 13]
+    assert json.loads((root / "distribution" / "run.json").read_text())["resolved"]["guidance"]["requested"] == \
+        {"magnitude": [0.5, 0.5]}
+    table = (root / "results.md").read_text()
+    assert "magnitude fractions" in table and "parity fractions" not in table
+    assert (root / "side_by_side.png").exists()

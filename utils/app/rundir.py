@@ -160,7 +160,7 @@ class RunFolder:
                 if image_ok(p, self.image_shape):
                     done.add(s)
                 else:
-                    p.unlink()
+                    p.unlink(missing_ok=True)
         return done
 
     def write_record(self, record: dict) -> None:

@@ -13,10 +13,11 @@ def chi_square(p_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return ((p_hat - p) ** 2 / p.clamp_min(1e-6)).sum()
 
 
-def soft_estimate(q: torch.Tensor, confusion: torch.Tensor | None = None) -> torch.Tensor:
-    """p_hat = (1/N) sum_i q_i (the paper); debiased: M_s^-1 p_hat, since E[p_hat] = M_s p_true
-    (as CLEAM corrects a classifier's counts with its confusion matrix)."""
-    p_hat = q.mean(0)
+def soft_estimate(q_sum: torch.Tensor, n: int, confusion: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's estimate p_hat = (1/N) sum_i q_i from the batch sum of q [K] over N samples;
+    debiased (ours): M_s^-1 p_hat, since E[p_hat] = M_s p_true (as CLEAM corrects a
+    classifier's counts with its confusion matrix)."""
+    p_hat = q_sum / n
     return p_hat if confusion is None else debias(p_hat, confusion)
 
 
@@ -59,6 +60,14 @@ def assign_to_quota(logq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     out = torch.empty(len(logq), dtype=torch.long)
     out[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
     return out.to(logq.device)
+
+
+def quota_assignment(logq: torch.Tensor, p: torch.Tensor, have: torch.Tensor | None = None,
+                     n_have: int = 0) -> torch.Tensor:
+    """Ours: the class of each of the N samples [N] such that the counts are those of the target
+    (``quota_counts``, after the ``have`` counts of earlier batches) and sum_i log q_i,c(i) is
+    the largest possible (``assign_to_quota``)."""
+    return assign_to_quota(logq, quota_counts(p, len(logq), have, n_have))
 
 
 def cross_entropy_to(logq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from models.adp import ADP
-from utils.guidance.estimators import (assign_to_quota, chi_square, cross_entropy_to, debias,
-                                       probability_of, quota_counts, with_running_balance)
+from utils.guidance.estimators import (chi_square, cross_entropy_to, probability_of, quota_assignment,
+                                       soft_estimate, with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
 
 
@@ -194,10 +194,10 @@ class BatchGuide:
         return m
 
     def _soft_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
-        """chi-square of the (debiased, running-balanced) batch mean to the key's target."""
-        p_hat = self._batch_mean(probs)
-        if self.g.plan.settings.debias:
-            p_hat = debias(p_hat, self._confusion(key, s))
+        """chi-square of the (debiased, running-balanced) soft estimate to the key's target."""
+        q_sum, self.batch_total = self._global_sum(probs)
+        debiased = self._confusion(key, s) if self.g.plan.settings.debias else None
+        p_hat = soft_estimate(q_sum, self.batch_total, debiased)
         self.estimate[key] = p_hat.detach().cpu().tolist()
         bal = self.g.balance
         if bal is not None:
@@ -206,38 +206,38 @@ class BatchGuide:
 
     def _quota_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
         """Quota (ours): the global batch is assigned to classes in the target's counts (minus
-        what earlier batches of a running balance already hold), keeping each sample's likeliest
-        class as far as the counts allow; each sample is pulled to its class by cross-entropy,
-        divided by n (the step multiplies by n again: a per-sample pull)."""
+        what earlier batches of a running balance already hold); each sample is pulled to its
+        class by cross-entropy, divided by n (the step multiplies by n again: a per-sample pull)."""
         logq = torch.log(probs.clamp_min(1e-12))
-        every, offset = logq.detach(), 0
-        if self.g.distributed and _distributed():
-            parts = [None] * dist.get_world_size()          # local batches may differ by one
-            dist.all_gather_object(parts, every.cpu())
-            offset = sum(len(p) for p in parts[:dist.get_rank()])
-            every = torch.cat(parts).to(logq.device)
+        every, offset = self._global_rows(logq.detach())
         self.batch_total = len(every)
         bal = self.g.balance
         have, n_have = (bal.sums[key], bal.count) if bal is not None and key in bal.sums else (None, 0)
-        counts = quota_counts(self.g.plan.targets[key], len(every), have, n_have)
-        assigned = assign_to_quota(every, counts)[offset:offset + len(logq)]
-        p_est = every.exp().mean(0)
-        if self.g.plan.settings.debias:
-            p_est = debias(p_est, self._confusion(key, s))
-        self.estimate[key] = p_est.cpu().tolist()
+        assigned = quota_assignment(every, self.g.plan.targets[key], have, n_have)[offset:offset + len(logq)]
+        debiased = self._confusion(key, s) if self.g.plan.settings.debias else None
+        self.estimate[key] = soft_estimate(every.exp().sum(0), len(every), debiased).cpu().tolist()
         return cross_entropy_to(logq, assigned) / self._n_step()
 
-    def _batch_mean(self, probs: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch; over the global batch of every rank when distributed (the other
-        ranks' sums enter as constants, so the gradient reaches only this rank's samples)."""
+    def _global_sum(self, probs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(sum over the batch [K], number of samples), over the global batch of every rank when
+        distributed (the other ranks' sums enter as constants: the gradient reaches only this
+        rank's samples)."""
         total, n = probs.sum(0), len(probs)
         if self.g.distributed and _distributed():
             buf = torch.cat([total.detach(), total.new_tensor([n])])
             dist.all_reduce(buf)
             total = total + (buf[:-1] - total.detach())
             n = int(round(float(buf[-1])))
-        self.batch_total = n
-        return total / n
+        return total, n
+
+    def _global_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the rows of every rank in rank order, this rank's offset among them)."""
+        if not (self.g.distributed and _distributed()):
+            return rows, 0
+        parts = [None] * dist.get_world_size()              # local batches may differ by one
+        dist.all_gather_object(parts, rows.cpu())
+        offset = sum(len(p) for p in parts[:dist.get_rank()])
+        return torch.cat(parts).to(rows.device), offset
 
     def _n_step(self) -> int:
         """The number of samples p_hat averages (global batch + a running balance's earlier
