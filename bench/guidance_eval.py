@@ -1,6 +1,7 @@
 """Judge-measured comparison of sampling modes on the embedded default (same seeds for all runs).
 
     python bench/guidance_eval.py --preset acceptance --n 1000 --bs 100     # the issue's figures
+    python bench/guidance_eval.py --preset preservation --n 1000 --seed 5000   # drift (seeds 5000-5999)
     python bench/guidance_eval.py --preset sweep --n 500                     # scale / step grid
     python bench/guidance_eval.py --preset speed --n 200                     # guided / vanilla time
     python bench/guidance_eval.py --preset balance --n 1000                  # batch 4, joint target
@@ -47,6 +48,15 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
                 dict(name="dist digit uniform", mode="distribution", targets={"digit": "uniform"}),
                 dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
                 dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
+    if name == "preservation":     # what the targets leave out: drift from each cell's own mix
+        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
+                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
+                dict(name="dist parity 50/50, no refine", mode="distribution", targets={"parity": "0.5"},
+                     refine=False),
+                dict(name="dist parity 50/50, paper preset", mode="distribution", targets={"parity": "0.5"},
+                     preset="paper"),
+                dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
+                dict(name="dist magnitude 50/50", mode="distribution", targets={"magnitude": "0.5"})]
     if name == "sweep":
         runs = [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"})]
         for ms in max_steps:
@@ -102,7 +112,7 @@ def make_plan(run: dict, cfg: dict, adp):
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,
-            real_labels=None, labeller=None) -> dict | None:
+            real_labels=None, labeller=None, vanilla_probs=None) -> dict | None:
     """Sample one run (this rank's share), judge it on rank 0; returns the report (None off rank 0)."""
     targets = {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist() for a, v in run.get("eval", {}).items()}
     guide, plan = None, None
@@ -136,7 +146,10 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     match = {a: parse_fraction_vector(a, v, joint_classes(a, judge.attributes)).tolist()
              for a, v in run["match"].items()} if "match" in run else None
-    rep = evaluate_images(x, judge, targets, real, real_labels=real_labels, match=match)
+    rep = evaluate_images(x, judge, targets, real, real_labels=real_labels, match=match,
+                          vanilla_probs=vanilla_probs if run["mode"] == "distribution" else None)
+    if run["mode"] == "vanilla":
+        rep["_probs"] = judge.predict(x)        # the reference of the drift of later rows (not saved)
     rep.update(name=run["name"], wall_s=round(wall, 2), spec=run)
     if adp_last:     # the guide's own (debiased) estimate at the last step, averaged over batches
         rep["adp_last_step"] = {a: torch.tensor([d[a] for d in adp_last]).mean(0).tolist() for a in adp_last[0]}
@@ -163,9 +176,9 @@ def _sync(pipe, world: int) -> None:
 
 
 def table(reports: list[dict]) -> str:
-    head = ("| run | attribute fractions (judge) | FD [95% CI] | joint FD | Frechet "
-            "(to real reweighted to the target) | confident | s/img |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| run | attribute fractions (judge) | FD [95% CI] | joint FD | drift of what was not targeted "
+            "[95% CI] | Frechet (to real reweighted to the target) | confident | s/img |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         at = r["attributes"]
         fr = "; ".join(f"{a} " + "/".join(f"{v:.3f}" for v in m["fractions"]) for a, m in at.items()
@@ -184,7 +197,9 @@ def table(reports: list[dict]) -> str:
         fr_d = f"{r.get('frechet', float('nan')):.2f}"
         if "frechet_matched" in r:
             fr_d += f" ({r['frechet_matched']:.2f})"
-        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {fr_d} | "
+        drift = "; ".join(f"{b} {m['drift']:.3f} [{m['drift_ci'][0]:.3f}, {m['drift_ci'][1]:.3f}]"
+                          for b, m in r.get("drift", {}).items()) or "-"
+        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {drift} | {fr_d} | "
                      f"{r['confident_share']:.3f} | {r['wall_s'] / r['n']:.4f} |")
     return "\n".join(lines)
 
@@ -195,9 +210,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/digits16.yml")
     p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
     p.add_argument("--preset", default="acceptance",
-                   choices=["acceptance", "sweep", "speed", "sample", "balance", "distributed"])
+                   choices=["acceptance", "preservation", "sweep", "speed", "sample", "balance", "distributed"])
     p.add_argument("--n", "--images", dest="n", type=int, default=1000, help="images per run (--images under torchrun)")
     p.add_argument("--bs", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="first seed (run k of every row uses seed + k)")
     p.add_argument("--device", default="auto")
     p.add_argument("--asymmetric", action="store_true")
     p.add_argument("--out", default="runs/bench_guidance")
@@ -219,23 +235,26 @@ def main(argv=None) -> int:
     if cfg.get("labeller"):              # loaded once, shared by the runs that check their images
         from models.labellers import load_labeller
         labeller = load_labeller(cfg["labeller"])
-    seeds = list(range(args.n))
+    seeds = list(range(args.seed, args.seed + args.n))
     reports = []
     runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
                    [float(v) for v in args.max_steps.split(",")])
     if args.runs:
         runs = json.loads(args.runs)
+    vanilla_probs = None
     for run in runs:
         run.setdefault("temperature", args.temperature)
         rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world,
-                      real_labels, labeller)
+                      real_labels, labeller, vanilla_probs)
+        if rep is not None and "_probs" in rep:
+            vanilla_probs = rep.pop("_probs")
         if rep is not None:
             reports.append(rep)
             print(table(reports[-1:]).splitlines()[-1], flush=True)
     if rank != 0:
         torch.distributed.destroy_process_group()
         return 0
-    md = (f"{args.preset}: n={args.n}, batch={args.bs} per process, processes={world}, device={device}"
+    md = (f"{args.preset}: n={args.n} (seeds {seeds[0]}-{seeds[-1]}), batch={args.bs} per process, processes={world}, device={device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
     if args.preset == "speed" and not args.runs:
         van = [r["wall_s"] for r in reports if r["spec"]["mode"] == "vanilla"]

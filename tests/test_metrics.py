@@ -311,3 +311,19 @@ def test_load_judge_dispatches_torch_checkpoints(tmp_path, monkeypatch):
     (tmp_path / "x.h5").write_text("")
     with pytest.raises(ValueError, match="unknown judge file type"):
         load_judge(tmp_path / "x.h5")
+
+
+# ---- preservation of what was not targeted ------------------------------------------------------
+def test_expected_untargeted_keeps_each_cells_own_mix():
+    from utils.evaluation.metrics import expected_untargeted, preservation_drift
+    # vanilla: parity cell 0 (even) has magnitude low 3 of 4, cell 1 (odd) low 1 of 2
+    cells = np.array([0, 0, 0, 0, 1, 1])
+    mag = np.array([0, 0, 0, 1, 0, 1])
+    want = expected_untargeted(cells, mag, [0.5, 0.5], 2)
+    assert want.tolist() == pytest.approx([0.5 * 0.75 + 0.5 * 0.5, 0.5 * 0.25 + 0.5 * 0.5])   # 0.625 / 0.375
+    same = preservation_drift(cells, mag, [0.5, 0.5], np.array([0] * 5 + [1] * 3), 2, n_boot=200)
+    assert same["drift"] == pytest.approx(0.0) and same["observed"] == pytest.approx([0.625, 0.375])
+    moved = preservation_drift(cells, mag, [0.5, 0.5], np.array([0, 1] * 4), 2, n_boot=200)
+    assert moved["drift"] == pytest.approx(np.hypot(0.125, 0.125))
+    assert moved["drift_ci"][0] <= moved["drift_ci"][1]
+    assert expected_untargeted(cells, mag, [0.5, 0.0, 0.5], 2) is None     # a target cell vanilla never drew

@@ -2,6 +2,7 @@
 Frechet distance to held-out real images, and the share the judge recognises confidently."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from models.judge import Judge, load_judge
 from models.files import resolve_path
 from utils.sampling.images import read_images
 from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
-                           joint_labels)
+                                      joint_labels, preservation_drift)
 
 
 def judge_from_config(cfg: dict) -> Judge:
@@ -83,11 +84,14 @@ def target_weights(labels: dict[str, np.ndarray], targets: dict[str, list[float]
 def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[float]] | None,
                     real: torch.Tensor | None = None, attrs: list[str] | None = None,
                     threshold: float = 0.9, real_labels: dict[str, np.ndarray] | None = None,
-                    match: dict[str, list[float]] | None = None) -> dict:
+                    match: dict[str, list[float]] | None = None,
+                    vanilla_probs: dict[str, torch.Tensor] | None = None) -> dict:
     """A JSON-ready report for images [N,C,H,W] in [-1,1]. With ``real_labels`` it also gives
     ``frechet_matched``: the Frechet distance to the real images reweighted to the class mix
     ``match`` (default: the targets), i.e. image quality with the intended shift of attributes
-    taken out (for vanilla sampling, pass the training data's mix)."""
+    taken out (for vanilla sampling, pass the training data's mix). With ``vanilla_probs`` (the
+    judge on a vanilla run of the same model and seeds) it also gives ``drift``: per attribute
+    the targets leave out, how far it moved from keeping each targeted cell's own mix."""
     probs = judge.predict(images)
     attrs = attrs or list(probs)
     targets = dict(targets or {})
@@ -108,6 +112,8 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
         fd, lo, hi = bootstrap_fd(labels, np.asarray(targets[key]), k)
         report.setdefault("joint_targets", {})[key] = {**sub, "target": list(targets[key]),
                                                        "fd": fd, "fd_ci": [lo, hi]}
+    if vanilla_probs is not None and targets:
+        report["drift"] = drift_report(vanilla_probs, probs, targets)
     main_attr = max(probs, key=lambda a: probs[a].shape[1])     # the finest attribute (digits: digit)
     report["n"] = int(len(images))
     report["confident_share"] = confident_share(probs[main_attr], threshold)
@@ -121,6 +127,26 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
             report["frechet_matched"] = frechet_distance(fake, ref, w)
             report["frechet_matched_to"] = {a: list(v) for a, v in mix.items() if a in real_labels}
     return report
+
+
+def drift_report(vanilla_probs: dict, guided_probs: dict, targets: dict[str, list[float]]) -> dict:
+    """{attribute not targeted: preservation_drift(...)} for targets {key: fractions} (a joint key
+    'a*b' is its own cells; several keys combine as the product of their targets)."""
+    order = [a for k in targets for a in k.split("*")]
+    if len(set(order)) != len(order) or any(a not in vanilla_probs for a in order):
+        return {}
+    lab_v = {a: np.asarray(p).argmax(1) for a, p in vanilla_probs.items()}
+    lab_g = {a: np.asarray(p).argmax(1) for a, p in guided_probs.items()}
+    sizes = {a: np.asarray(vanilla_probs[a]).shape[1] for a in order}
+    cells = joint_labels({a: lab_v[a] for a in order}, sizes)
+    p_cells = functools.reduce(np.multiply.outer, [np.asarray(v, dtype=np.float64) for v in targets.values()]).ravel()
+    out = {}
+    for b, pv in vanilla_probs.items():
+        if b not in order:
+            res = preservation_drift(cells, lab_v[b], p_cells, lab_g[b], np.asarray(pv).shape[1])
+            if res is not None:
+                out[b] = res
+    return out
 
 
 def format_table(rows: list[tuple[str, dict]], attrs: list[str]) -> str:

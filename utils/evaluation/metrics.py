@@ -133,6 +133,47 @@ def bootstrap_fd(labels, p_target, num_classes: int, n_boot: int = 1000, seed: i
     return fairness_discrepancy(p_t, p_hat), float(lo), float(hi)
 
 
+def expected_untargeted(cells_vanilla, labels_b_vanilla, p_target_cells, num_b: int) -> np.ndarray | None:
+    """p*(B) = sum_a p_target(a) P_vanilla(B | a) [num_b]: the distribution an attribute B that a
+    run does not target would have if each targeted cell a kept the vanilla run's own mix of B.
+    ``cells_vanilla`` [N]: each vanilla image's targeted cell (``joint_labels`` over the targeted
+    attributes). None when a cell with a positive target has no vanilla image (undefined)."""
+    cells = _to_numpy(cells_vanilla).astype(np.int64)
+    b = _check_labels(labels_b_vanilla, num_b)
+    p_t = _check_distribution(p_target_cells, "p_target_cells")
+    out = np.zeros(num_b)
+    for a, share in enumerate(p_t):
+        sel = cells == a
+        if share > 0 and not sel.any():
+            return None
+        if share > 0:
+            out += share * class_fractions(b[sel], num_b)
+    return out
+
+
+def preservation_drift(cells_vanilla, labels_b_vanilla, p_target_cells, labels_b_guided, num_b: int,
+                       n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict | None:
+    """drift(B) = ||p_guided(B) - p*(B)||_2 (lower is better, 0: B kept its within-cell mix),
+    with a percentile bootstrap interval that resamples both the vanilla and the guided images.
+    Returns {expected, observed, drift, drift_ci} or None when p*(B) is undefined."""
+    want = expected_untargeted(cells_vanilla, labels_b_vanilla, p_target_cells, num_b)
+    if want is None:
+        return None
+    g = _check_labels(labels_b_guided, num_b)
+    cells, b = _to_numpy(cells_vanilla).astype(np.int64), _check_labels(labels_b_vanilla, num_b)
+    observed = class_fractions(g, num_b)
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        iv, ig = rng.integers(0, len(b), len(b)), rng.integers(0, len(g), len(g))
+        w = expected_untargeted(cells[iv], b[iv], p_target_cells, num_b)
+        if w is not None:
+            reps.append(np.linalg.norm(class_fractions(g[ig], num_b) - w))
+    lo, hi = (np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if reps else (np.nan, np.nan))
+    return {"expected": want.tolist(), "observed": observed.tolist(),
+            "drift": float(np.linalg.norm(observed - want)), "drift_ci": [float(lo), float(hi)]}
+
+
 def confident_share(probs, threshold: float = 0.9) -> float:
     """Share of samples whose top class probability is >= threshold. Range [0, 1].
 
