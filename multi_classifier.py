@@ -1,4 +1,4 @@
-"""The Attribute Distribution Predictor (ADP): train it on extracted h-vectors, import the
+r"""The Attribute Distribution Predictor (ADP): train it on extracted h-vectors, import the
 original code's classifiers, or add guidance directions to an ADP from an extraction.
 
     python multi_classifier.py --data runs/h_digits_pseudo --attributes parity,magnitude,digit \

@@ -6,8 +6,9 @@
 On the embedded default (shared seeds, target parity 50/50, judged by the independent judge):
   1. methods: vanilla; rejection sampling with the judge (the oracle; how many it drew);
      sample guidance with the requested classes split in the target proportions (plain, and
-     checked: misses redrawn); distribution guidance as in the paper (soft batch estimate) and
-     ours (quota estimator + running balance counted by the finished-image check);
+     checked: misses redrawn); distribution guidance with the `paper` preset (the original
+     code's step) and the `ours` preset (via the digit head, quota estimator, running balance
+     counted by the finished-image check);
      pixel-space classifier guidance on x_t and on x0_hat (gradient through the U-Net);
      ours with the asymmetric reverse process;
   2. ablations of ours: batch size, guidance scale, guided timesteps, ADP training-set size;
@@ -137,15 +138,17 @@ class Bench:
         extra = {}
         with PeakMemory(self.device) as mem:
             if mode == "sample":           # requested classes in the target proportions
-                imgs, wall, redrawn = [], 0.0, 0
+                imgs, wall, redrawn = [], 0.0, None
                 for c in (0, 1):
                     part = [s for s, k in zip(seeds, sample_classes) if k == c]
                     guide = guide_for("sample", {"parity": str(c)})
                     im, w = self._timed(sample_batches(self.pipe, plan_batches(part, bs), guide, asymmetric,
                                                        name, progress=False))
                     imgs, wall = imgs + im, wall + w
-                    redrawn += guide.summary()["redrawn_by_check"] or 0
-                extra["redrawn"] = redrawn
+                    got = guide.summary()["redrawn_by_check"]
+                    redrawn = None if got is None else (redrawn or 0) + got
+                if redrawn is not None:
+                    extra["redrawn"] = redrawn
             else:
                 guide = guide_for(mode, targets or {"parity": "0.5"}) if mode == "distribution" else None
                 imgs, wall = self._timed(sample_batches(self.pipe, plan_batches(seeds, bs), guide,
