@@ -108,7 +108,7 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         adp = load_adp_for(pipe, cfg["adp"])
         adp_sha = file_sha256(resolve_path(cfg["adp"]))
         plan = build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
-                          overrides, args.scale)
+                          overrides, args.scale, adp.class_prior)
         if mode == "distribution" and args.bs_test * world < 2 and not plan.settings.running_balance:
             raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
                              "guidance (its predicted distribution is pushed to the target); add "
@@ -186,7 +186,7 @@ def demo(cfg: dict, args) -> int:
                             "seeds": ",".join(map(str, seeds)), "evaluate": False,
                             "overwrite": True, "resume": False})       # the demo's own run folders
         if mode == "vanilla":         # the guidance flags are the guided run's
-            for k in ("preset", "estimator", "running_balance", "refine", "check", "guide_steps"):
+            for k in ("preset", "estimator", "running_balance", "refine", "refine_within", "check", "guide_steps"):
                 setattr(sub, k, None)
         generate(cfg, sub, mode)
         rows.append((mode, evaluate_folder(root / mode, cfg, fractions, judge)))

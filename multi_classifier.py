@@ -65,7 +65,10 @@ def build_parser(single: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--config", help="(import) the model config the classifiers belong to")
         g.add_argument("--directions_from", nargs="+", metavar="H_FOLDER",
                        help="extraction folder(s) of the ADP's model: add guidance directions to --adp")
-        g.add_argument("--adp", help="(directions) the ADP checkpoint to complete")
+        g.add_argument("--adp", help="(directions, priors) the ADP checkpoint to complete")
+        g.add_argument("--priors_from_samples", type=int, metavar="N",
+                       help="store the model's class fractions in --adp: the ADP's own predictions at "
+                            "the last step on N vanilla samples (seeds 100000 on) of --config's model")
     return p
 
 
@@ -181,6 +184,43 @@ def add_directions(args, out: Path) -> int:
     return 0
 
 
+def add_priors(args, out: Path) -> int:
+    """The model's class fractions, from the ADP's own predictions on vanilla samples."""
+    from utils.app.runtime import pick_device
+    from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches
+    from utils.sampling.seeds import SeededNoise
+    if not args.adp or args.priors_from_samples < 1:
+        raise ValueError("--priors_from_samples N (N >= 1) needs --adp (the ADP to complete)")
+    cfg = load_config(input_path(args.config or "configs/digits16.yml"))
+    pipe = load_pipeline(cfg, pick_device("auto"))
+    path = resolve_path(input_path(args.adp))
+    adp = load_adp_for(pipe, path)
+    last = pipe.sampler.timesteps[-1]
+    counts = {a: torch.zeros(len(c), dtype=torch.float64) for a, c in adp.attributes.items()}
+    seeds = list(range(100_000, 100_000 + args.priors_from_samples))
+    for batch in plan_batches(seeds, 100):
+        noise = SeededNoise(batch, pipe.image_shape, pipe.device)
+        seen = {}
+
+        def record(h, i, t):
+            if t == last:
+                seen.update({a: v.argmax(1).cpu() for a, v in adp.logits(h, t).items()})
+            return h
+        pipe.sampler.sample(noise.x_T(), noise.step, edit_h=record)
+        for a, pred in seen.items():
+            counts[a] += torch.bincount(pred, minlength=len(counts[a])).double()
+    adp = ADP.load(path)                     # on the CPU, as it was
+    adp.class_prior = {a: (c / c.sum()).tolist() for a, c in counts.items()}
+    source = {**(adp.meta.get("data_source") or {}),
+              "class_prior_from": f"the ADP's last-step predictions on {len(seeds)} vanilla samples, "
+                                  f"seeds {seeds[0]}-{seeds[-1]}"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adp.save(out, adp.meta["model"], source, adp.meta.get("metrics") or {}, adp.meta.get("imported"))
+    print(f"wrote {out}: class fractions " + "; ".join(f"{a} " + "/".join(f"{v:.3f}" for v in p)
+                                                      for a, p in adp.class_prior.items()))
+    return 0
+
+
 def run(args, attrs: list[str] | None) -> int:
     setup_logging()
     out = output_path(args.out)
@@ -189,6 +229,8 @@ def run(args, attrs: list[str] | None) -> int:
         return import_original(args, out)
     if getattr(args, "directions_from", None):
         return add_directions(args, out)
+    if getattr(args, "priors_from_samples", None):
+        return add_priors(args, out)
     return train(args, attrs, out)
 
 

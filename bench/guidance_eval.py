@@ -94,7 +94,7 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
 
 #: run-spec keys -> guidance settings (utils/guidance/settings.py)
 SETTING_KEYS = {"preset": "preset", "estimator": "estimator", "running": "running_balance",
-                "refine": "refine", "check": "check", "max_step": "max_step",
+                "refine": "refine", "within": "refine_within", "check": "check", "max_step": "max_step",
                 "temperature": "temperature", "retries": "sample_retries", "boost": "retry_boost"}
 RUN_KEYS = {"name", "mode", "targets", "eval", "match", "scale", "guide_steps", "bs", "local"} | set(SETTING_KEYS)
 
@@ -108,7 +108,7 @@ def make_plan(run: dict, cfg: dict, adp):
     if run.get("guide_steps"):
         over.update(parse_guide_steps(run["guide_steps"]))
     return build_plan(cfg, run["mode"], run["targets"], adp.attributes, over,
-                      None if "scale" not in run else str(run["scale"]))
+                      None if "scale" not in run else str(run["scale"]), adp.class_prior)
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,

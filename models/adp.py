@@ -45,6 +45,8 @@ class ADP(nn.Module):
             # M_s[:, c] = mean softmax (tau 1) of validation samples of class c, see calibrate
             self.register_buffer(f"conf_{a}", torch.eye(len(c)).repeat(s, 1, 1))
         self._index = {t: i for i, t in enumerate(self.timesteps)}
+        #: the model's class fractions per attribute {attr: [K]} (training labels, or samples)
+        self.class_prior: dict[str, list[float]] = {}
 
     def step_index(self, t: int) -> int:
         """Index of timestep t in the grid the heads were trained on."""
@@ -126,7 +128,7 @@ class ADP(nn.Module):
         torch.save({"kind": ADP_KIND, "state_dict": self.state_dict(), "h_shape": list(self.h_shape),
                     "timesteps": self.timesteps, "attributes": self.attributes,
                     "model": model_id, "data_source": data_source, "metrics": metrics,
-                    "imported": imported}, path)
+                    "imported": imported, "class_prior": self.class_prior}, path)
 
     @classmethod
     def from_original(cls, heads: dict[str, tuple[dict[str, torch.Tensor], list[str]]],
@@ -196,6 +198,7 @@ class ADP(nn.Module):
         adp = cls(tuple(ck["h_shape"]), ck["timesteps"], ck["attributes"])
         adp.load_state_dict(ck["state_dict"], strict=True)
         adp.meta = {k: ck.get(k) for k in ("model", "data_source", "metrics", "imported")}
+        adp.class_prior = dict(ck.get("class_prior") or {})
         return adp.eval()
 
 

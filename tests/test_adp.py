@@ -73,6 +73,11 @@ def test_save_load_round_trip_gives_identical_logits(trained, tmp_path):
             assert torch.equal(a[k], b[k])
     for k in ATTRS:
         assert torch.equal(adp.direction(k, 2), back.direction(k, 2))
+    # the model's class fractions: the training labels' frequencies, kept by the checkpoint
+    _, _, _, labels = trained
+    for k, classes in ATTRS.items():
+        want = torch.bincount(labels[k], minlength=len(classes)).double() / len(labels[k])
+        assert back.class_prior[k] == pytest.approx(want.tolist())
 
 
 def test_load_refuses_other_h_shape_naming_both(trained, tmp_path):

@@ -219,3 +219,18 @@ def test_the_plan_guides_through_the_finer_head_but_reports_the_users_targets():
     assert list(off.targets) == ["parity"] and off.refined is None
     paper = build_plan(cfg, "distribution", {"parity": "0.8"}, DIGITS, {"preset": "paper"})
     assert list(paper.targets) == ["parity"]             # the paper preset does not refine
+
+
+def test_refine_within_the_models_proportions_keeps_each_class_mix():
+    """Parity 50/50 with the model's digit fractions as the prior: within the even class each even
+    digit keeps its share of the model's evens (a uniform spread is the default)."""
+    prior = [0.3, 0.05, 0.2, 0.05, 0.1, 0.05, 0.1, 0.05, 0.1, 0.0]     # evens 0.8, odds 0.2
+    out, _ = refine_targets({"parity": torch.tensor([0.5, 0.5])}, REFINE, DIGITS, {"digit": prior})
+    want = [0.5 * 0.3 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.2 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8,
+            0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8, 0.0]
+    assert out["digit"].tolist() == pytest.approx(want, abs=1e-7)
+    cfg = {"refine": REFINE, "guidance": {"preset": "ours", "refine_within": "model"}}
+    plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior})
+    assert plan.targets["digit"].tolist() == pytest.approx(want, abs=1e-7)
+    with pytest.raises(ValueError, match="priors_from_samples"):
+        build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS)

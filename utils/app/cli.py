@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="guide a coarse target through a finer head that nests it (the config's "
                         "refine: map, e.g. parity through digit; default: the preset's)")
+    g.add_argument("--refine_within", choices=["uniform", "model"],
+                   help="refine spreads a coarse class's share over its finer classes evenly (uniform) "
+                        "or in the model's own proportions (model: the ADP's class fractions, which "
+                        "keeps what was not targeted; default: the preset's)")
     g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="the config's labeller checks finished images: the running balance counts "
                         "its classes, sample guidance redraws the images outside their class "
@@ -139,7 +143,8 @@ def resolve_mode(args) -> str:
 def guidance_overrides(args) -> dict:
     """The command line's guidance settings (None: not given), for ``resolve_settings``."""
     out = {"preset": args.preset, "estimator": args.estimator,
-           "running_balance": args.running_balance, "refine": args.refine, "check": args.check}
+           "running_balance": args.running_balance, "refine": args.refine,
+           "refine_within": args.refine_within, "check": args.check}
     if args.guide_steps:
         out.update(parse_guide_steps(args.guide_steps))
     return out

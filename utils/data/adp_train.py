@@ -61,6 +61,8 @@ def train_adp(h: torch.Tensor, labels: dict[str, torch.Tensor], meta: dict, epoc
     adp.cpu().eval()
     adp.compute_directions(h[tr])
     adp.calibrate(h[va], {a: labels[a][va] for a in attrs})
+    adp.class_prior = {a: (torch.bincount(labels[a], minlength=len(attrs[a])).double() / len(labels[a])).tolist()
+                       for a in attrs}       # the model's class fractions (pseudo-labelled samples)
     metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "epochs": epochs, "attributes": {}}
     s = len(adp.timesteps)
     late = max(1, int(round(0.2 * s)))

@@ -9,10 +9,12 @@ from utils.guidance.targets import GuidancePlan, plan_guidance
 
 
 def build_plan(cfg: dict, mode: str, raw: dict[str, str], attributes: dict[str, list[str]],
-               overrides: dict | None = None, scale_spec: str | None = None) -> GuidancePlan:
-    """Settings from ``cfg['guidance']`` + overrides, resolved for raw targets {key: value}."""
+               overrides: dict | None = None, scale_spec: str | None = None,
+               priors: dict[str, list[float]] | None = None) -> GuidancePlan:
+    """Settings from ``cfg['guidance']`` + overrides, resolved for raw targets {key: value};
+    ``priors``: the ADP's class fractions (``ADP.class_prior``)."""
     settings: GuidanceSettings = resolve_settings(cfg.get("guidance"), overrides)
-    return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec)
+    return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec, priors)
 
 
 def needs_labeller(plan: GuidancePlan) -> bool:

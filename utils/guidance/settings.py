@@ -33,7 +33,7 @@ class SettingsError(ValueError):
 
 #: field -> allowed values, for the enumerated settings
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
-           "sample_loss": ("prob", "xent")}
+           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model")}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class GuidanceSettings:
     debias: bool                      # estimate p as M_s^-1 p_hat (the ADP's confusion matrices)
     running_balance: bool             # the estimate includes the run's earlier batches
     refine: bool                      # pursue coarse targets through a finer head (config refine:)
+    refine_within: str                # uniform: each coarse class's share spread evenly over its finer
+                                      # classes | model: in the model's own proportions (the ADP's class_prior)
     check: bool                       # the config's labeller checks finished images
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
@@ -89,13 +91,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   sample_scale=15.0, max_step=None, sample_max_step=None,
                   soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
                   first_step=1, last_step=None, debias=False, running_balance=False,
-                  refine=False, check=False, sample_retries=0, retry_boost=1.0),
+                  refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
                  soft_distribution_scale=(128.0,), soft_max_step=1.0, sample_loss="xent",
                  first_step=1, last_step=None, debias=True, running_balance=True,
-                 refine=True, check=True, sample_retries=2, retry_boost=2.0),
+                 refine=True, refine_within="uniform", check=True, sample_retries=2, retry_boost=2.0),
 }
 DEFAULT_PRESET = "paper"
 

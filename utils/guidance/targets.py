@@ -122,8 +122,9 @@ def parse_scales(spec: str | None, keys: list[str], defaults: dict[str, float]) 
     return out
 
 
-def refine_targets(targets: dict[str, torch.Tensor], refine: dict,
-                   attributes: dict[str, list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: dict[str, list[str]],
+                   priors: dict[str, list[float]] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Targets on coarse attributes -> the same targets on a finer head that nests them (ours).
 
     ``refine``: {coarse attribute: {"via": finer attribute, "groups": [[finer class indices of
@@ -131,7 +132,9 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict,
     with groups [[0,2,4,6,8], [1,3,5,7,9]]. Every key (plain or joint) whose attributes all
     refine via the same head is replaced by one target on that head: finer class j gets
     prod_k p_k[cell_k(j)] / n(j), the product of the keys' target shares of the cells j lies
-    in, spread evenly over the n(j) finer classes of its combined cell. The judge's coarse
+    in, spread evenly over the n(j) finer classes of its combined cell (or, with ``priors``
+    {finer head: the model's class fractions}, in proportion to them within the cell, which keeps
+    the model's own mix of finer classes inside each coarse class). The judge's coarse
     fractions are then the target's, while the guide pulls each moved sample to a finer class
     instead of along one coarse direction, which keeps the mix within each coarse class.
     Returns (new targets, {finer head: coarse keys}); keys that cannot be refined are kept.
@@ -145,12 +148,13 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict,
                 by_via.setdefault(via, []).append(key)
     out = {k: v for k, v in targets.items() if not any(k in ks for ks in by_via.values())}
     for via, keys in by_via.items():
-        out[via] = _finer_target(via, keys, targets, refine, len(attributes[via]))
+        prior = (priors or {}).get(via)
+        out[via] = _finer_target(via, keys, targets, refine, len(attributes[via]), prior)
     return out, by_via
 
 
 def _finer_target(via: str, keys: list[str], targets: dict[str, torch.Tensor], refine: dict,
-                  n_fine: int) -> torch.Tensor:
+                  n_fine: int, prior: list[float] | None = None) -> torch.Tensor:
     """The target on the finer head ``via`` equivalent to the coarse ``keys`` (refine_targets)."""
     def cell(a: str, j: int) -> int | None:
         return next((c for c, g in enumerate(refine[a]["groups"]) if j in g), None)
@@ -169,9 +173,12 @@ def _finer_target(via: str, keys: list[str], targets: dict[str, torch.Tensor], r
                 flat = flat * len(refine[a]["groups"]) + c
             share *= float(targets[key][flat])
         want[j] = share
+    weight = [1.0] * n_fine if prior is None else [float(p) for p in prior]
     for j in range(n_fine):
         if want[j] > 0:
-            want[j] /= sum(1 for i in range(n_fine) if combined[i] == combined[j])
+            same = [i for i in range(n_fine) if combined[i] == combined[j]]
+            mass = sum(weight[i] for i in same)
+            want[j] *= weight[j] / mass if mass > 0 else 1.0 / len(same)
     if abs(float(want.sum()) - 1.0) > 1e-6:
         raise ValueError(f"cannot guide {keys} through '{via}': some class with a positive target "
                          f"has no finer class in the config's refine groups; fix the groups or "
@@ -208,11 +215,12 @@ class GuidancePlan:
 
 def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
                   attributes: dict[str, list[str]], refine_map: dict | None = None,
-                  scale_spec: str | None = None) -> GuidancePlan:
+                  scale_spec: str | None = None, priors: dict[str, list[float]] | None = None) -> GuidancePlan:
     """The plan for raw target strings {key: value} on an ADP with ``attributes``.
 
     :param refine_map: the config's ``refine:`` map (used when ``settings.refine``).
     :param scale_spec: --scale: one number, or per key (parity=2,magnitude=1).
+    :param priors: the ADP's class fractions {attribute: [K]} (``refine_within: model``).
     """
     check_target_keys(raw, attributes)
     if mode == "sample":
@@ -230,7 +238,16 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
     requested = {k: parse_fraction_vector(k, v, joint_classes(k, attributes)) for k, v in raw.items()}
     guided, refined = requested, None
     if settings.refine and refine_map:
-        guided, refined = refine_targets(requested, refine_map, attributes)
+        within = None
+        if settings.refine_within == "model":
+            vias = {refine_map[a]["via"] for k in requested for a in joint_attributes(k) if a in refine_map}
+            missing = sorted(v for v in vias if not (priors or {}).get(v))
+            if missing:
+                raise ValueError(f"refine_within: model needs the model's class fractions of {missing} in the "
+                                 f"ADP; add them (python multi_classifier.py --priors_from_samples 1000 "
+                                 f"--adp ADP.pt --out NEW.pt) or use refine_within: uniform")
+            within = priors
+        guided, refined = refine_targets(requested, refine_map, attributes, within)
     estimator = settings.estimator
     if estimator == "auto":        # quota for one plain target, soft for several or a joint one
         estimator = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
