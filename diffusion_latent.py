@@ -82,9 +82,8 @@ def raw_targets(args, mode: str, attributes: dict[str, list[str]]) -> dict[str, 
 
 
 def generate(cfg: dict, args, mode: str) -> int:
-    """One generation run (one process, or this rank's share under torchrun)."""
-    if args.bs_test < 1 or args.n_test_img < 1:
-        raise ValueError("--bs_test and --n_test_img must be >= 1")
+    """One generation run (one process, or this rank's share under torchrun); the numeric flags
+    were checked by the command line (``utils.app.cli.check_numbers``)."""
     seeds = parse_seeds(args.seeds, args.n_test_img, args.seed)
     rank, world, device = init_distributed(args.device)      # one process unless torchrun
     try:
@@ -96,8 +95,8 @@ def generate(cfg: dict, args, mode: str) -> int:
 
 def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, world: int) -> int:
     overrides = guidance_overrides(args)
-    if mode == "vanilla" and any(v is not None for k, v in overrides.items()):
-        given = [k for k, v in overrides.items() if v is not None]
+    given = [k for k, v in overrides.items() if v is not None]
+    if mode == "vanilla" and given:
         raise ValueError(f"guidance settings {given} apply to --mode sample or distribution, not vanilla")
     # everything is validated and loaded before the output folder is touched
     pipe = load_pipeline(cfg, device, args.steps, args.eta)
