@@ -205,7 +205,7 @@ def test_images_are_written_under_a_temporary_name_then_renamed(tmp_path, monkey
     def spy(a, b):
         seen.append((Path(a).name, Path(b).name))
         return real(a, b)
-    monkeypatch.setattr(images.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     images.save_images(tmp_path, [3], np.zeros((1, 4, 4, 1), np.uint8))
     assert seen and seen[0][1] == "000003.png" and seen[0][0].startswith(".") and seen[0][0] != "000003.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000003.png"]

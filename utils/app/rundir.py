@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.files import write_atomic
+
 OWN_FILE = re.compile(r"^(\d{6,}\.png|grid\.png|run\.json|eval\.json|\.lock|\..*\.tmp(\.png)?)$")
 #: the keys of run.json's "identity" that --resume compares
 IDENTITY_KEYS = ("mode", "config", "model_sha256", "adp", "adp_sha256", "steps", "timesteps", "eta",
@@ -165,13 +167,6 @@ class RunFolder:
 
     def write_record(self, record: dict) -> None:
         write_atomic(self.out / "run.json", (json.dumps(record, indent=1) + "\n").encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _alive(pid: int) -> bool:

@@ -17,21 +17,14 @@ def build_plan(cfg: dict, mode: str, raw: dict[str, str], attributes: dict[str, 
     return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec, priors)
 
 
-def needs_labeller(plan: GuidancePlan) -> bool:
-    """Whether the plan's finished-image check has anything to do (a running balance to count
-    or sample guidance to redraw)."""
-    s = plan.settings
-    return s.check and (plan.mode == "sample" or s.running_balance)
-
-
 def build_guide(cfg: dict, plan: GuidancePlan, adp, betas, distributed: bool = False,
                 labeller=None) -> Guide:
     """The run's Guide; the check's labeller is the config's ``labeller`` (loaded here unless
     given)."""
-    if labeller is None and needs_labeller(plan):
+    if labeller is None and plan.needs_labeller():
         if not cfg.get("labeller"):
             raise ValueError(f"the guidance settings ask for a finished-image check but config "
                              f"{cfg.get('name')} names no labeller: set 'labeller:' or pass --no-check")
         from models.labellers import load_labeller
         labeller = load_labeller(cfg["labeller"])
-    return Guide(plan, adp, betas, labeller if needs_labeller(plan) else None, distributed)
+    return Guide(plan, adp, betas, labeller if plan.needs_labeller() else None, distributed)

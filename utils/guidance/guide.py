@@ -116,7 +116,7 @@ class Guide:
                 "the 'ours' preset steps along them. Compute them from an extraction "
                 "(python multi_classifier.py --directions_from H_FOLDER --adp ADP.pt --out NEW.pt) "
                 "or use --preset paper")
-        if s.check and labeller is None and (plan.mode == "sample" or s.running_balance):
+        if labeller is None and plan.needs_labeller():
             raise ValueError("the guidance settings ask for a finished-image check but no labeller "
                              "was given: set 'labeller:' in the config, or pass --no-check")
         self.plan, self.adp, self.betas, self.distributed = plan, adp, betas, distributed

@@ -205,6 +205,12 @@ class GuidancePlan:
     classes: dict[str, int] | None = None
     refined: dict[str, list[str]] | None = None
 
+    def needs_labeller(self) -> bool:
+        """Whether the finished-image check has anything to do (a running balance to count, or
+        sample guidance to redraw)."""
+        s = self.settings
+        return s.check and (self.mode == "sample" or s.running_balance)
+
     def to_dict(self) -> dict:
         """Plain values for run.json: the settings and what they resolved to."""
         return {"mode": self.mode, "settings": self.settings.to_dict(), "requested": self.requested,

@@ -1,13 +1,15 @@
 """Saving images and grids with Pillow + numpy (no torchvision)."""
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from models.files import write_atomic
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -21,10 +23,10 @@ def _pil(arr: np.ndarray) -> Image.Image:
 
 
 def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG under a temporary name, then rename it: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    """Write a PNG atomically (``write_atomic``): a crash never leaves half a file."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def save_images(out: Path, seeds: list[int], imgs: np.ndarray) -> None:
