@@ -14,13 +14,14 @@ import time
 import torch
 
 from models.files import file_sha256, resolve_path
-from utils.app.cli import guidance_overrides, output_path
+from utils.app.cli import guidance_overrides, output_path, read_prompts
 from utils.app.rundir import RunFolder, RunFolderError
 from utils.app.runtime import init_distributed
 from utils.guidance import build_guide, build_plan
 from utils.guidance.targets import attribute_list_targets, check_target_keys, parse_target_spec
 from utils.sampling.images import read_images, save_grid, save_images  # noqa: F401 (read_images: API)
-from utils.sampling.pipeline import Pipeline, load_adp_for, load_pipeline, plan_batches, sample_batches
+from utils.sampling.pipeline import (Pipeline, guided_head_map, load_adp_for, load_pipeline, plan_batches,
+                                     sample_batches)
 from utils.sampling.seeds import parse_seeds
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run_generation(pipe: Pipeline, folder: RunFolder, seeds: list[int], batch_si
         log.warning("resuming a running-balance run: the balance restarts from the batches still "
                     "to do (the finished ones are not re-estimated)")
     record = {"status": "running", "identity": resolved["identity"], "resolved": resolved, "seeds": seeds,
-              "model": pipe.model_id, "timesteps": pipe.sampler.timesteps, "device": str(pipe.device),
+              "model": pipe.model_id, "timesteps": pipe.timesteps, "device": str(pipe.device),
               "world_size": world}
     if rank == 0:
         folder.write_record(record)
@@ -93,21 +94,41 @@ def generate(cfg: dict, args, mode: str) -> int:
             torch.distributed.destroy_process_group()
 
 
+def load_for_run(cfg: dict, args, device):
+    """The run's pipeline: the config's model family decides (``sd``: text-to-image)."""
+    if is_text_to_image(cfg):
+        from utils.sampling.text2image import load_t2i
+        return load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
+    if args.prompt or args.prompts:
+        raise ValueError(f"--prompt / --prompts apply to text-to-image configs (model.family: sd); "
+                         f"config {cfg.get('name')} is an unconditional {cfg['model'].get('family')} model")
+    return load_pipeline(cfg, device, args.steps, args.eta)
+
+
+def is_text_to_image(cfg: dict) -> bool:
+    return (cfg.get("model") or {}).get("family") == "sd"
+
+
 def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, world: int) -> int:
     overrides = guidance_overrides(args)
     given = [k for k, v in overrides.items() if v is not None]
     if mode == "vanilla" and given:
         raise ValueError(f"guidance settings {given} apply to --mode sample or distribution, not vanilla")
+    t2i = is_text_to_image(cfg)
+    if t2i and world > 1:
+        raise ValueError("text-to-image runs use one process: run them without torchrun")
+    prompts = read_prompts(cfg, args) if t2i else [None]
     # everything is validated and loaded before the output folder is touched
-    pipe = load_pipeline(cfg, device, args.steps, args.eta)
-    guide, plan, adp_sha = None, None, None
+    pipe = load_for_run(cfg, args, device)
+    plan, adp, adp_sha, heads = None, None, None, None
     if mode != "vanilla":
         if not cfg.get("adp"):
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
-        adp = load_adp_for(pipe, cfg["adp"])
+        adp = load_adp_for(pipe, cfg["adp"], check_grid=False)
         adp_sha = file_sha256(resolve_path(cfg["adp"]))
         plan = build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
                           overrides, args.scale, adp.class_prior)
+        heads = guided_head_map(adp, pipe.timesteps, plan.settings)
         if mode == "distribution" and args.bs_test * world < 2 and not plan.settings.running_balance:
             raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
                              "guidance (its predicted distribution is pushed to the target); add "
@@ -115,17 +136,38 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
                              "--mode sample for one image at a time")
         if args.running_balance and mode != "distribution":
             raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
-        guide = build_guide(cfg, plan, adp, pipe.sampler.schedule.betas, distributed=world > 1)
+        if t2i:
+            pipe.settings = plan.settings
     judge = None
     if args.evaluate and rank == 0:
         from utils.evaluation.evaluate import judge_from_config
         judge = judge_from_config(cfg)
-    folder = RunFolder(output_path(args.exp), pipe.image_shape)
+    root = output_path(args.exp)
+    negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
+    labeller = None
+    if plan is not None and plan.needs_labeller() and cfg.get("labeller"):
+        from models.labellers import load_labeller
+        labeller = load_labeller(cfg["labeller"])              # loaded once for every prompt
+    for k, prompt in enumerate(prompts):
+        out = root if len(prompts) == 1 else root / f"p{k:03d}"
+        run_pipe = pipe.with_prompt(prompt, negative) if t2i else pipe
+        # one guide per prompt: each prompt keeps its own running balance
+        guide = None if plan is None else build_guide(cfg, plan, adp, pipe.betas, world > 1, labeller)
+        text = None if not t2i else {"prompt": prompt, "negative_prompt": negative, "cfg": pipe.cfg_scale,
+                                     "scheduler": type(pipe.pipe.scheduler).__name__,
+                                     "resolution": pipe.image_shape[1]}
+        _run_one(cfg, args, mode, seeds, run_pipe, guide, plan, adp_sha, heads, text, out, judge, rank, world)
+    return 0
+
+
+def _run_one(cfg, args, mode, seeds, pipe, guide, plan, adp_sha, heads, text, out, judge, rank, world):
+    """One run folder: checked and locked, generated, (optionally) judged."""
+    folder = RunFolder(out, pipe.image_shape)
     identity = {"mode": mode, "config": cfg.get("name"), "model_sha256": pipe.model_id["checkpoint_sha256"],
                 "adp": str(resolve_path(cfg["adp"])) if plan else None, "adp_sha256": adp_sha,
-                "steps": len(pipe.sampler.timesteps), "timesteps": pipe.sampler.timesteps,
-                "eta": pipe.sampler.eta, "asymmetric": args.asymmetric, "batch_size": args.bs_test,
-                "world_size": world, "guidance": plan.to_dict() if plan else None}
+                "steps": len(pipe.timesteps), "timesteps": pipe.timesteps,
+                "eta": pipe.eta, "asymmetric": args.asymmetric, "batch_size": args.bs_test,
+                "world_size": world, "guidance": plan.to_dict() if plan else None, "text": text}
     problem = None
     if rank == 0:
         try:
@@ -140,15 +182,15 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
     if problem:
         raise RunFolderError(problem)
     resolved = {"mode": mode, "config": cfg.get("name"), "batch_size": args.bs_test, "world_size": world,
-                "steps": len(pipe.sampler.timesteps), "eta": pipe.sampler.eta,
+                "steps": len(pipe.timesteps), "eta": pipe.eta,
                 "asymmetric": args.asymmetric, "adp": cfg.get("adp") if plan else None,
-                "guidance": plan.to_dict() if plan else None, "identity": identity,
-                "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
+                "guidance": plan.to_dict() if plan else None, "heads": heads, "text": text,
+                "identity": identity, "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
     try:
         record = run_generation(pipe, folder, seeds, args.bs_test, guide, resolved, args.asymmetric,
                                 args.resume, rank, world)
         if rank != 0:
-            return 0
+            return
         print(f"wrote {len(seeds)} images to {folder.out} ({record['wall_time_s']} s)")
         if args.evaluate:
             from utils.evaluation.evaluate import evaluate_folder, format_table
@@ -158,7 +200,6 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
     finally:
         if rank == 0:
             folder.close()
-    return 0
 
 
 def demo(cfg: dict, args) -> int:
@@ -185,7 +226,8 @@ def demo(cfg: dict, args) -> int:
                             "seeds": ",".join(map(str, seeds)), "evaluate": False,
                             "overwrite": True, "resume": False})       # the demo's own run folders
         if mode == "vanilla":         # the guidance flags are the guided run's
-            for k in ("preset", "estimator", "running_balance", "refine", "refine_within", "check", "guide_steps"):
+            for k in ("preset", "estimator", "running_balance", "refine", "refine_within", "check", "guide_steps",
+                      "cfg_edit", "cfg_estimate"):
                 setattr(sub, k, None)
         generate(cfg, sub, mode)
         rows.append((mode, evaluate_folder(root / mode, cfg, fractions, judge)))

@@ -10,6 +10,8 @@ original code's classifiers, or add guidance directions to an ADP from an extrac
 
 Training: one linear head per (attribute, DDIM timestep); validation accuracy per timestep is
 printed as a table, written next to the checkpoint (``.json``, ``.md``) and plotted (``.png``).
+The h-vectors stay on disk and are read a few rows at a time from the memory-mapped shards, so
+memory does not grow with the number of samples (utils/data/adp_train.py).
 Import: the original's ``classification_checkpoints/new_model/*.pt`` (``linears.{i}.weight``,
 one head per step of its grid ``int(linspace(0, 1, 50) * 999)``, none for t = 999) become an ADP
 of this project with identical logits, tied to the config's model; it runs with ``--preset
@@ -35,8 +37,8 @@ from models.files import file_sha256, load_tensors, resolve_path  # noqa: E402
 from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import setup_logging  # noqa: E402
-from utils.data.adp_train import train_adp  # noqa: E402
-from utils.data.extract import load_h_dataset  # noqa: E402
+from utils.data.adp_train import train_adp_stream  # noqa: E402
+from utils.data.extract import load_h_dataset, open_h_dataset  # noqa: E402
 from utils.evaluation.plots import accuracy_plot, accuracy_table  # noqa: E402
 from utils.sampling.diffusion import ddim_timesteps  # noqa: E402
 
@@ -82,17 +84,18 @@ def train(args, attrs: list[str] | None, out: Path) -> int:
         raise ValueError("training needs --data (extraction folders); or --import_original / --directions_from")
     if args.epochs < 1 or not 0 < args.val_fraction < 1:
         raise ValueError("--epochs must be >= 1 and --val_fraction in (0, 1)")
-    meta, h, labels = load_h_dataset([resolve_path(input_path(d)) for d in args.data], attrs)
-    missing = [a for a in (attrs or []) if a not in labels]
+    data = open_h_dataset([resolve_path(input_path(d)) for d in args.data], attrs)   # h stays on disk
+    meta = data.meta
+    missing = [a for a in (attrs or []) if a not in data.labels]
     if missing:
         have = list(meta["attributes"]) or "no labels (an unlabelled extraction)"
         raise ValueError(f"the data has no labels for {missing}; it has {have}")
     if args.limit:
-        h, labels = h[:args.limit], {a: v[:args.limit] for a, v in labels.items()}
-    adp, metrics = train_adp(h, labels, meta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             val_fraction=args.val_fraction, seed=args.seed)
+        data = data.head(args.limit)
+    adp, metrics = train_adp_stream(data, meta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                    val_fraction=args.val_fraction, seed=args.seed)
     source = {"folders": [str(d) for d in args.data], "source": meta.get("source"),
-              "labeller": meta.get("labeller"), "n": int(len(h))}
+              "labeller": meta.get("labeller"), "n": len(data)}
     out.parent.mkdir(parents=True, exist_ok=True)
     adp.save(out, meta["model"], source, metrics)
     table = accuracy_table(adp.timesteps, metrics)
@@ -132,6 +135,8 @@ def import_original(args, out: Path) -> int:
     if not args.config:
         raise ValueError("--import_original needs --config (the model config the classifiers belong to)")
     cfg = load_config(input_path(args.config))
+    if cfg["model"].get("family") == "sd":
+        return _import_original_sd(args, cfg, files, names, classes, out)
     s = cfg.get("sampling", {})
     if s.get("skip_type", "uniform") != "original":
         raise ValueError(f"config {cfg['name']} samples on the '{s.get('skip_type', 'uniform')}' grid; the "
@@ -153,6 +158,32 @@ def import_original(args, out: Path) -> int:
     tie = "its checkpoint's sha256" if model_id["checkpoint_sha256"] else "the config only (checkpoint file absent)"
     print(f"wrote {out}: {len(timesteps)} heads per attribute {dict(zip(names, classes))}, h {h_shape}, "
           f"tied to {cfg['name']} by {tie}; run with --preset paper, or add directions with --directions_from")
+    return 0
+
+
+#: the original Stable Diffusion code's heads: linears.{i} for timestep 1 + 20 i (i = 0..49)
+SD_ORIGINAL_TIMESTEPS = list(range(1, 1000, 20))
+
+
+def _import_original_sd(args, cfg: dict, files, names, classes, out: Path) -> int:
+    """The original's Stable Diffusion heads (Linear(C*H*W -> K) per timestep of [1, 21, ..., 981])
+    -> one ADP tied to the config's SD model when its folder is present."""
+    from models.sd import model_sha256, resolve_model
+    res = int(cfg["model"].get("resolution", 512))
+    h_shape = tuple(cfg["model"].get("h_shape") or (1280, res // 64, res // 64))
+    heads = {a: (read_original(f), c) for a, f, c in zip(names, files, classes)}
+    adp = ADP.from_original(heads, SD_ORIGINAL_TIMESTEPS, h_shape)
+    try:
+        sha = model_sha256(resolve_model(str(cfg["model"]["checkpoint"])))
+    except ValueError:
+        sha = None
+    model_id = {"config": cfg["name"], "checkpoint": str(cfg["model"]["checkpoint"]), "checkpoint_sha256": sha}
+    imported = {"files": [f.name for f in files], "layout": "linears.{i} (Balancing Act original SD code)",
+                "grid": "1 + 20 i", "temperature": 8.0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adp.save(out, model_id, {"source": "imported", "files": [f.name for f in files]}, {}, imported)
+    print(f"wrote {out}: {len(SD_ORIGINAL_TIMESTEPS)} heads per attribute {dict(zip(names, classes))}, h {h_shape}, "
+          f"tied to {cfg['name']} by {'the model folder sha256' if sha else 'the config only (model absent)'}")
     return 0
 
 

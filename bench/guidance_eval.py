@@ -7,9 +7,9 @@
     python bench/guidance_eval.py --preset balance --n 1000                  # batch 4, joint target
     torchrun --nproc_per_node 2 bench/guidance_eval.py --preset distributed --images 1000 --bs 50
 
-Prints a Markdown table (FD per attribute with bootstrap CI, joint FD, feature-space Frechet
-distance to held-out real digits, confident-recognition share, seconds) and writes it, with
-the raw numbers as JSON, to --out.
+Prints a Markdown table (FD per attribute with bootstrap CI, raw and corrected for the judge's
+confusion, joint FD, feature-space Frechet distance to held-out real digits,
+confident-recognition share, seconds) and writes it, with the raw numbers as JSON, to --out.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import init_distributed, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference, real_reference_labels  # noqa: E402
+from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,  # noqa: E402
+                                       real_reference, real_reference_labels)
 from utils.guidance import build_guide, build_plan  # noqa: E402
 from utils.guidance.settings import parse_guide_steps  # noqa: E402
 from utils.guidance.targets import joint_classes, parse_fraction_vector  # noqa: E402
@@ -163,7 +164,10 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
         rep["guidance"] = plan.to_dict()
     if run["mode"] == "sample":
         a, c = next(iter(plan.classes.items()))
-        rep["requested_class_share"] = rep["attributes"][a]["fractions"][c]
+        m = rep["attributes"][a]
+        rep["requested_class_share"] = m["fractions"][c]
+        rep["requested_class_share_corrected"] = (m["fractions_corrected"][c]
+                                                  if m.get("fractions_corrected") is not None else None)
     return rep
 
 
@@ -176,17 +180,20 @@ def _sync(pipe, world: int) -> None:
 
 
 def table(reports: list[dict]) -> str:
-    head = ("| run | attribute fractions (judge) | FD [95% CI] | joint FD | drift of what was not targeted "
-            "[95% CI] | Frechet (to real reweighted to the target) | confident | s/img |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| run | attribute fractions (judge; corr. = corrected for its confusion) | FD [95% CI] | "
+            "corrected FD [95% CI] | joint FD | drift of what was not targeted [95% CI] | "
+            "Frechet (to real reweighted to the target) | confident | s/img |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         at = r["attributes"]
-        fr = "; ".join(f"{a} " + "/".join(f"{v:.3f}" for v in m["fractions"]) for a, m in at.items()
-                       if a != "digit" or "fd" in m)
-        fd = "; ".join(f"{a} {m['fd']:.3f} [{m['fd_ci'][0]:.3f}, {m['fd_ci'][1]:.3f}]"
-                       for a, m in at.items() if "fd" in m)
+        fr = "; ".join(f"{a} {fractions_cell(m)}" for a, m in at.items() if a != "digit" or "fd" in m)
+        fd = "; ".join(f"{a} {fd_cell(m)}" for a, m in at.items() if "fd" in m)
+        fd_c = "; ".join(f"{a} {fd_cell(m, 'fd_corrected')}" for a, m in at.items()
+                         if m.get("fd_corrected") is not None) or "-"
         if "requested_class_share" in r:
             fd = f"in requested class: {r['requested_class_share']:.3f}"
+            share_c = r.get("requested_class_share_corrected")
+            fd_c = "-" if share_c is None else f"in requested class: {share_c:.3f}"
         joint = f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-"
         for key, m in r.get("joint_targets", {}).items():
             joint = f"{m['fd']:.3f}"
@@ -199,7 +206,7 @@ def table(reports: list[dict]) -> str:
             fr_d += f" ({r['frechet_matched']:.2f})"
         drift = "; ".join(f"{b} {m['drift']:.3f} [{m['drift_ci'][0]:.3f}, {m['drift_ci'][1]:.3f}]"
                           for b, m in r.get("drift", {}).items()) or "-"
-        lines.append(f"| {r['name']} | {fr} | {fd} | {joint} | {drift} | {fr_d} | "
+        lines.append(f"| {r['name']} | {fr} | {fd} | {fd_c} | {joint} | {drift} | {fr_d} | "
                      f"{r['confident_share']:.3f} | {r['wall_s'] / r['n']:.4f} |")
     return "\n".join(lines)
 

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from utils.sampling.pipeline import load_pipeline  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,  # noqa: E402
+                                       real_reference)
 from utils.sampling.pipeline import plan_batches, sample_batches  # noqa: E402
 from utils.baselines.pixel_guidance import load_pixel_classifier, pixel_guidance_factory  # noqa: E402
 from utils.baselines.rejection import rejection_sample, uint8_to_tensor  # noqa: E402
@@ -46,8 +47,8 @@ def timed_run(pipe, seeds, bs, make_guide, desc):
 def row(r: dict, attr: str, van_s: float) -> str:
     m = r["attributes"][attr]
     s_img = r["wall_s"] / r["n_drawn"] if "n_drawn" in r else r["wall_s"] / r["n"]
-    return (f"| {r['name']} | {'/'.join(f'{v:.3f}' for v in m['fractions'])} | {m['fd']:.3f} "
-            f"[{m['fd_ci'][0]:.3f}, {m['fd_ci'][1]:.3f}] | {r['confident_share']:.3f} | "
+    return (f"| {r['name']} | {fractions_cell(m)} | {fd_cell(m)} | {fd_cell(m, 'fd_corrected')} | "
+            f"{r['confident_share']:.3f} | "
             f"{r.get('frechet', float('nan')):.2f} | {r['wall_s'] / r['n']:.4f} | "
             f"{r['wall_s'] / van_s:.2f} |" + (f" drawn {r['n_drawn']} ({s_img:.4f} s per drawn)"
                                                if "n_drawn" in r else ""))
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
 
     reports = [report("vanilla", *timed_run(pipe, seeds, args.bs, None, "vanilla"), variant="vanilla", scale=0)]
     van_s = reports[0]["wall_s"]
-    head = ("| run | judge fractions | FD [95% CI] | confident | Frechet | s/img | time / vanilla |\n"
-            "|---|---|---|---|---|---|---|")
+    head = ("| run | judge fractions (corr. = corrected for its confusion) | FD [95% CI] | corrected FD [95% CI] "
+            "| confident | Frechet | s/img | time / vanilla |\n|---|---|---|---|---|---|---|---|")
     print(head + "\n" + row(reports[0], args.attr, van_s), flush=True)
     for variant in variants:
         for sc in [float(v) for v in args.scales.split(",")]:

@@ -16,7 +16,9 @@ On the embedded default (shared seeds, target parity 50/50, judged by the indepe
 Writes its tables into <out>/RESULTS.md (between the markers <!-- bench:begin/end -->, or
 <!-- bench-quick:begin/end --> for --quick), <out>/RESULTS_bench.md, <out>/bench.json and PNG
 plots under <out>/bench_plots/ (``*_quick.png`` for --quick).
-Figures: FD = ||p_target - p_judge||_2 (lower is better), Frechet = Frechet distance in the
+Figures: FD = ||p_target - p_judge||_2 (lower is better), corrected FD: the same with the judge's
+fractions corrected for its confusion on held-out real data (utils/evaluation/correction.py;
+"corr." fractions), Frechet = Frechet distance in the
 judge's feature space to held-out real digits (lower is better), confident = share the judge
 classifies with p >= 0.9 (higher is better), s/img = wall seconds per image, peak = peak
 resident memory of the process during the row (CPU) or peak allocated GPU memory (CUDA).
@@ -40,7 +42,7 @@ from models.adp import ADP  # noqa: E402
 from models.labellers import load_labeller  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, fd_cell, judge_from_config, real_reference  # noqa: E402
 from utils.evaluation.plots import line_plot  # noqa: E402
 from utils.guidance import build_guide, build_plan  # noqa: E402
 from utils.guidance.settings import parse_guide_steps  # noqa: E402
@@ -105,10 +107,12 @@ class Bench:
         rep = evaluate_images(x, self.judge, TARGET, self.real)
         par = rep["attributes"]["parity"]
         row = {"name": name, "n": len(x), "fractions": par["fractions"], "fd": par["fd"],
-               "fd_ci": par["fd_ci"], "frechet": rep.get("frechet"), "confident": rep["confident_share"],
+               "fd_ci": par["fd_ci"], "fractions_corrected": par.get("fractions_corrected"),
+               "fd_corrected": par.get("fd_corrected"), "fd_corrected_ci": par.get("fd_corrected_ci"),
+               "frechet": rep.get("frechet"), "confident": rep["confident_share"],
                "wall_s": wall, "s_per_img": wall / len(x), "peak_mb": mem.peak_mb,
                "extra_mb": mem.peak_mb - mem.start_mb, **extra}
-        print(f"  {name}: parity {par['fractions'][0]:.3f}/{par['fractions'][1]:.3f} FD {par['fd']:.3f} "
+        print(f"  {name}: parity {_parity(row)} FD {par['fd']:.3f} (corrected {fd_cell(row, 'fd_corrected')}) "
               f"Frechet {row['frechet']:.2f} confident {row['confident']:.3f} {row['s_per_img']:.4f} s/img",
               flush=True)
         return row
@@ -262,23 +266,32 @@ def scaling(b: Bench, quick: bool) -> list[dict]:
     return rows
 
 
+def _parity(r: dict) -> str:
+    """'0.500/0.500', then ' (corr. 0.498/0.502)' when the row has judge-corrected fractions."""
+    text = f"{r['fractions'][0]:.3f}/{r['fractions'][1]:.3f}"
+    fc = r.get("fractions_corrected")
+    return text if fc is None else text + f" (corr. {fc[0]:.3f}/{fc[1]:.3f})"
+
+
 def md_methods(rows: list[dict]) -> str:
-    lines = ["| method | parity (judge) | FD [95% CI] | Frechet | confident | s/img | cost / vanilla | peak MB (+ during row) | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | parity (judge; corr. = corrected) | FD [95% CI] | corrected FD [95% CI] | Frechet | "
+             "confident | s/img | cost / vanilla | peak MB (+ during row) | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = (f"drew {r['drawn']} images for {r['n']}" if "drawn" in r else f"redrew {r['redrawn']}"
                 if "redrawn" in r else f"scale {r['scale']}" if "scale" in r else "")
-        lines.append(f"| {r['name']} | {r['fractions'][0]:.3f}/{r['fractions'][1]:.3f} | {r['fd']:.3f} "
-                     f"[{r['fd_ci'][0]:.3f}, {r['fd_ci'][1]:.3f}] | {r['frechet']:.2f} | {r['confident']:.3f} | "
-                     f"{r['s_per_img']:.4f} | {r['cost_vs_vanilla']:.2f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) | {note} |")
+        lines.append(f"| {r['name']} | {_parity(r)} | {fd_cell(r)} | {fd_cell(r, 'fd_corrected')} | "
+                     f"{r['frechet']:.2f} | {r['confident']:.3f} | {r['s_per_img']:.4f} | "
+                     f"{r['cost_vs_vanilla']:.2f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) | {note} |")
     return "\n".join(lines)
 
 
 def md_rows(rows: list[dict], xlabel: str) -> str:
-    lines = [f"| {xlabel} | run | parity (judge) | FD | Frechet | confident | s/img | peak MB (+ during row) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| {xlabel} | run | parity (judge; corr. = corrected) | FD | corrected FD [95% CI] | Frechet | "
+             "confident | s/img | peak MB (+ during row) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['x']} | {r['name']} | {r['fractions'][0]:.3f}/{r['fractions'][1]:.3f} | {r['fd']:.3f} | "
+        lines.append(f"| {r['x']} | {r['name']} | {_parity(r)} | {r['fd']:.3f} | {fd_cell(r, 'fd_corrected')} | "
                      f"{r['frechet']:.2f} | {r['confident']:.3f} | {r['s_per_img']:.4f} | {r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) |")
     return "\n".join(lines)
 

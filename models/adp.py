@@ -57,13 +57,37 @@ class ADP(nn.Module):
                 f"Sample with the same number of DDIM steps and skip type, or retrain it.")
         return self._index[int(t)]
 
+    def head_index(self, t: float, rule: str = "exact") -> int:
+        """Step index of the head for timestep t: the exact one (``exact``), or the head of the
+        nearest trained timestep (``nearest``), which must lie within one grid spacing of t (the
+        grid of another scheduler or step count); further away is an error naming the range."""
+        if rule == "exact":
+            return self.step_index(int(round(float(t))))
+        grid = torch.tensor(self.timesteps, dtype=torch.float64)
+        s = int((grid - float(t)).abs().argmin())
+        spacing = float((grid.sort().values.diff().abs().max()) if len(grid) > 1 else 0.0)
+        if abs(float(grid[s]) - float(t)) > spacing:
+            raise ClassifierMismatchError(
+                f"timestep {float(t):g} is outside the range the ADP covers: heads for timesteps "
+                f"{min(self.timesteps)}..{max(self.timesteps)} (spacing {spacing:g}); use a scheduler "
+                f"grid inside it, leave the step unguided (--guide_steps), or retrain the ADP on it")
+        return s
+
+    def head_map(self, timesteps, rule: str = "exact") -> dict[str, int]:
+        """{sampler timestep: the trained timestep whose head serves it} (for run.json); raises
+        for a timestep the rule cannot serve."""
+        return {f"{float(t):g}": self.timesteps[self.head_index(t, rule)] for t in timesteps}
+
     def normalise(self, h: torch.Tensor, s: int) -> torch.Tensor:
         """h [N,C,H,W] (or [N,D]) -> standardised flat h [N,D] for step index s."""
         return (h.reshape(len(h), -1).float() - self.mean[s]) / self.std[s]
 
     def logits(self, h: torch.Tensor, t: int, attrs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """{attribute: logits [N,K]} for bottleneck features h at timestep t."""
-        s = self.step_index(t)
+        return self.logits_at(h, self.step_index(t), attrs)
+
+    def logits_at(self, h: torch.Tensor, s: int, attrs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """{attribute: logits [N,K]} for bottleneck features h with the heads of step index s."""
         z = self.normalise(h, s)
         return {a: nn.functional.linear(z, self.weight[a][s], self.bias[a][s])     # as nn.Linear
                 for a in (attrs or self.attributes)}
@@ -96,13 +120,27 @@ class ADP(nn.Module):
         fractions p_true, so M_s^-1 p_hat is an unbiased estimate of p_true (as CLEAM corrects
         FD with a classifier's confusion). Early steps, where the heads are unsure, shrink p_hat
         towards uniform; the correction undoes that shrinkage."""
-        for a, classes in self.attributes.items():
-            probs = torch.softmax(self.logits_all_steps(h_steps, a), dim=-1)      # [N, S, K]
-            m = getattr(self, f"conf_{a}")
-            for c in range(len(classes)):
-                sel = labels[a] == c
-                if sel.any():
-                    m[:, :, c] = probs[sel].mean(0)
+        self.calibrate_from_chunks([(h_steps, labels)])
+
+    @torch.no_grad()
+    def calibrate_from_chunks(self, chunks) -> None:
+        """``calibrate`` on held-out data read in pieces: chunks (h [n,S,D], {attr: labels [n]}).
+        M_s[:, c] = (sum of softmax(logits) over the samples of class c) / their count, the sums
+        in float64. An attribute without labels, or a class without samples, keeps its M_s."""
+        dev = self.mean.device
+        sums = {a: torch.zeros(len(self.timesteps), len(c), len(c), dtype=torch.float64, device=dev)
+                for a, c in self.attributes.items()}
+        counts = {a: torch.zeros(len(c), dtype=torch.float64, device=dev) for a, c in self.attributes.items()}
+        for h, labels in chunks:
+            for a in self.attributes:
+                if a in labels:
+                    y = labels[a].to(dev).long()
+                    probs = torch.softmax(self.logits_all_steps(h.to(dev), a), dim=-1)    # [n, S, K]
+                    sums[a].index_add_(2, y, probs.permute(1, 2, 0).double())   # [S, K, true class]
+                    counts[a] += torch.bincount(y, minlength=len(counts[a])).double()
+        for a in self.attributes:
+            seen = counts[a] > 0
+            getattr(self, f"conf_{a}")[:, :, seen] = (sums[a][:, :, seen] / counts[a][seen]).float()
 
     @torch.no_grad()
     def compute_directions(self, h_steps: torch.Tensor, batch: int = 2048) -> None:
@@ -111,15 +149,25 @@ class ADP(nn.Module):
         so moving h along Cov·w moves it along the class-mean difference, the direction the
         decoder actually responds to; the plain gradient w points into low-variance directions
         the decoder mostly ignores."""
-        n = len(h_steps)
-        for s in range(len(self.timesteps)):
-            for a in self.attributes:
-                wr = self.raw_weight(a, s)                                 # [K, D]
-                acc = torch.zeros_like(wr)
-                for i in range(0, n, batch):
-                    hc = h_steps[i:i + batch, s].float() - self.mean[s]    # [n, D]
-                    acc += (hc @ wr.T).T @ hc                              # [K, D]
-                getattr(self, f"dir_{a}")[s] = acc / max(n - 1, 1)
+        self.directions_from_chunks(h_steps[i:i + batch] for i in range(0, len(h_steps), batch))
+
+    @torch.no_grad()
+    def directions_from_chunks(self, chunks) -> int:
+        """``compute_directions`` on training h read in pieces (chunks h [n,S,D]); returns N.
+        Cov_s W^T = sum_i (h_i - mean_s) ((h_i - mean_s) · W_raw,s^T) / (N - 1), centred on the
+        stored (training) mean and summed chunk by chunk: memory is one chunk plus [S,K,D] per
+        attribute, never D x D."""
+        acc = {a: torch.zeros_like(getattr(self, f"dir_{a}")) for a in self.attributes}
+        n = 0
+        for h in chunks:
+            n += len(h)
+            for s in range(len(self.timesteps)):
+                hc = h[:, s].to(self.mean.device).float() - self.mean[s]         # [n, D]
+                for a in self.attributes:
+                    acc[a][s] += (hc @ self.raw_weight(a, s).T).T @ hc           # [K, D]
+        for a in self.attributes:
+            getattr(self, f"dir_{a}").copy_(acc[a] / max(n - 1, 1))
+        return n
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, path: str | Path, model_id: dict, data_source: dict, metrics: dict,

@@ -48,13 +48,22 @@ def digit_probs_to_attributes(p_digit: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """[N,1|3,H,W] -> [N,1,H,W]: RGB images (a text-to-image pipeline's grey digits repeated to
+    three channels) become their channel mean."""
+    return images if images.shape[1] == 1 else images.float().mean(1, keepdim=True)
+
+
 class DigitsJudge(Judge):
-    """Wraps a trained DigitsCNN as a Judge for parity, magnitude and digit."""
+    """Wraps a trained DigitsCNN as a Judge for parity, magnitude and digit; ``meta["confusion"]``
+    (scripts/calibrate_judge.py) is its confusion on labelled held-out digits."""
 
     attributes = ATTRIBUTES
 
     def __init__(self, net: DigitsCNN, meta: dict | None = None, device: str = "cpu"):
         self.net, self.meta, self.device = net.to(device).eval(), meta or {}, device
+        self.calibration = self.meta.get("confusion")
+        self.confusion_counts()                 # a record that does not fit fails here
 
     @torch.no_grad()
     def _run(self, images: torch.Tensor, batch: int = 512):
@@ -63,10 +72,10 @@ class DigitsJudge(Judge):
         return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return digit_probs_to_attributes(torch.softmax(self._run(images)[0], dim=1))
+        return digit_probs_to_attributes(torch.softmax(self._run(grey(images))[0], dim=1))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(images)[1]
+        return self._run(grey(images))[1]
 
     def save(self, path: Path) -> None:
         torch.save({"kind": "digits_cnn", "state_dict": self.net.state_dict(),
@@ -140,6 +149,6 @@ class SVCLabeller(Judge):
         self.svc.fit(split.train_x.flatten(1).numpy(), split.train_y)
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = torch.as_tensor(self.svc.predict_proba(images.float().flatten(1).numpy()),
+        p = torch.as_tensor(self.svc.predict_proba(grey(images).float().flatten(1).numpy()),
                             dtype=torch.float32)
         return digit_probs_to_attributes(p)

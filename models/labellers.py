@@ -1,22 +1,113 @@
-"""Image classifiers that label or check generated images, by name or file."""
+"""Image classifiers that label or check generated images, by name, file or spec.
+
+A labeller has the judge interface (``attributes``, ``predict(images [-1,1]) -> {attr: [N,K]}``):
+  - a built-in name (``digits_svc``: the embedded default's SVM on pixels);
+  - a classifier file (.pt / .onnx, see ``models.judge``);
+  - CLIP zero-shot through transformers, from a local CLIP folder or cached hub id:
+    ``{kind: clip, model: PATH_OR_ID, attributes: {gender: {female: "a photo of a woman",
+    male: "a photo of a man"}}}`` (or ``attribute: gender, classes: {...}`` for one attribute).
+"""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from models.files import resolve_path
 from models.judge import Judge, load_judge
 
 #: built-in labellers by name -> (module, class)
 BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller")}
+#: CLIP's image normalisation (used when the folder has no preprocessor_config.json)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_labeller(spec: str) -> Judge:
-    """A labeller by name (``digits_svc``: the embedded default's SVM on pixels) or a judge
-    file (.pt / .onnx) with ``predict(images) -> {attribute: probabilities [N,K]}``."""
+def load_labeller(spec) -> Judge:
+    """A labeller from its spec (module docstring)."""
+    if isinstance(spec, dict):
+        if spec.get("kind") != "clip":
+            raise ValueError(f"labeller spec {spec}: the only mapping kind is 'clip' "
+                             f"({{kind: clip, model: PATH, attributes: {{attr: {{class: prompt}}}}}})")
+        return ClipLabeller.from_spec(spec)
     if spec in BUILTIN:
         import importlib
         module, cls = BUILTIN[spec]
         return getattr(importlib.import_module(module), cls)()
     path = resolve_path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"labeller {spec!r} not found ({path}): give {sorted(BUILTIN)} or a "
-                                f"classifier file (.pt / .onnx); or turn the check off with --no-check")
+        raise FileNotFoundError(f"labeller {spec!r} not found ({path}): give {sorted(BUILTIN)}, a "
+                                f"classifier file (.pt / .onnx) or a clip spec; or turn the check off "
+                                f"with --no-check")
     return load_judge(str(path))
+
+
+def _model_folder(spec: str) -> Path:
+    for cand in (Path(spec).expanduser(), resolve_path(spec)):
+        if cand.is_dir():
+            return cand
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:
+        raise ValueError(f"CLIP model {spec!r} is neither a folder nor a hub id in the local Hugging Face "
+                         f"cache; download it once (huggingface-cli download {spec} --local-dir "
+                         f"pretrained/NAME) and give that folder") from None
+
+
+class ClipLabeller(Judge):
+    """Zero-shot CLIP: p(class | image) = softmax_k(s * cos(E_img(x), E_txt(prompt_k))) per
+    attribute, s = CLIP's learned logit scale; images resized (bicubic) to the vision tower's
+    input size, grey repeated to RGB, normalised with CLIP's mean and std."""
+
+    def __init__(self, model, tokenizer, attributes: dict[str, dict[str, str]],
+                 mean=CLIP_MEAN, std=CLIP_STD):
+        self.model = model.eval()
+        self.attributes = {a: list(c) for a, c in attributes.items()}
+        self.size = int(model.config.vision_config.image_size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            self.text = {}
+            for a, classes in attributes.items():
+                tok = tokenizer(list(classes.values()), padding=True, return_tensors="pt")
+                self.text[a] = F.normalize(_features(model.get_text_features(**tok)), dim=-1)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ClipLabeller":
+        from transformers import AutoTokenizer, CLIPModel
+        unknown = sorted(set(spec) - {"kind", "model", "attributes", "attribute", "classes"})
+        if unknown or not spec.get("model"):
+            raise ValueError(f"clip labeller spec: needs model: and attributes: (unknown keys {unknown})")
+        attrs = spec.get("attributes") or ({spec.get("attribute", "class"): spec["classes"]} if spec.get("classes") else None)
+        if not attrs or any(len(c) < 2 for c in attrs.values()):
+            raise ValueError("clip labeller spec: give attributes: {attr: {class: prompt, ...}} with >= 2 classes each")
+        folder = _model_folder(str(spec["model"]))
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            conf = json.loads(pre.read_text())
+            mean, std = conf.get("image_mean", mean), conf.get("image_std", std)
+        return cls(CLIPModel.from_pretrained(folder, local_files_only=True),
+                   AutoTokenizer.from_pretrained(folder, local_files_only=True), attrs, mean, std)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N,C,H,W] in [-1,1] -> CLIP's input [N,3,S,S]."""
+        x = (images.float().clamp(-1, 1) + 1) / 2
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        dev = next(self.model.parameters()).device
+        img = F.normalize(_features(self.model.get_image_features(pixel_values=self.pixel_values(images).to(dev))), dim=-1)
+        scale = self.model.logit_scale.exp()
+        return {a: torch.softmax(scale * img @ t.to(dev).T, dim=-1).cpu() for a, t in self.text.items()}
+
+
+def _features(out) -> torch.Tensor:
+    """The embedding tensor of get_*_features (a tensor, or an output object in newer transformers)."""
+    return out if torch.is_tensor(out) else out.pooler_output

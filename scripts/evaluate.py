@@ -4,8 +4,9 @@
     python scripts/evaluate.py --folder runs/fair --target parity=0.5
 
 Reports the judge's accuracy on held-out real digits, attribute fractions (with FD and bootstrap
-CI against --target), the share recognised with confidence >= 0.9, and the Frechet distance in
-the judge's feature space to held-out real digits next to that between two disjoint real halves.
+CI against --target; raw and corrected for the judge's confusion), the share recognised with
+confidence >= 0.9, and the Frechet distance in the judge's feature space to held-out real digits
+next to that between two disjoint real halves.
 With --vanilla it also writes a grid of samples next to real digits (--grid).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 from utils.guidance.targets import parse_fraction_vector  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, judge_from_config  # noqa: E402
+from utils.evaluation.evaluate import evaluate_images, fd_cell, fractions_cell, judge_from_config  # noqa: E402
 from utils.sampling.images import grid_array, to_uint8  # noqa: E402
 from PIL import Image  # noqa: E402
 from utils.evaluation.metrics import frechet_distance  # noqa: E402
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
     print(f"Frechet (judge features) to held-out real: {report['frechet']:.2f}; "
           f"between two real halves ({half} each): {report['frechet_real_halves']:.2f}")
     for a, m in report["attributes"].items():
-        fd = f", FD {m['fd']:.3f} [{m['fd_ci'][0]:.3f}, {m['fd_ci'][1]:.3f}]" if "fd" in m else ""
-        print(f"{a}: fractions {np.round(m['fractions'], 3).tolist()}{fd}; "
+        fd = f", FD {fd_cell(m)}, corrected FD {fd_cell(m, 'fd_corrected')}" if "fd" in m else ""
+        print(f"{a}: fractions {fractions_cell(m)}{fd}; "
               f"training data {np.round(list(report['train_fractions'][a].values()), 3).tolist()}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

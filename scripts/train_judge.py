@@ -3,7 +3,8 @@
     python scripts/train_judge.py            # writes pretrained/digits16_judge.pt (+ .json)
 
 Trained on the ``judge`` part of the digits split (disjoint from the DDPM's training subset);
-accuracy is measured on the ``heldout`` part, per attribute.
+accuracy is measured on the ``heldout`` part, per attribute. A new judge has no confusion
+matrices: run ``python scripts/calibrate_judge.py`` after it for judge-corrected fractions.
 """
 from __future__ import annotations
 

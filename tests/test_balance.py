@@ -57,12 +57,11 @@ def test_the_batch_loop_feeds_the_running_balance(tiny_adm):
     """Through the real batch loop: after each batch the balance holds its samples, so the
     second batch is guided against the first one's outcome (disconnecting the update in
     after_batch fails here)."""
-    from types import SimpleNamespace
     from models.adp import ADP
     from utils.sampling.diffusion import DDIMSampler, Schedule
-    from utils.sampling.pipeline import plan_batches, sample_batches
+    from utils.sampling.pipeline import Pipeline, plan_batches, sample_batches
     sampler = DDIMSampler(tiny_adm, Schedule.from_config({"beta_schedule": "linear"}), 3, eta=1.0)
-    pipe = SimpleNamespace(net=tiny_adm, sampler=sampler, image_shape=(1, 16, 16), device=torch.device("cpu"))
+    pipe = Pipeline(tiny_adm, sampler, {}, (1, 16, 16), torch.device("cpu"))
     torch.manual_seed(0)
     adp = ADP(tiny_adm.h_shape, sampler.timesteps, {"a": ["c0", "c1"]})
     with torch.no_grad():

@@ -2,7 +2,6 @@
 guidance redrawing misses, the shared step cap, the 'auto' estimator, refine, and the Frechet
 distance to real images reweighted to a target class mix.
 """
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from utils.guidance import build_plan
 from utils.guidance.guide import RunningBalance
 from utils.guidance.targets import refine_targets
 from utils.sampling.diffusion import DDIMSampler, Schedule
-from utils.sampling.pipeline import plan_batches, sample_batches, sample_seeds
+from utils.sampling.pipeline import Pipeline, plan_batches, sample_batches, sample_seeds
 
 SHAPE = (1, 16, 16)
 
@@ -67,7 +66,7 @@ def pipe(tiny_adm):
     sampler = DDIMSampler(tiny_adm, Schedule.from_config(
         {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_diffusion_timesteps": 1000}),
         4, eta=1.0)
-    return SimpleNamespace(net=tiny_adm, sampler=sampler, image_shape=SHAPE, device=torch.device("cpu"))
+    return Pipeline(tiny_adm, sampler, {}, SHAPE, torch.device("cpu"))
 
 
 def _random_adp(pipe):
@@ -209,7 +208,7 @@ def test_refine_leaves_what_it_cannot_refine_and_refuses_an_empty_cell():
 
 
 def test_the_plan_guides_through_the_finer_head_but_reports_the_users_targets():
-    cfg = {"refine": REFINE, "guidance": {"preset": "ours"}}
+    cfg = {"refine": REFINE, "guidance": {"preset": "ours", "refine_within": "uniform"}}
     g = build_plan(cfg, "distribution", {"parity": "0.8"}, DIGITS, scale_spec="parity=7")
     assert g.requested == {"parity": pytest.approx([0.2, 0.8])}
     assert list(g.targets) == ["digit"] and g.refined == {"digit": ["parity"]}
@@ -223,13 +222,14 @@ def test_the_plan_guides_through_the_finer_head_but_reports_the_users_targets():
 
 def test_refine_within_the_models_proportions_keeps_each_class_mix():
     """Parity 50/50 with the model's digit fractions as the prior: within the even class each even
-    digit keeps its share of the model's evens (a uniform spread is the default)."""
+    digit keeps its share of the model's evens (the ours default; ``uniform`` spreads evenly)."""
     prior = [0.3, 0.05, 0.2, 0.05, 0.1, 0.05, 0.1, 0.05, 0.1, 0.0]     # evens 0.8, odds 0.2
     out, _ = refine_targets({"parity": torch.tensor([0.5, 0.5])}, REFINE, DIGITS, {"digit": prior})
     want = [0.5 * 0.3 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.2 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8,
             0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8, 0.5 * 0.05 / 0.2, 0.5 * 0.1 / 0.8, 0.0]
     assert out["digit"].tolist() == pytest.approx(want, abs=1e-7)
-    cfg = {"refine": REFINE, "guidance": {"preset": "ours", "refine_within": "model"}}
+    cfg = {"refine": REFINE, "guidance": {"preset": "ours"}}
+    assert build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior}).settings.refine_within == "model"
     plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior})
     assert plan.targets["digit"].tolist() == pytest.approx(want, abs=1e-7)
     with pytest.raises(ValueError, match="priors_from_samples"):

@@ -29,6 +29,7 @@ def _write_adp(path, sha):
     with torch.no_grad():
         for a in ATTRS:
             getattr(adp, f"dir_{a}").fill_(1e-3)          # the 'ours' preset steps along these
+    adp.class_prior = {a: [1 / len(c)] * len(c) for a, c in ATTRS.items()}   # and refines within these
     adp.save(path, {"config": "digits16", "checkpoint": CKPT, "checkpoint_sha256": sha},
              {"source": "test"}, {})
     return path

@@ -90,3 +90,13 @@ def test_split_is_reproducible(split):
         np.testing.assert_array_equal(index, index2)
         np.testing.assert_array_equal(y, y2)
         assert torch.equal(x, x2)
+
+
+def test_the_digits_judge_and_labeller_read_rgb_digits_as_their_grey_original():
+    """A text-to-image pipeline gives grey digits repeated to RGB: same answers as the grey image."""
+    from models.digits import load_split
+    from models.digits_judge import DigitsJudge, SVCLabeller
+    x = load_split().heldout_x[:20]
+    for clf in (DigitsJudge.load("pretrained/digits16_judge.pt"), SVCLabeller()):
+        a, b = clf.predict(x), clf.predict(x.repeat(1, 3, 1, 1))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -12,7 +12,7 @@ from torch import nn
 from models.adp import ClassifierMismatchError
 from models.pixel_classifier import NoisyPixelClassifier, PixelClassifierConfig
 from utils.sampling.diffusion import DDIMSampler, Schedule
-from utils.sampling.pipeline import plan_batches, sample_batches
+from utils.sampling.pipeline import Pipeline, plan_batches, sample_batches
 from utils.baselines.pixel_guidance import DEFAULT_SCALES, PixelGuidance, pixel_guidance_factory
 from utils.sampling.seeds import SeededNoise
 
@@ -109,8 +109,7 @@ def _tiny_clf(width=8):
 
 
 def _run(net, make_guide, seeds=(3, 4), eta=1.0, steps=4):
-    pipe = SimpleNamespace(net=net, sampler=DDIMSampler(net, SCHEDULE, steps, eta=eta),
-                           image_shape=SHAPE, device=torch.device("cpu"))
+    pipe = Pipeline(net, DDIMSampler(net, SCHEDULE, steps, eta=eta), {}, SHAPE, torch.device("cpu"))
     (_, im, dist), = list(sample_batches(pipe, plan_batches(list(seeds), 8), make_guide,
                                          progress=False))
     return pipe, im, dist

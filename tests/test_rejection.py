@@ -1,13 +1,12 @@
 """utils/baselines/rejection.py: quotas, the acceptance rule on a stream with a known answer, the max-draw
 error, and the pipeline path (tiny ADM, a fake judge) against an independent vanilla run."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
 from models.judge import Judge
 from utils.sampling.diffusion import DDIMSampler, Schedule
+from utils.sampling.pipeline import Pipeline
 from utils.sampling.images import to_uint8
 from utils.baselines.rejection import accept_from_stream, class_quotas, rejection_sample
 from utils.sampling.seeds import SeededNoise
@@ -62,7 +61,7 @@ class BrightJudge(Judge):
 
 def test_rejection_sample_on_tiny_model(tiny_adm):
     sampler = DDIMSampler(tiny_adm, Schedule.from_config({}), 3, eta=1.0)
-    pipe = SimpleNamespace(net=tiny_adm, sampler=sampler, image_shape=SHAPE, device=torch.device("cpu"))
+    pipe = Pipeline(tiny_adm, sampler, {}, SHAPE, torch.device("cpu"))
     noise = SeededNoise(list(range(10, 26)), SHAPE)              # the same seeds, drawn independently
     vanilla = to_uint8(sampler.sample(noise.x_T(), noise.step)[0])
     judge = BrightJudge()

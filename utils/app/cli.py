@@ -13,7 +13,7 @@ from typing import Callable
 import yaml
 
 from models.adp import ClassifierMismatchError
-from models.files import CheckpointError
+from models.files import CheckpointError, resolve_path
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
 from utils.app.runtime import setup_logging
 from utils.guidance.settings import PRESETS, SettingsError, parse_guide_steps
@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "its classes, sample guidance redraws the images outside their class "
                         "(default: the preset's)")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
+    g = p.add_argument_group("text-to-image (configs/sd15.yml: model.family sd)")
+    g.add_argument("--model", help="Stable Diffusion folder or cached hub id (overrides model.checkpoint)")
+    g.add_argument("--prompt", help="the prompt of every image")
+    g.add_argument("--prompts", metavar="FILE", help="one prompt a line: a run (sub-folder pNNN) per prompt, "
+                   "each with its own running balance; for --extract_pseudo: the seeds cycle through them")
+    g.add_argument("--negative_prompt", help="negative prompt (default: config negative_prompt)")
+    g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (default: config sampling.cfg)")
+    g.add_argument("--scheduler", choices=["ddim", "dpm", "euler", "pndm"],
+                   help="diffusers scheduler (default: config model.scheduler)")
+    g.add_argument("--cfg_edit", choices=["both", "cond"],
+                   help="edit h of both halves of the CFG batch (the same delta h) or the conditional "
+                        "half only (default: the preset's)")
+    g.add_argument("--cfg_estimate", choices=["cond", "both"],
+                   help="the batch estimate from the conditional rows (ours) or from both halves "
+                        "(the original SD code) (default: the preset's)")
     g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
     g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")
     g.add_argument("--test_path_one", help="folder with one sub-folder of images per class")
@@ -88,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--savepath", help="output folder of the extraction")
     g.add_argument("--extract_pseudo", type=int, metavar="N", help="sample N images, record h, pseudo-label")
     g.add_argument("--labeller", help="image classifier that labels extraction samples and checks "
-                   "finished images: a name (digits_svc) or a file (.pt / .onnx); default: config labeller")
+                   "finished images: a name (digits_svc), a file (.pt / .onnx), or a CLIP folder for a config "
+                   "whose labeller is a clip spec; default: config labeller")
     p.add_argument("--demo", action="store_true", help="vanilla vs balanced on the embedded default")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -119,12 +135,32 @@ def input_path(path: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else path
 
 
+def read_prompts(cfg: dict, args) -> list[str]:
+    """The run's prompts: --prompt, or --prompts FILE (one a line, blank lines skipped)."""
+    if args.prompt and args.prompts:
+        raise ValueError("give --prompt or --prompts FILE, not both")
+    if args.prompts:
+        path = resolve_path(input_path(args.prompts))
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file (one prompt a line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts} holds no prompt (one prompt a line)")
+        return prompts
+    prompt = args.prompt or cfg.get("prompt")
+    if not prompt:
+        raise ValueError("text-to-image needs --prompt \"...\" or --prompts FILE")
+    return [prompt]
+
+
 def check_numbers(args) -> None:
     """Ranges of the numeric flags (before anything is loaded)."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: the number of DDIM steps must be >= 1")
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta {args.eta}: DDIM eta must be in [0, 1] (0 deterministic, 1 the original's)")
+    if args.cfg is not None and args.cfg < 0:
+        raise ValueError(f"--cfg {args.cfg}: the classifier-free guidance scale must be >= 0 (1: none)")
     if args.bs_test < 1 or args.n_test_img < 1:
         raise ValueError("--bs_test and --n_test_img must be >= 1")
 
@@ -144,17 +180,22 @@ def guidance_overrides(args) -> dict:
     """The command line's guidance settings (None: not given), for ``resolve_settings``."""
     out = {"preset": args.preset, "estimator": args.estimator,
            "running_balance": args.running_balance, "refine": args.refine,
-           "refine_within": args.refine_within, "check": args.check}
+           "refine_within": args.refine_within, "check": args.check,
+           "cfg_edit": args.cfg_edit, "cfg_estimate": args.cfg_estimate}
     if args.guide_steps:
         out.update(parse_guide_steps(args.guide_steps))
     return out
 
 
 def load_run_config(args) -> dict:
-    """The config with the command line's model / ADP / labeller overrides."""
-    return with_overrides(load_config(input_path(args.config)), {
-        "model.checkpoint": input_path(args.checkpoint), "adp": input_path(args.adp),
-        "labeller": input_path(args.labeller)})
+    """The config with the command line's model / ADP / labeller overrides (--labeller FOLDER
+    on a config whose labeller is a clip spec: that spec with its CLIP model replaced)."""
+    cfg = load_config(input_path(args.config))
+    labeller = {"labeller": input_path(args.labeller)}
+    if isinstance(cfg.get("labeller"), dict) and args.labeller and Path(resolve_path(input_path(args.labeller))).is_dir():
+        labeller = {"labeller.model": input_path(args.labeller)}
+    return with_overrides(cfg, {"model.checkpoint": input_path(args.model or args.checkpoint),
+                                "adp": input_path(args.adp), **labeller})
 
 
 #: errors that are the user's to fix: one line, exit 2 (OSError: a folder that cannot be written)

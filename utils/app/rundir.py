@@ -22,7 +22,7 @@ from models.files import write_atomic
 OWN_FILE = re.compile(r"^(\d{6,}\.png|grid\.png|run\.json|eval\.json|\.lock|\..*\.tmp(\.png)?)$")
 #: the keys of run.json's "identity" that --resume compares
 IDENTITY_KEYS = ("mode", "config", "model_sha256", "adp", "adp_sha256", "steps", "timesteps", "eta",
-                 "asymmetric", "batch_size", "world_size", "guidance")
+                 "asymmetric", "batch_size", "world_size", "guidance", "text")
 
 
 class RunFolderError(ValueError):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ def _write_meta(out: Path, meta: dict) -> None:
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        keys = ("model", "h_shape", "timesteps", "source", "attributes", "shard_size", "seeds", "eta")
+        keys = ("model", "h_shape", "timesteps", "source", "attributes", "shard_size", "seeds", "eta", "text")
         diff = [k for k in keys if old.get(k) != meta.get(k)]
         if diff:
             raise ValueError(f"{out} already holds an extraction with different {diff}; "
@@ -144,30 +145,129 @@ def read_meta(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def iter_shards(folder: Path) -> Iterator[dict]:
-    """Yield the finished shards of an extraction folder in order."""
+def shard_files(folder: Path) -> list[Path]:
+    """The finished shards of an extraction folder, in order (a half-written one has another name)."""
     files = sorted(Path(folder).glob("shard_*.pt"))
     if not files:
         raise ValueError(f"{folder} holds no finished shards")
-    for f in files:
+    return files
+
+
+def open_shard(path: Path) -> dict:
+    """One shard, tensors only (never runs code), memory-mapped: indexing some rows of its h
+    reads only those rows from disk, and the mapping goes when the dict is dropped. A file that
+    cannot be mapped (another ``torch.save`` format) is read whole; one that is no shard at all
+    gets the error of ``load_tensors``, naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:                     # weights_only refuses code either way; let load_tensors say why
+        return load_tensors(path, "an extraction shard", ValueError)
+
+
+def iter_shards(folder: Path) -> Iterator[dict]:
+    """Yield the finished shards of an extraction folder in order (each read whole)."""
+    for f in shard_files(folder):
         yield load_tensors(f, "an extraction shard", ValueError)     # tensors only: never runs code
 
 
-def load_h_dataset(folders: list[Path], attrs: list[str] | None = None,
-                   step_filter: Callable | None = None) -> tuple[dict, torch.Tensor, dict]:
-    """Concatenate the shards of one or more folders -> (meta, h [N,S,D] float16, labels)."""
+@dataclass(frozen=True, eq=False)
+class HShards:
+    """The h-vectors of extraction folder(s), left on disk and read by rows, one shard at a time.
+
+    Sample i is row ``i - sum(sizes[:k])`` of shard ``files[k]`` (folders in the order given, shards
+    in file order, as ``load_h_dataset`` concatenates them). Only the labels {attr: int64 [N]} are
+    held in memory; ``read`` returns h of the rows asked for, so memory follows the rows read,
+    not N.
+    """
+    meta: dict
+    files: list[Path]
+    sizes: list[int]                        # samples used from each shard
+    labels: dict[str, torch.Tensor]
+    steps: list[int] | None = None          # indices into the stored steps (None: every step)
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def read(self, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """h [n, S, D] as stored (float16) of shard k: its local ``rows``, or all its used rows."""
+        h = open_shard(self.files[k])["h"]
+        h = h.reshape(h.shape[0], h.shape[1], -1)
+        rows = torch.arange(self.sizes[k]) if rows is None else torch.as_tensor(rows)
+        if self.steps is None:
+            return h[rows]
+        return h[rows[:, None], torch.tensor(self.steps)[None, :]]     # touches those steps only
+
+    def head(self, n: int) -> "HShards":
+        """The first n samples (all of them if there are fewer)."""
+        sizes, left = [], n
+        for s in self.sizes:
+            if left <= 0:
+                break
+            sizes.append(min(s, left))
+            left -= sizes[-1]
+        n = sum(sizes)
+        return replace(self, files=self.files[:len(sizes)], sizes=sizes,
+                       labels={a: v[:n] for a, v in self.labels.items()})
+
+    def at_timesteps(self, timesteps: list[int]) -> "HShards":
+        """Only the h at these timesteps, in this order; ``meta["timesteps"]`` becomes them."""
+        have = self.meta["timesteps"]
+        missing = [t for t in timesteps if t not in have]
+        if missing:
+            raise ValueError(f"the extraction has no h at timesteps {missing[:5]} (it has {len(have)} "
+                             f"steps, {have[:3]}...{have[-3:]}); extract on that grid")
+        base = self.steps if self.steps is not None else list(range(len(have)))
+        return replace(self, meta={**self.meta, "timesteps": list(timesteps)},
+                       steps=[base[have.index(t)] for t in timesteps])
+
+
+def _shard_rows(path: Path, shard: dict, meta: dict) -> int:
+    """Rows of a shard whose h is [n, S, *h_shape] for the folder's meta; else a clear error."""
+    h, s, shape = shard.get("h"), len(meta["timesteps"]), [int(v) for v in meta["h_shape"]]
+    ok = (isinstance(h, torch.Tensor) and h.dim() >= 2 and h.shape[1] == s
+          and int(np.prod(h.shape[2:])) == int(np.prod(shape)))
+    if not ok:
+        got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"{path}: h is {got}, but meta.json describes [n, {s}, {', '.join(map(str, shape))}] "
+                         f"({s} timesteps, h shape {shape}); the shard belongs to another extraction")
+    for a, v in shard.get("labels", {}).items():
+        if len(v) != len(h):
+            raise ValueError(f"{path}: {len(v)} labels for {a!r} but {len(h)} h rows")
+    return len(h)
+
+
+def open_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> HShards:
+    """Index the shards of one or more folders (their sizes and labels; h stays on disk).
+
+    :param attrs: attributes to keep, in this order (default: every attribute of the folders'
+        meta.json that is labelled). An attribute labelled in some shards only is an error.
+    """
     metas = [read_meta(f) for f in folders]
     for m in metas[1:]:
         if m["timesteps"] != metas[0]["timesteps"] or m["h_shape"] != metas[0]["h_shape"]:
             raise ValueError("extraction folders disagree on timesteps or h shape")
-    hs, labels = [], {}
-    for f in folders:
-        for sh in iter_shards(f):
-            hs.append(sh["h"].reshape(sh["h"].shape[0], sh["h"].shape[1], -1))
-            for a, v in sh["labels"].items():
-                labels.setdefault(a, []).append(torch.as_tensor(v))
-    order = attrs or [a for m in metas for a in m["attributes"]]
-    labels = {a: torch.cat(labels[a]) for a in dict.fromkeys(order) if a in labels}
+    files, sizes, per_shard = [], [], []
+    for folder, m in zip(folders, metas):
+        for path in shard_files(folder):
+            shard = open_shard(path)
+            sizes.append(_shard_rows(path, shard, m))
+            files.append(path)
+            per_shard.append({a: torch.as_tensor(v).long().clone() for a, v in shard.get("labels", {}).items()})
+    labels = {}
+    for a in dict.fromkeys(attrs or [a for m in metas for a in m["attributes"]]):
+        has = [a in lab for lab in per_shard]
+        if all(has):
+            labels[a] = torch.cat([lab[a] for lab in per_shard])
+        elif any(has):
+            raise ValueError(f"attribute {a!r} is labelled in {files[has.index(True)]} but not in "
+                             f"{files[has.index(False)]}; train on attributes every folder labels (--attributes)")
     meta = dict(metas[0])
     meta["attributes"] = {a: c for m in metas for a, c in m["attributes"].items() if a in labels}
-    return meta, torch.cat(hs), labels
+    return HShards(meta, files, sizes, labels)
+
+
+def load_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> tuple[dict, torch.Tensor, dict]:
+    """Concatenate the shards of one or more folders -> (meta, h [N,S,D] float16, labels).
+    Holds all of h in memory; ``open_h_dataset`` reads it shard by shard instead."""
+    data = open_h_dataset(folders, attrs)
+    return data.meta, torch.cat([data.read(k) for k in range(len(data.files))]), data.labels

@@ -1,5 +1,7 @@
-"""Judge a set of generated images: attribute fractions, FD (with bootstrap CI), feature-space
-Frechet distance to held-out real images, and the share the judge recognises confidently."""
+"""Judge a set of generated images: attribute fractions, FD (with bootstrap CI), raw and corrected
+for the judge's own errors where it carries its confusion (utils/evaluation/correction.py),
+feature-space Frechet distance to held-out real images, and the share the judge recognises
+confidently."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +13,7 @@ import torch
 from models.judge import Judge, load_judge
 from models.files import resolve_path
 from utils.sampling.images import read_images
+from utils.evaluation.correction import corrected_attributes
 from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
                                       joint_labels, preservation_drift)
 
@@ -91,18 +94,25 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     ``match`` (default: the targets), i.e. image quality with the intended shift of attributes
     taken out (for vanilla sampling, pass the training data's mix). With ``vanilla_probs`` (the
     judge on a vanilla run of the same model and seeds) it also gives ``drift``: per attribute
-    the targets leave out, how far it moved from keeping each targeted cell's own mix."""
+    the targets leave out, how far it moved from keeping each targeted cell's own mix.
+    Per attribute, ``fractions_corrected`` / ``fd_corrected`` (with ``_ci``) correct for the
+    judge's confusion (None when the judge has none stored); joint FDs are not corrected (None)."""
     probs = judge.predict(images)
     attrs = attrs or list(probs)
     targets = dict(targets or {})
     joint_keys = [k for k in targets if "*" in k]           # joint targets, e.g. parity*magnitude
     report = evaluate_attributes({a: probs[a] for a in attrs},
                                  {a: np.asarray(v) for a, v in targets.items() if a in attrs})
+    corrected = corrected_attributes({a: np.asarray(probs[a]).argmax(1) for a in attrs},
+                                     {a: v for a, v in targets.items() if a in attrs},
+                                     judge.confusion_counts())
+    for a, fields in corrected.items():
+        report["attributes"][a].update(fields)
     guided = [a for a in targets if a in attrs]
     if len(guided) >= 2:      # joint distribution over the attributes that have targets
         sub = evaluate_attributes({a: probs[a] for a in guided},
                                   {a: np.asarray(targets[a]) for a in guided})
-        report["joint"] = sub["joint"]
+        report["joint"] = {**sub["joint"], "fd_corrected": None} if "fd" in sub["joint"] else sub["joint"]
     for key in joint_keys:    # FD of the joint fractions against the given joint target
         parts = key.split("*")
         sub = evaluate_attributes({a: probs[a] for a in parts})["joint"]
@@ -111,7 +121,7 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
                               {a: probs[a].shape[1] for a in parts})
         fd, lo, hi = bootstrap_fd(labels, np.asarray(targets[key]), k)
         report.setdefault("joint_targets", {})[key] = {**sub, "target": list(targets[key]),
-                                                       "fd": fd, "fd_ci": [lo, hi]}
+                                                       "fd": fd, "fd_ci": [lo, hi], "fd_corrected": None}
     if vanilla_probs is not None and targets:
         report["drift"] = drift_report(vanilla_probs, probs, targets)
     main_attr = max(probs, key=lambda a: probs[a].shape[1])     # the finest attribute (digits: digit)
@@ -149,18 +159,35 @@ def drift_report(vanilla_probs: dict, guided_probs: dict, targets: dict[str, lis
     return out
 
 
+def fd_cell(m: dict, key: str = "fd") -> str:
+    """'0.390 [0.352, 0.426]' from a report's ``key`` and ``key_ci`` ('fd' or 'fd_corrected'); '-' if absent or None."""
+    if m.get(key) is None:
+        return "-"
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def fractions_cell(m: dict, digits: int = 3) -> str:
+    """'0.776/0.224', then ' (corr. 0.778/0.222)' when the judge-corrected fractions are there."""
+    text = "/".join(f"{v:.{digits}f}" for v in m["fractions"])
+    if m.get("fractions_corrected") is not None:
+        text += " (corr. " + "/".join(f"{v:.{digits}f}" for v in m["fractions_corrected"]) + ")"
+    return text
+
+
 def format_table(rows: list[tuple[str, dict]], attrs: list[str]) -> str:
-    """A Markdown table: run, per-attribute fractions and FD, joint FD, Frechet, confident share."""
-    head = ["run"] + [f"{a} fractions" for a in attrs] + [f"FD {a}" for a in attrs]
+    """A Markdown table: run, per-attribute fractions (raw, then judge-corrected), FD and corrected
+    FD, joint FD, Frechet, confident share."""
+    head = ["run"] + [f"{a} fractions" for a in attrs]
+    head += [h for a in attrs for h in (f"FD {a}", f"corrected FD {a}")]
     if len(attrs) > 1:
         head.append("joint FD")
     head += ["Frechet (judge feats)", "confident share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows:
         at = r["attributes"]
-        cells = [name] + ["/".join(f"{v:.3f}" for v in at[a]["fractions"]) for a in attrs]
-        cells += [f"{at[a]['fd']:.3f} [{at[a]['fd_ci'][0]:.3f}, {at[a]['fd_ci'][1]:.3f}]"
-                  if "fd" in at[a] else "-" for a in attrs]
+        cells = [name] + [fractions_cell(at[a]) for a in attrs]
+        cells += [fd_cell(at[a], k) for a in attrs for k in ("fd", "fd_corrected")]
         if len(attrs) > 1:
             cells.append(f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-")
         cells += [f"{r['frechet']:.2f}" if "frechet" in r else "-", f"{r['confident_share']:.3f}"]

@@ -13,7 +13,8 @@ def build_plan(cfg: dict, mode: str, raw: dict[str, str], attributes: dict[str, 
                priors: dict[str, list[float]] | None = None) -> GuidancePlan:
     """Settings from ``cfg['guidance']`` + overrides, resolved for raw targets {key: value};
     ``priors``: the ADP's class fractions (``ADP.class_prior``)."""
-    settings: GuidanceSettings = resolve_settings(cfg.get("guidance"), overrides)
+    family = (cfg.get("model") or {}).get("family")
+    settings: GuidanceSettings = resolve_settings(cfg.get("guidance"), overrides, family)
     return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec, priors)
 
 

@@ -13,6 +13,13 @@ def chi_square(p_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return ((p_hat - p) ** 2 / p.clamp_min(1e-6)).sum()
 
 
+def kl_divergence(p_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """L = KL(p_hat || p) = sum_k p_hat_k log(p_hat_k / p_k) (the original Stable Diffusion code's
+    distribution loss; >= 0, 0 at p_hat = p)."""
+    p_hat = p_hat.clamp_min(1e-12)
+    return (p_hat * (p_hat.log() - p.clamp_min(1e-12).log())).sum()
+
+
 def soft_estimate(q_sum: torch.Tensor, n: int, confusion: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's estimate p_hat = (1/N) sum_i q_i from the batch sum of q [K] over N samples;
     debiased (ours): M_s^-1 p_hat, since E[p_hat] = M_s p_true (as CLEAM corrects a

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from models.adp import ADP
-from utils.guidance.estimators import (chi_square, cross_entropy_to, probability_of, quota_assignment,
-                                       soft_estimate, with_running_balance)
+from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, probability_of,
+                                       quota_assignment, soft_estimate, with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
 
 
@@ -194,7 +194,7 @@ class BatchGuide:
         return m
 
     def _soft_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
-        """chi-square of the (debiased, running-balanced) soft estimate to the key's target."""
+        """chi-square (or KL) of the (debiased, running-balanced) soft estimate to the key's target."""
         q_sum, self.batch_total = self._global_sum(probs)
         debiased = self._confusion(key, s) if self.g.plan.settings.debias else None
         p_hat = soft_estimate(q_sum, self.batch_total, debiased)
@@ -202,7 +202,8 @@ class BatchGuide:
         bal = self.g.balance
         if bal is not None:
             p_hat = with_running_balance(p_hat, self.batch_total, bal.sums.get(key), bal.count)
-        return chi_square(p_hat, self.g.plan.targets[key].to(p_hat))
+        loss = kl_divergence if self.g.plan.settings.loss == "kl" else chi_square
+        return loss(p_hat, self.g.plan.targets[key].to(p_hat))
 
     def _quota_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
         """Quota (ours): the global batch is assigned to classes in the target's counts (minus
@@ -252,13 +253,14 @@ class BatchGuide:
         if not self.guided(i) or all(v == 0 for v in plan.scales.values()):
             return h
         adp = self.g.adp
-        s = adp.step_index(t)
+        s = adp.head_index(t, st.head_rule)
         with torch.enable_grad():
             logits = {a: v.detach().requires_grad_(True)
-                      for a, v in adp.logits(h.detach(), t, self.g.attrs).items()}
+                      for a, v in adp.logits_at(h.detach(), s, self.g.attrs).items()}
             grads = torch.autograd.grad(self.loss(logits, s), list(logits.values()))
         n = self._n_step() if plan.mode == "distribution" and st.batch_normalise else 1
-        lam = st.step_factor * float(self.g.betas[t]) ** st.beta_power * n
+        beta = float(self.g.betas[min(int(round(float(t))), len(self.g.betas) - 1)])
+        lam = st.step_factor * beta ** st.beta_power * n
         step = torch.zeros(len(h), h[0].numel(), device=h.device)
         for a, g in zip(self.g.attrs, grads):
             basis = adp.direction(a, s) if st.direction == "covariance" else adp.raw_weight(a, s)

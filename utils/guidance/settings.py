@@ -33,7 +33,9 @@ class SettingsError(ValueError):
 
 #: field -> allowed values, for the enumerated settings
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
-           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model")}
+           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model"),
+           "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
+           "head_rule": ("exact", "nearest")}
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ class GuidanceSettings:
     check: bool                       # the config's labeller checks finished images
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
+    loss: str                         # distribution loss of the soft estimator: chi_square (paper,
+                                      # CelebA-HQ code) | kl: KL(p_hat || p) (paper, Stable Diffusion code)
+    cfg_estimate: str                 # classifier-free guidance: the batch estimate from the conditional
+                                      # rows (cond, ours) or from both halves (both, the original SD code)
+    cfg_edit: str                     # ... and the edit on both halves (the same delta h for an image's
+                                      # two rows) or on the conditional half only
+    head_rule: str                    # a step whose timestep has no head: an error (exact) or the head of
+                                      # the nearest trained timestep within one grid spacing (nearest)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,13 +101,33 @@ PRESETS: dict[str, dict[str, Any]] = {
                   sample_scale=15.0, max_step=None, sample_max_step=None,
                   soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
                   first_step=1, last_step=None, debias=False, running_balance=False,
-                  refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0),
+                  refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0,
+                  loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact"),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
                  soft_distribution_scale=(128.0,), soft_max_step=1.0, sample_loss="xent",
                  first_step=1, last_step=None, debias=True, running_balance=True,
-                 refine=True, refine_within="uniform", check=True, sample_retries=2, retry_boost=2.0),
+                 refine=True, refine_within="model", check=True, sample_retries=2, retry_boost=2.0,
+                 loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact"),
+}
+#: presets of a model family that differ from the unconditional ones (complete value sets too).
+#: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
+#: both halves of the classifier-free-guidance batch, L = KL(p_hat || p),
+#: h <- h - 600 * grad_h(500 * L) at every step (no beta_t factor), nothing else.
+FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd": {
+        "paper": dict(estimator="soft", temperature=8.0, direction="gradient", step_factor=600.0,
+                      beta_power=0.0, batch_normalise=False, distribution_scale=(500.0,),
+                      sample_scale=500.0, max_step=None, sample_max_step=None,
+                      soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
+                      first_step=0, last_step=None, debias=False, running_balance=False,
+                      refine=False, refine_within="uniform", check=False, sample_retries=0,
+                      retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
+                      head_rule="nearest"),
+        # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
+        "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0),
+    },
 }
 DEFAULT_PRESET = "paper"
 
@@ -140,17 +170,25 @@ def _number(key: str, v: Any) -> float:
     return float(v)
 
 
-def resolve_settings(section: dict | None, overrides: dict | None = None) -> GuidanceSettings:
+def presets_for(family: str | None) -> dict[str, dict[str, Any]]:
+    """The presets of a model family (``model.family`` of a config): its own where it has them."""
+    return {**PRESETS, **FAMILY_PRESETS.get(family or "", {})}
+
+
+def resolve_settings(section: dict | None, overrides: dict | None = None,
+                     family: str | None = None) -> GuidanceSettings:
     """Settings from a config's ``guidance:`` section (``preset:`` plus any field) and
-    command-line / programmatic overrides (None values are ignored). Unknown keys, wrong types
-    and unknown enumeration values are a SettingsError that names them."""
+    command-line / programmatic overrides (None values are ignored), starting from the preset
+    of the model ``family``. Unknown keys, wrong types and unknown enumeration values are a
+    SettingsError that names them."""
     section = dict(section or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     preset = overrides.pop("preset", None) or section.pop("preset", None) or DEFAULT_PRESET
     section.pop("preset", None)
-    if preset not in PRESETS:
-        raise SettingsError(f"unknown guidance preset {preset!r}; presets: {sorted(PRESETS)}")
-    values = dict(PRESETS[preset])
+    presets = presets_for(family)
+    if preset not in presets:
+        raise SettingsError(f"unknown guidance preset {preset!r}; presets: {sorted(presets)}")
+    values = dict(presets[preset])
     for where, src in (("the config's guidance: section", section), ("the overrides", overrides)):
         unknown = sorted(set(src) - set(values))
         if unknown:

@@ -30,6 +30,30 @@ class Pipeline:
     image_shape: tuple[int, int, int]
     device: torch.device
 
+    @property
+    def h_shape(self) -> tuple[int, int, int]:
+        return self.net.h_shape
+
+    @property
+    def betas(self) -> torch.Tensor:
+        return self.sampler.schedule.betas
+
+    @property
+    def eta(self) -> float:
+        return self.sampler.eta
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The sampler's timesteps, first (noisiest) to last."""
+        return self.sampler.timesteps
+
+    def draw(self, seeds: list[int], batch=None, asymmetric: bool = False) -> torch.Tensor:
+        """Images x0 [n,C,H,W] in [-1,1] from the seeds' noise, with a batch guide's hooks."""
+        noise = SeededNoise(seeds, self.image_shape, self.device)
+        hooks = batch.hooks() if batch is not None else {}
+        x0, _ = self.sampler.sample(noise.x_T(), noise.step, asymmetric=asymmetric, **hooks)
+        return x0
+
 
 def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
                   eta: float | None = None) -> Pipeline:
@@ -46,12 +70,22 @@ def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
     return Pipeline(net, sampler, model_id, net.image_shape, device)
 
 
-def load_adp_for(pipe: Pipeline, path) -> ADP:
-    """Load an ADP checkpoint and check it belongs to this model and sampling grid."""
-    adp = ADP.load(resolve_path(path), pipe.model_id, pipe.net.h_shape)
-    for t in pipe.sampler.timesteps[1:]:
-        adp.step_index(t)
+def load_adp_for(pipe, path, check_grid: bool = True) -> ADP:
+    """Load an ADP checkpoint and check it belongs to this model (identity, h shape) and, with
+    ``check_grid``, has a head for every timestep but the first of the sampling grid (a run
+    checks the steps it guides instead: ``guided_head_map``)."""
+    adp = ADP.load(resolve_path(path), pipe.model_id, pipe.h_shape)
+    if check_grid:
+        for t in pipe.timesteps[1:]:
+            adp.step_index(t)
     return adp.to(pipe.device)
+
+
+def guided_head_map(adp: ADP, timesteps: list, settings) -> dict[str, int]:
+    """{timestep of a guided step: the trained timestep whose head serves it} under the
+    settings' head rule and guided steps; an error for a step no head serves."""
+    last = settings.last_step if settings.last_step is not None else len(timesteps)
+    return adp.head_map(timesteps[settings.first_step:last], settings.head_rule)
 
 
 def plan_batches(seeds: list[int], batch_size: int, rank: int = 0, world: int = 1,
@@ -77,17 +111,15 @@ def plan_batches(seeds: list[int], batch_size: int, rank: int = 0, world: int = 
     return plan
 
 
-def sample_seeds(pipe: Pipeline, seeds: list[int], guide=None, asymmetric: bool = False):
+def sample_seeds(pipe, seeds: list[int], guide=None, asymmetric: bool = False):
     """Draw one batch: (x0 [n,C,H,W] in [-1,1], the guide's report or None). Images the
     guide's report names are drawn again from their own seeds with the guide it gives."""
     batch = guide.start(seeds) if guide is not None else None
     return _draw(pipe, seeds, batch, asymmetric)
 
 
-def _draw(pipe: Pipeline, seeds: list[int], batch, asymmetric: bool):
-    noise = SeededNoise(seeds, pipe.image_shape, pipe.device)
-    hooks = batch.hooks() if batch is not None else {}
-    x0, _ = pipe.sampler.sample(noise.x_T(), noise.step, asymmetric=asymmetric, **hooks)
+def _draw(pipe, seeds: list[int], batch, asymmetric: bool):
+    x0 = pipe.draw(seeds, batch, asymmetric)
     if batch is None:
         return x0, None
     report = batch.after_batch(x0)
@@ -98,10 +130,11 @@ def _draw(pipe: Pipeline, seeds: list[int], batch, asymmetric: bool):
     return x0, report
 
 
-def sample_batches(pipe: Pipeline, batches: list[list[int]], guide=None, asymmetric: bool = False,
+def sample_batches(pipe, batches: list[list[int]], guide=None, asymmetric: bool = False,
                    desc: str = "sample", progress: bool = True):
     """Yield (seeds, images uint8 [n,H,W,C], the guide's last-step estimate or None) per batch.
 
+    :param pipe: a ``Pipeline`` or anything with its ``draw`` (``utils.sampling.text2image``).
     :param batches: seed lists (``plan_batches``), one per batch.
     :param guide: None (vanilla), a ``utils.guidance.guide.Guide`` or a pixel-space baseline.
     """

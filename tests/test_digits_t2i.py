@@ -1,0 +1,123 @@
+"""The text-to-image digits model (models/digits_t2i.py, utils/data/train_t2i.py,
+scripts/train_digits_t2i.py): exact per-prompt fractions, one token per word, and a tiny
+training run whose folder loads through the sd family like Stable Diffusion."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from models.digits_t2i import PromptSpec, attribute_fractions, parse_prompts, prompt_data, prompt_subset, \
+    subset_size, tokenizer_files, vocabulary
+from utils.app.config import load_config
+
+CONFIG = "configs/digits16_t2i.yml"
+
+
+def test_a_spec_splits_its_even_share_equally_within_each_parity():
+    small = PromptSpec.from_config("a small digit", {"digits": [0, 1, 2, 3, 4], "even": 0.8})
+    assert small.digit_fractions() == {0: Fraction(4, 15), 1: Fraction(1, 10), 2: Fraction(4, 15),
+                                       3: Fraction(1, 10), 4: Fraction(4, 15)}
+    uniform = PromptSpec.from_config("a digit", {"digits": list(range(10))})
+    fr = attribute_fractions(uniform.digit_fractions())
+    assert fr["parity"] == {"even": 0.5, "odd": 0.5} and fr["magnitude"] == {"low": 0.5, "high": 0.5}
+    with pytest.raises(ValueError, match="both parities"):
+        PromptSpec.from_config("an even digit", {"digits": [0, 2], "even": 0.8})
+    with pytest.raises(ValueError, match="both parities"):
+        PromptSpec.from_config("an even digit", {"digits": [0, 2], "even": 0})
+    assert PromptSpec.from_config("an even digit", {"digits": [0, 2], "even": 1}).digit_fractions() == \
+        {0: Fraction(1, 2), 2: Fraction(1, 2)}
+    with pytest.raises(ValueError, match="expected"):
+        PromptSpec.from_config("a digit", {"digits": [0, 1], "odd": 0.5})
+
+
+def test_the_subset_holds_each_digit_exactly_its_share_on_known_counts():
+    """Known counts: digit 3 has one image, digit 2 five; 0, 2, 4 get 4/15 each of 120, 1 and 3
+    1/10 each; every image of a digit is used floor or ceil of count / available times."""
+    labels = np.array([0] * 3 + [1] * 2 + [2] * 5 + [3] * 1 + [4] * 4 + [7] * 6)
+    fr = PromptSpec("a small digit", (0, 1, 2, 3, 4), Fraction(4, 5)).digit_fractions()
+    size = subset_size([fr], 100)
+    assert size == 120
+    idx = prompt_subset(fr, labels, size, np.random.default_rng(0))
+    counts = np.bincount(labels[idx], minlength=10)
+    assert counts.tolist() == [32, 12, 32, 12, 32, 0, 0, 0, 0, 0]
+    uses = np.bincount(idx, minlength=len(labels))
+    assert sorted(set(uses[labels == 0])) == [10, 11] and uses[labels == 3].tolist() == [12]
+    assert uses[labels == 7].sum() == 0
+    with pytest.raises(ValueError, match="whole count"):
+        prompt_subset(fr, labels, 100, np.random.default_rng(0))
+
+
+def test_the_config_prompts_have_the_promised_opposite_biases():
+    from models.digits import load_split
+    prompts = parse_prompts(load_config(CONFIG)["prompts"])
+    labels = load_split().train_y
+    data = prompt_data(prompts, labels, 1000, seed=0)
+    rec = data.record(labels, dropout=0.15)
+    assert rec["a digit"]["fractions"]["parity"]["even"] == pytest.approx(0.8)
+    assert rec["a small digit"]["fractions"]["parity"]["even"] == pytest.approx(0.8)
+    assert rec["a small digit"]["fractions"]["magnitude"]["low"] == 1.0
+    assert rec["a large digit"]["fractions"]["parity"]["odd"] == pytest.approx(0.8)
+    assert rec["a large digit"]["fractions"]["magnitude"]["high"] == 1.0
+    assert rec["a number"]["fractions"]["parity"]["even"] == pytest.approx(0.5)
+    for k, spec in enumerate(prompts):              # the pairs realise every spec exactly
+        shown = labels[data.image[data.prompt == k]]
+        assert {d: Fraction(int(np.sum(shown == d)), data.size) for d in spec.digit_fractions()} \
+            == spec.digit_fractions()
+    assert sum(rec[""]["fractions"]["digit"].values()) == pytest.approx(1.0)
+
+
+def test_each_vocabulary_word_is_one_token(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import CLIPTokenizer
+    from models.digits_t2i import write_word_tokenizer
+    prompts = parse_prompts(load_config(CONFIG)["prompts"])
+    for words in (vocabulary(prompts), ["written", "handwritten", "a", "an", "digit", "digits", "it"]):
+        folder = tmp_path / str(len(words))
+        write_word_tokenizer(folder, words, max_length=8)
+        tok = CLIPTokenizer.from_pretrained(str(folder))
+        for w in words:
+            assert tok.convert_ids_to_tokens(tok(w, add_special_tokens=False).input_ids) == [w + "</w>"]
+    vocab = tokenizer_files(vocabulary(prompts))[0]
+    ids = CLIPTokenizer.from_pretrained(str(tmp_path / str(len(vocabulary(prompts)))))(
+        "a small digit", padding="max_length", max_length=8).input_ids
+    assert ids == [0, vocab["a</w>"], vocab["small</w>"], vocab["digit</w>"], 1, 1, 1, 1]
+
+
+def test_words_that_cut_each_other_are_refused():
+    """'cabs' holds 'abcab''s first merge (a, b) and 'abcab' holds 'cabs''s (c, a)."""
+    with pytest.raises(ValueError, match="cut each other"):
+        tokenizer_files(["cabs", "abcab"])
+
+
+def test_settings_name_unknown_and_missing_keys():
+    from utils.data.train_t2i import T2ITrainSettings
+    section = load_config(CONFIG)["train"]
+    assert T2ITrainSettings.from_config(section, {"steps": 7}).steps == 7
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]"):
+        T2ITrainSettings.from_config({**section, "stepz": 1})
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['lr'\]"):
+        T2ITrainSettings.from_config({k: v for k, v in section.items() if k != "lr"})
+    with pytest.raises(ValueError, match="train.batch_size"):
+        T2ITrainSettings.from_config(section, {"batch_size": 0.5})
+
+
+def test_a_two_step_run_saves_a_folder_that_the_sd_family_loads(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import json
+    from scripts.train_digits_t2i import main
+    from utils.sampling.text2image import load_t2i
+    out, state = tmp_path / "t2i", tmp_path / "state.pt"
+    args = ["--steps", "2", "--vae_steps", "2", "--batch_size", "4", "--out", str(out), "--state", str(state)]
+    assert main(args) == 0
+    assert main(args) == 2                                   # no silent overwrite
+    record = json.loads((out / "record.json").read_text())
+    assert record["training"]["steps"] == 2 and record["model"]["h_shape"] == [64, 4, 4]
+    assert set(record["prompts"]) == {*load_config(CONFIG)["prompts"], ""}
+    pipe = load_t2i({"name": "digits16_t2i", "model": {"family": "sd", "checkpoint": str(out), "resolution": 16,
+                                                        "h_shape": [64, 4, 4]},
+                     "sampling": {"steps": 2, "eta": 0.0, "cfg": 3.0}}, torch.device("cpu"))
+    x = pipe.with_prompt("a small digit").draw([0, 1])
+    assert x.shape == (2, 3, 16, 16) and pipe.h_shape == (64, 4, 4)
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 20 * 2**20

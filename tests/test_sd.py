@@ -1,0 +1,267 @@
+"""The text-to-image (sd) family on tiny random components built here (offline): the stock
+diffusers pipeline with h read and edited at mid_block."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import main as entry  # noqa: E402
+from models.adp import ADP, ClassifierMismatchError  # noqa: E402
+from models.sd import HSpaceHook, h_shape, load_sd, resolve_model  # noqa: E402
+from models.sd_tiny import SD15_UNET, save_tiny_sd, write_char_tokenizer  # noqa: E402
+from utils.guidance import build_plan  # noqa: E402
+from utils.guidance.guide import Guide  # noqa: E402
+from utils.guidance.settings import resolve_settings  # noqa: E402
+from utils.sampling.text2image import T2IPipeline, cfg_rows, load_t2i  # noqa: E402
+
+STEPS = 5
+PROMPT = "a photo of a doctor"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny_sd")
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel with the character tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+    folder = tmp_path_factory.mktemp("clip") / "tiny_clip"
+    write_char_tokenizer(folder)
+    vocab = len(json.loads((folder / "vocab.json").read_text()))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=16))
+    model.save_pretrained(folder)
+    return folder
+
+
+def cfg_for(sd_folder, clip_folder=None, **extra):
+    cfg = {"name": "tiny_sd", "model": {"family": "sd", "checkpoint": str(sd_folder)},
+           "sampling": {"steps": STEPS, "eta": 0.0, "cfg": 7.5}}
+    if clip_folder is not None:
+        cfg["labeller"] = {"kind": "clip", "model": str(clip_folder),
+                           "attributes": {"gender": {"female": "a photo of a woman", "male": "a photo of a man"}}}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def t2i(sd_folder):
+    return load_t2i(cfg_for(sd_folder), torch.device("cpu")).with_prompt(PROMPT)
+
+
+def tiny_adp(pipe: T2IPipeline, timesteps=None, seed=0) -> ADP:
+    """Random heads for 'gender' on the tiny model's h with directions = raw weights."""
+    torch.manual_seed(seed)
+    adp = ADP(pipe.h_shape, timesteps or [int(t) for t in pipe.timesteps], {"gender": ["female", "male"]})
+    with torch.no_grad():
+        for s in range(len(adp.timesteps)):
+            adp.weight["gender"][s] = torch.randn(2, adp.mean.shape[1]) * 0.05
+            adp.dir_gender[s] = adp.raw_weight("gender", s)
+    adp.class_prior = {"gender": [0.5, 0.5]}
+    return adp.eval()
+
+
+def test_sd15_unet_config_gives_h_1280x8x8_for_64x64_latents():
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        seen = []
+        with HSpaceHook(unet, lambda h, t, i: seen.append(tuple(h.shape))):
+            unet(torch.zeros(2, 4, 64, 64), 981, encoder_hidden_states=torch.zeros(2, 77, 768))
+    assert seen == [(2, 1280, 8, 8)]
+    assert h_shape(unet, 512) == (1280, 8, 8)
+
+
+def test_the_hook_reads_mid_blocks_output_and_the_schedulers_timestep(t2i):
+    seen, record = [], []
+    handle = t2i.pipe.unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        t2i.draw([3, 4], record=record)
+    finally:
+        handle.remove()
+    assert len(record) == len(seen) == STEPS
+    for h, full in zip(record, seen):
+        assert full.shape[0] == 4                           # CFG: [uncond; cond] rows
+        assert torch.equal(h, full[2:].half())              # the conditional rows
+    times = []
+    with HSpaceHook(t2i.pipe.unet, lambda h, t, i: times.append((t, i))):
+        t2i.draw([3])
+    assert times == [(float(t), i) for i, t in enumerate(t2i.timesteps)]
+
+
+def test_scale_zero_gives_the_stock_pipelines_images_bit_for_bit(t2i):
+    adp = tiny_adp(t2i)
+    plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": "ours"}}, "distribution",
+                      {"gender": "0.5"}, adp.attributes, {"check": False}, "0", adp.class_prior)
+    guide = Guide(plan, adp, t2i.betas)
+    guided = t2i.draw([0, 1, 2], guide.start([0, 1, 2]))
+    stock = t2i.pipe(prompt=[PROMPT] * 3, num_inference_steps=STEPS, guidance_scale=7.5, height=16, width=16,
+                     generator=[torch.Generator().manual_seed(s) for s in (0, 1, 2)], output_type="pt").images
+    assert torch.equal(guided, stock.float() * 2 - 1)
+
+
+def test_images_do_not_depend_on_the_batch_size(t2i):
+    whole = t2i.draw([5, 6, 7, 8])
+    parts = torch.cat([t2i.draw([5, 6]), t2i.draw([7]), t2i.draw([8])])
+    assert torch.allclose(whole, parts, atol=1e-5)
+    assert not torch.allclose(whole[0], whole[1], atol=1e-2)       # seeds differ
+
+
+def _estimate(adp, h, t):
+    return torch.softmax(adp.logits_at(h, adp.head_index(t), ["gender"])["gender"], 1).mean(0)
+
+
+@pytest.mark.parametrize("preset", ["ours", "paper"])
+def test_one_guided_step_moves_the_conditional_rows_estimate_to_the_target(t2i, preset):
+    adp = tiny_adp(t2i)
+    n, t = 4, adp.timesteps[2]
+    h = torch.randn(2 * n, *t2i.h_shape)
+    target = 1.0 - float(_estimate(adp, h[n:], t)[0] > 0.5)        # push towards the minority class
+    plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": preset}}, "distribution",
+                      {"gender": f"{1 - target}"}, adp.attributes, {"check": False, "refine": False},
+                      None, adp.class_prior)
+    fn = cfg_rows(Guide(plan, adp, t2i.betas).start(list(range(n))), n, True, plan.settings)
+    new = fn(h, float(t), 2)
+    want = torch.tensor([target, 1 - target])
+    before = (_estimate(adp, h[n:], t) - want).abs().sum()
+    after = (_estimate(adp, new[n:], t) - want).abs().sum()
+    assert after < before - 1e-3
+    if preset == "ours":      # estimate from the conditional rows, the same delta on both halves
+        assert torch.allclose(new[:n] - h[:n], new[n:] - h[n:], atol=1e-5)
+
+
+def test_edit_on_the_conditional_half_only_leaves_the_unconditional_rows(t2i):
+    adp = tiny_adp(t2i)
+    plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": "ours"}}, "distribution",
+                      {"gender": "0.5"}, adp.attributes, {"check": False, "cfg_edit": "cond"}, None, adp.class_prior)
+    h = torch.randn(6, *t2i.h_shape)
+    new = cfg_rows(Guide(plan, adp, t2i.betas).start([0, 1, 2]), 3, True, plan.settings)(h, float(adp.timesteps[1]), 1)
+    assert torch.equal(new[:3], h[:3]) and not torch.equal(new[3:], h[3:])
+
+
+def test_the_sd_paper_preset_is_the_original_sd_code():
+    s = resolve_settings({"preset": "paper"}, family="sd")
+    assert (s.loss, s.temperature, s.step_factor, s.beta_power, s.distribution_scale, s.first_step,
+            s.cfg_estimate, s.cfg_edit, s.direction) == ("kl", 8.0, 600.0, 0.0, (500.0,), 0, "both", "both", "gradient")
+    assert resolve_settings({"preset": "paper"}).loss == "chi_square"        # the unconditional paper
+
+
+def test_nearest_head_on_another_schedulers_grid_and_the_range_error(t2i):
+    adp = tiny_adp(t2i, timesteps=list(range(981, 0, -20)))           # the original's 50-step grid
+    assert adp.head_index(990.0, "nearest") == 0 and adp.head_index(11.0, "nearest") == 48
+    assert adp.timesteps[adp.head_index(500.4, "nearest")] == 501
+    with pytest.raises(ClassifierMismatchError):
+        adp.head_index(990, "exact")
+    narrow = tiny_adp(t2i, timesteps=[401, 301, 201, 101, 1])
+    with pytest.raises(ClassifierMismatchError, match=r"covers: heads for timesteps 1\.\.401"):
+        narrow.head_index(999.0, "nearest")
+    euler = load_sd(resolve_model(str(t2i.model_id["checkpoint"])), torch.device("cpu"), torch.float32, "euler")
+    euler.scheduler.set_timesteps(7)
+    heads = adp.head_map([float(t) for t in euler.scheduler.timesteps], "nearest")
+    assert all(abs(float(t) - h) <= 10 for t, h in heads.items())
+
+
+def test_clip_labeller_equals_clips_own_zero_shot(clip_folder):
+    from transformers import AutoTokenizer, CLIPModel
+    from models.labellers import load_labeller
+    spec = {"kind": "clip", "model": str(clip_folder), "classes": {"female": "a photo of a woman",
+                                                                    "male": "a photo of a man"}, "attribute": "gender"}
+    lab = load_labeller(spec)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    probs = lab.predict(x)["gender"]
+    model, tok = CLIPModel.from_pretrained(clip_folder), AutoTokenizer.from_pretrained(clip_folder)
+    ids = tok(["a photo of a woman", "a photo of a man"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**ids, pixel_values=lab.pixel_values(x)).logits_per_image.softmax(1)
+    assert torch.allclose(probs, want, atol=1e-5)
+    swapped = load_labeller({**spec, "classes": {"male": "a photo of a man", "female": "a photo of a woman"}})
+    assert torch.allclose(swapped.predict(x)["gender"], probs.flip(1), atol=1e-5)
+
+
+def _run(capsys, *argv):
+    capsys.readouterr()
+    rc = entry.main(["--device", "cpu", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_extract_train_and_a_balanced_run_per_prompt_from_the_command_line(capsys, tmp_path, sd_folder, clip_folder):
+    import yaml
+    import multi_classifier
+    cfg = cfg_for(sd_folder, clip_folder, guidance={"preset": "ours"})
+    cfg_path = tmp_path / "tiny_sd.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a doctor\n\na photo of a nurse\n")
+    h_dir = tmp_path / "h"
+    cfg["labeller"]["model"] = "openai/clip-not-here"           # --labeller FOLDER replaces it
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rc, err = _run(capsys, "--config", cfg_path, "--extract_pseudo", 8, "--prompts", prompts, "--bs_test", 4,
+                   "--savepath", h_dir, "--labeller", clip_folder)
+    assert rc == 0, err
+    meta = json.loads((h_dir / "meta.json").read_text())
+    assert meta["h_shape"] == [64, 4, 4] and meta["timesteps"] == [801, 601, 401, 201, 1]
+    assert meta["text"]["prompts"] == ["a photo of a doctor", "a photo of a nurse"]
+    adp_path = tmp_path / "adp.pt"
+    assert multi_classifier.main(["--data", str(h_dir), "--attributes", "gender", "--out", str(adp_path),
+                                  "--epochs", "2"]) == 0
+    out = tmp_path / "run"
+    cfg_path.write_text(yaml.safe_dump(cfg_for(sd_folder, clip_folder, guidance={"preset": "ours"})))
+    rc, err = _run(capsys, "--config", cfg_path, "--adp", adp_path, "--prompts", prompts, "--mode", "distribution",
+                   "--target", "gender=0.5", "--n_test_img", 4, "--bs_test", 2, "--exp", out)
+    assert rc == 0, err
+    for k, prompt in enumerate(["a photo of a doctor", "a photo of a nurse"]):
+        rec = json.loads((out / f"p{k:03d}" / "run.json").read_text())
+        assert rec["status"] == "complete" and rec["resolved"]["text"]["prompt"] == prompt
+        assert rec["resolved"]["heads"] == {"801": 801, "601": 601, "401": 401, "201": 201, "1": 1}
+        assert rec["running_balance"]["count"] == 4                 # each prompt its own balance
+        assert sorted(p.name for p in (out / f"p{k:03d}").glob("0*.png")) == [f"{s:06d}.png" for s in range(4)]
+    rc, err = _run(capsys, "--config", cfg_path, "--adp", adp_path, "--prompt", "x", "--mode", "distribution",
+                   "--target", "gender=0.5", "--exp", tmp_path / "r2", "--scheduler", "euler", "--steps", 3,
+                   "--guide_steps", "0:", "--n_test_img", 2, "--bs_test", 2, "--preset", "paper")
+    assert rc == 0, err
+    heads = json.loads((tmp_path / "r2" / "run.json").read_text())["resolved"]["heads"]
+    assert set(heads.values()) <= {801, 601, 401, 201, 1} and len(heads) == 3
+
+
+def test_text_to_image_errors_are_clear(capsys, tmp_path, sd_folder):
+    rc, err = _run(capsys, "--prompt", "a digit", "--exp", tmp_path / "o")     # the digits config
+    assert rc == 2 and "apply to text-to-image configs" in err
+    import yaml
+    cfg_path = tmp_path / "c.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg_for(sd_folder)))
+    rc, err = _run(capsys, "--config", cfg_path, "--exp", tmp_path / "o")
+    assert rc == 2 and "needs --prompt" in err
+    rc, err = _run(capsys, "--config", cfg_path, "--model", tmp_path / "nowhere", "--prompt", "x", "--exp", tmp_path / "o")
+    assert rc == 2 and "not found" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_of_the_original_sd_heads(tmp_path):
+    """50 heads linears.{i} Linear(81920 -> 2) on [1, 21, ..., 981]: logits equal the original's."""
+    import multi_classifier
+    torch.manual_seed(0)
+    sd = {}
+    for i in range(50):
+        sd[f"linears.{i}.weight"], sd[f"linears.{i}.bias"] = torch.randn(2, 81920) * 0.01, torch.randn(2)
+    torch.save(sd, tmp_path / "gender.pt")
+    out = tmp_path / "adp.pt"
+    assert multi_classifier.main(["--import_original", str(tmp_path / "gender.pt"), "--attribute", "gender",
+                                  "--classes", "female,male", "--config", "configs/sd15.yml", "--out", str(out)]) == 0
+    adp = ADP.load(out)
+    assert adp.h_shape == (1280, 8, 8) and adp.timesteps == list(range(1, 1000, 20))
+    h = torch.randn(3, 1280, 8, 8)
+    s = adp.head_index(501.0, "nearest")
+    assert adp.timesteps[s] == 501
+    want = h.flatten(1) @ sd[f"linears.{s}.weight"].T + sd[f"linears.{s}.bias"]
+    assert torch.allclose(adp.logits_at(h, s)["gender"], want, atol=1e-4)

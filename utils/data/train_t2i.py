@@ -1,0 +1,277 @@
+"""Train the text-to-image digits model (configs/digits16_t2i.yml) and save it as a stock
+diffusers ``StableDiffusionPipeline`` folder.
+
+1. VAE: x [B,3,16,16] -> q(z|x) = N(mu, sigma^2) on [B,4,8,8] -> x_hat;
+   loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)) / (elements of z).
+   Then ``scaling_factor`` = 1 / std(z) over the training images (Stable Diffusion's convention:
+   latents of unit variance); the VAE is frozen.
+2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
+   z_0 = scaling_factor * z, z ~ q(z|x), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps;
+   each pair's prompt is replaced by the empty prompt with probability ``cfg_dropout``
+   (classifier-free guidance, Ho & Salimans 2022). EMA weights of both are saved.
+
+Seeded (one CPU generator draws every batch, timestep and noise), resumable (the whole state is
+saved every ``save_every`` steps of either phase and at each phase's end), bf16 autocast where it
+is fast (CUDA, CPUs with native bf16), and a tqdm bar per phase.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.digits_t2i import PromptData
+from models.files import load_tensors
+from utils.data.train_ddpm import ema_update
+
+log = logging.getLogger(__name__)
+
+#: settings a resumed run may change (the rest must match the state's)
+CHANGEABLE_ON_RESUME = ("steps", "save_every")
+
+
+@dataclass(frozen=True)
+class T2ITrainSettings:
+    """The ``train:`` section of configs/digits16_t2i.yml (every key required)."""
+    steps: int              # U-Net + text encoder steps
+    vae_steps: int
+    batch_size: int         # U-Net batch
+    vae_batch_size: int
+    lr: float               # AdamW, linear warm-up over ``warmup`` steps, then constant
+    vae_lr: float           # Adam, constant
+    kl_weight: float        # per latent element, relative to the per-pixel MSE
+    ema_decay: float        # at most; min(ema_decay, (1 + step) / (10 + step))
+    warmup: int
+    cfg_dropout: float      # probability that a pair's prompt becomes the empty prompt
+    seed: int
+    save_every: int
+    subset_min: int         # each prompt's list holds at least this many pairs
+    max_length: int         # tokenizer.model_max_length (tokens, BOS and EOS included)
+
+    @classmethod
+    def from_config(cls, section: dict, overrides: dict | None = None) -> "T2ITrainSettings":
+        """Validated settings from the YAML section and CLI overrides (None: not given)."""
+        values = dict(section or {})
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(values) - set(fields)), sorted(set(fields) - set(values))
+        if unknown or missing:
+            raise ValueError(f"train: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(fields)}")
+        for name, kind in fields.items():
+            v = values[name]
+            ok = (isinstance(v, int) and not isinstance(v, bool)) if kind == "int" else \
+                (isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not ok:
+                raise ValueError(f"train.{name} = {v!r}: expected {'an integer' if kind == 'int' else 'a number'}")
+        s = cls(**{k: (float(v) if fields[k] == "float" else v) for k, v in values.items()})
+        for name in ("steps", "vae_steps", "batch_size", "vae_batch_size", "save_every", "subset_min", "max_length"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"train.{name} = {getattr(s, name)}: must be >= 1")
+        if not 0 <= s.cfg_dropout < 1 or not 0 <= s.ema_decay < 1:
+            raise ValueError(f"train.cfg_dropout {s.cfg_dropout} and train.ema_decay {s.ema_decay} must lie in [0, 1)")
+        return s
+
+
+def use_bf16(device: torch.device, amp: str) -> bool:
+    """``amp`` auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512_BF16, AMX); on
+    AVX2-only CPUs bf16 is emulated and many times slower than fp32. ``bf16`` / ``off`` force it."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"--amp {amp!r}: expected auto, bf16 or off")
+    if amp != "auto":
+        return amp == "bf16"
+    native = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512_BF16", "AMX")
+    return device.type == "cuda" or native
+
+
+class _State:
+    """Everything a resumed run needs: modules, optimisers, the generator, progress counters."""
+
+    def __init__(self, modules: dict, gen: torch.Generator, settings: T2ITrainSettings, path: Path):
+        self.modules, self.gen, self.settings, self.path = modules, gen, settings, path
+        self.info = {"vae_step": 0, "step": 0, "elapsed": 0.0, "scaling_factor": None, "sittings": 1,
+                     "vae_losses": [], "losses": []}
+        self._t0 = time.time()
+
+    def load(self) -> None:
+        st = load_tensors(self.path, "a text-to-image training state (--resume)", ValueError)
+        mine, theirs = dataclasses.asdict(self.settings), st["settings"]
+        differ = [k for k in mine if k not in CHANGEABLE_ON_RESUME and mine[k] != theirs.get(k)]
+        if differ:
+            raise ValueError(f"--resume {self.path}: settings {differ} differ from the state's "
+                             f"({ {k: theirs.get(k) for k in differ} }); only {list(CHANGEABLE_ON_RESUME)} may change")
+        for name, module in self.modules.items():
+            module.load_state_dict(st[name])
+        self.gen.set_state(st["gen"])
+        self.info = {**st["info"], "sittings": st["info"]["sittings"] + 1}
+        log.info("resuming from %s: VAE step %d, U-Net step %d", self.path, self.info["vae_step"], self.info["step"])
+
+    def save(self) -> None:
+        """Write atomically (a temporary name, then rename)."""
+        self.info["elapsed"] = self.elapsed()
+        self._t0 = time.time()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save({**{k: m.state_dict() for k, m in self.modules.items()}, "gen": self.gen.get_state(),
+                    "info": self.info, "settings": dataclasses.asdict(self.settings)}, tmp)
+        os.replace(tmp, self.path)
+
+    def elapsed(self) -> float:
+        return self.info["elapsed"] + time.time() - self._t0
+
+
+def train_t2i(parts: tuple, images: torch.Tensor, data: PromptData, s: T2ITrainSettings,
+              state_path: Path, resume: bool, device: torch.device, bf16: bool) -> dict:
+    """Train ``parts`` = (tokenizer, text encoder, U-Net, VAE, scheduler) in place on ``images``
+    [N,3,16,16] in [-1,1] and the prompt pairs ``data``; on return the text encoder and U-Net
+    hold their EMA weights and the VAE its ``scaling_factor``. Returns the training statistics."""
+    if state_path.exists() and not resume:
+        raise ValueError(f"a training state exists at {state_path}: pass --resume to continue it, "
+                         f"or delete it to start over")
+    if resume and not state_path.exists():
+        raise FileNotFoundError(f"--resume: no training state at {state_path}")
+    tokenizer, text, unet, vae, scheduler = parts
+    for m in (text, unet, vae):
+        m.to(device)
+    ema_text = copy.deepcopy(text).eval().requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    vae_opt = torch.optim.Adam(vae.parameters(), lr=s.vae_lr)
+    opt = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=s.lr, weight_decay=0.0)
+    state = _State({"vae": vae, "text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet,
+                    "vae_opt": vae_opt, "opt": opt}, torch.Generator("cpu").manual_seed(s.seed), s, state_path)
+    if resume:
+        state.load()
+    images = images.to(device)
+    _train_vae(vae, vae_opt, images, s, state, device, bf16)
+    vae.eval().requires_grad_(False)
+    mean, std = _posterior(vae, images)
+    if state.info["scaling_factor"] is None:
+        z = mean + std * torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(s.seed)).to(device)
+        state.info["scaling_factor"] = float(1 / z.float().std())
+    sf = state.info["scaling_factor"]
+    ids = tokenizer([p.text for p in data.prompts] + [""], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    _train_denoiser(text, unet, ema_text, ema_unet, opt, (mean * sf, std * sf), ids.to(device), data,
+                    scheduler.alphas_cumprod.float().to(device), s, state, device, bf16)
+    text.load_state_dict(ema_text.state_dict())
+    unet.load_state_dict(ema_unet.state_dict())
+    vae.register_to_config(scaling_factor=sf)
+    with torch.no_grad():
+        recon = vae.decode(mean).sample.float()
+    info = state.info
+    return {"scaling_factor": sf, "vae_recon_mse_train": float((recon - images).pow(2).mean()),
+            "vae_loss_last_100": _tail_mean(info["vae_losses"], 100),
+            "loss_last_500": _tail_mean(info["losses"], 500), "vae_steps": s.vae_steps, "steps": s.steps,
+            "wall_time_s": round(state.elapsed(), 1), "sittings": info["sittings"], "device": str(device),
+            "bf16_autocast": bf16,
+            "parameters": {"unet": _count(unet), "text_encoder": _count(text), "vae": _count(vae)}}
+
+
+def _train_vae(vae, opt, images: torch.Tensor, s: T2ITrainSettings, state: _State, device, bf16: bool) -> None:
+    """Phase 1 (module docstring), from the state's VAE step to ``s.vae_steps``."""
+    if state.info["vae_step"] >= s.vae_steps:
+        return
+    vae.train()
+    gen, losses = state.gen, []
+    bar = tqdm(range(state.info["vae_step"], s.vae_steps), initial=state.info["vae_step"], total=s.vae_steps,
+               desc="train vae")
+    for step in bar:
+        idx = torch.randint(len(images), (s.vae_batch_size,), generator=gen).to(device)
+        x = images[idx]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+            recon = vae.decode(z).sample
+        mse = (recon.float() - x).pow(2).mean()
+        kl = post.kl().float().mean() / z[0].numel()
+        loss = mse + s.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        state.info["vae_step"] = step + 1
+        save = (step + 1) % s.save_every == 0 or step + 1 == s.vae_steps
+        if (step + 1) % 25 == 0 or save:
+            state.info["vae_losses"] += [float(v) for v in losses]
+            losses = []
+            bar.set_postfix(loss=f"{_tail_mean(state.info['vae_losses'], 25):.4f}")
+        if save:
+            state.save()
+
+
+@torch.no_grad()
+def _posterior(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(z|x)'s mean and std [N,4,8,8] for every image."""
+    out = [vae.encode(images[i:i + batch]).latent_dist for i in range(0, len(images), batch)]
+    return torch.cat([d.mean for d in out]).float(), torch.cat([d.std for d in out]).float()
+
+
+def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Tensor, data: PromptData,
+                    alphas_cumprod: torch.Tensor, s: T2ITrainSettings, state: _State, device, bf16: bool) -> None:
+    """Phase 2 (module docstring): ``latents`` = (mean, std) of q(z|x) already scaled;
+    ``ids`` [P+1, L]: the prompts' token ids, the empty prompt last."""
+    if state.info["step"] >= s.steps:
+        return
+    text.train()
+    unet.train()
+    mean, std = latents
+    pair_image = torch.as_tensor(data.image, device=device)
+    pair_prompt = torch.as_tensor(data.prompt, device=device)
+    empty, gen, losses, params = len(data.prompts), state.gen, [], [*unet.parameters(), *text.parameters()]
+    bar = tqdm(range(state.info["step"], s.steps), initial=state.info["step"], total=s.steps, desc="train unet")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = s.lr * min(1.0, (step + 1) / s.warmup)
+        k = torch.randint(len(pair_image), (s.batch_size,), generator=gen).to(device)
+        drop = (torch.rand(s.batch_size, generator=gen) < s.cfg_dropout).to(device)
+        t = torch.randint(len(alphas_cumprod), (s.batch_size,), generator=gen).to(device)
+        z_noise = torch.randn((s.batch_size, *mean.shape[1:]), generator=gen).to(device)
+        noise = torch.randn((s.batch_size, *mean.shape[1:]), generator=gen).to(device)
+        img = pair_image[k]
+        z0 = mean[img] + std[img] * z_noise                         # z ~ q(z|x), scaled
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise                # q(z_t | z_0)
+        prompt = torch.where(drop, torch.full_like(k, empty), pair_prompt[k])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = text(ids)[0][prompt]                              # the pipeline's prompt_embeds
+            loss = (unet(z_t, t, encoder_hidden_states=emb).sample.float() - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(s.ema_decay, (1 + step) / (10 + step))          # warm-up: no trace of the
+        ema_update(ema_unet, unet, decay)                           # random start in a short run
+        ema_update(ema_text, text, decay)
+        losses.append(loss.detach())
+        state.info["step"] = step + 1
+        save = (step + 1) % s.save_every == 0 or step + 1 == s.steps
+        if (step + 1) % 50 == 0 or save:
+            state.info["losses"] += [float(v) for v in losses]
+            losses = []
+            bar.set_postfix(loss=f"{_tail_mean(state.info['losses'], 50):.4f}")
+        if save:
+            state.save()
+
+
+def _tail_mean(values: list[float], n: int) -> float | None:
+    return sum(values[-n:]) / len(values[-n:]) if values else None
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_pipeline(parts: tuple, folder: Path) -> None:
+    """The stock ``StableDiffusionPipeline`` of ``parts`` (no safety checker) in ``folder``."""
+    from diffusers import StableDiffusionPipeline
+    tokenizer, text, unet, vae, scheduler = parts
+    pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
