@@ -16,7 +16,7 @@ assert a in s, ("pattern not found", a)
 open(p, "w").write(s.replace(a, b, 1))
 PY
   echo "== broken: $name"
-  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 "${PYTHON:-.venv/bin/python}" -m pytest -q -p no:cacheprovider tests/test_guidance.py tests/test_balance.py tests/test_check.py tests/test_presets.py -k "not torchrun and not two_processes" 2>&1 | grep -E "^FAILED|passed|failed" | sed 's/ - .*//'
+  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 "${PYTHON:-.venv/bin/python}" -m pytest -q -p no:cacheprovider tests/test_guidance.py tests/test_balance.py tests/test_check.py tests/test_presets.py tests/test_sd.py tests/test_judge_correction.py -k "not torchrun and not two_processes" 2>&1 | grep -E "^FAILED|passed|failed" | sed 's/ - .*//'
   cp "$BAK" "$file"
 }
 run "running-balance update" utils/guidance/guide.py "            g.balance.update(self.estimate, self.batch_total, x0, g.distributed)" "            pass"
@@ -26,3 +26,6 @@ run "refine" utils/guidance/targets.py "    if settings.refine and refine_map:" 
 run "quota assignment" utils/guidance/estimators.py "    return assign_to_quota(logq, quota_counts(p, len(logq), have, n_have))" "    return logq.argmax(1)"
 run "paper temperature 8 -> 1" utils/guidance/settings.py 'estimator="soft", temperature=8.0' 'estimator="soft", temperature=1.0'
 run "paper step factor" utils/guidance/settings.py 'step_factor=450.0' 'step_factor=300.0'
+run "refine within the model's proportions" utils/guidance/targets.py "            within = priors" "            within = None"
+run "CFG: estimate from the conditional rows" utils/sampling/text2image.py "        cond = h[n:]" "        cond = h[:n]"
+run "judge correction" utils/evaluation/correction.py "    raw = np.linalg.pinv(m_t) @" "    raw = np.eye(len(m_t)) @"
