@@ -172,7 +172,7 @@ def iter_shards(folder: Path) -> Iterator[dict]:
 
 @dataclass(frozen=True, eq=False)
 class HShards:
-    """The h-vectors of extraction folder(s), left on disk and read by rows, one shard at a time.
+    """The h-vectors of extraction folder(s), left on disk and read by rows from the mapped shards.
 
     Sample i is row ``i - sum(sizes[:k])`` of shard ``files[k]`` (folders in the order given, shards
     in file order, as ``load_h_dataset`` concatenates them). Only the labels {attr: int64 [N]} are
@@ -268,6 +268,6 @@ def open_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> HShar
 
 def load_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> tuple[dict, torch.Tensor, dict]:
     """Concatenate the shards of one or more folders -> (meta, h [N,S,D] float16, labels).
-    Holds all of h in memory; ``open_h_dataset`` reads it shard by shard instead."""
+    Holds all of h in memory; ``open_h_dataset`` leaves it on disk and reads rows instead."""
     data = open_h_dataset(folders, attrs)
     return data.meta, torch.cat([data.read(k) for k in range(len(data.files))]), data.labels
