@@ -13,7 +13,7 @@ process's peak resident memory (VmHWM, which counts the memory-mapped shard page
 well as its own) and wall time. The folder for a smaller N holds links to the first shards of the
 largest, so the disk holds N_max * S * C*H*W * 2 bytes once; everything is deleted afterwards.
 
-glibc's allocator alone moves one run's peak by up to ~20% from run to run (its mmap threshold
+glibc's allocator alone moves the peak by 10-20% from one run to the next (its mmap threshold
 adapts to the sizes freed, and freed heap blocks stay resident), so each N runs ``--repeat``
 times: the table gives the median peak and the range, and the ratio of the medians.
 ``--mmap_threshold BYTES`` fixes that threshold (MALLOC_MMAP_THRESHOLD_) in the training
