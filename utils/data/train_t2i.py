@@ -196,13 +196,7 @@ def _train_vae(vae, opt, images: torch.Tensor, s: T2ITrainSettings, state: _Stat
         opt.step()
         losses.append(loss.detach())
         state.info["vae_step"] = step + 1
-        save = (step + 1) % s.save_every == 0 or step + 1 == s.vae_steps
-        if (step + 1) % 25 == 0 or save:
-            state.info["vae_losses"] += [float(v) for v in losses]
-            losses = []
-            bar.set_postfix(loss=f"{_tail_mean(state.info['vae_losses'], 25):.4f}")
-        if save:
-            state.save()
+        losses = _bookkeep(state, bar, losses, "vae_losses", step + 1, s.vae_steps, 25, s.save_every)
 
 
 @torch.no_grad()
@@ -250,13 +244,22 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         ema_update(ema_text, text, decay)
         losses.append(loss.detach())
         state.info["step"] = step + 1
-        save = (step + 1) % s.save_every == 0 or step + 1 == s.steps
-        if (step + 1) % 50 == 0 or save:
-            state.info["losses"] += [float(v) for v in losses]
-            losses = []
-            bar.set_postfix(loss=f"{_tail_mean(state.info['losses'], 50):.4f}")
-        if save:
-            state.save()
+        losses = _bookkeep(state, bar, losses, "losses", step + 1, s.steps, 50, s.save_every)
+
+
+def _bookkeep(state, bar, losses: list, key: str, done: int, total: int, log_every: int,
+              save_every: int) -> list:
+    """Every ``log_every`` steps (and at a save) move the pending losses to ``state.info[key]`` and
+    show their recent mean; every ``save_every`` steps and at the end save the state. Returns the
+    losses still pending."""
+    save = done % save_every == 0 or done == total
+    if done % log_every == 0 or save:
+        state.info[key] += [float(v) for v in losses]
+        losses = []
+        bar.set_postfix(loss=f"{_tail_mean(state.info[key], log_every):.4f}")
+    if save:
+        state.save()
+    return losses
 
 
 def _tail_mean(values: list[float], n: int) -> float | None:
