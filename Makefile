@@ -2,13 +2,14 @@
 #   make venv                    .venv with the CPU torch 2.13.0 and requirements(-dev).txt
 #   make TORCH_SPEC=torch test   the same with another torch (e.g. a CUDA build on a GPU machine)
 #   make test | demo | bench     run the tests / the embedded demo / the benchmark (bench-quick: < 5 min)
+#   make demo-t2i                the text-conditional default: per prompt, vanilla vs balanced
 #   make clean                   remove .venv and caches (outputs/ and runs/ are kept)
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv test demo bench bench-quick clean
+.PHONY: venv test demo demo-t2i bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -26,6 +27,9 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/python main.py --demo
+
+demo-t2i: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_t2i.yml --demo --exp runs/demo_t2i
 
 bench: venv
 	$(VENV)/bin/python bench/run_all.py

@@ -126,8 +126,10 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
         adp = load_adp_for(pipe, cfg["adp"], check_grid=False)
         adp_sha = file_sha256(resolve_path(cfg["adp"]))
-        plan = build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
-                          overrides, args.scale, adp.class_prior)
+        # text-to-image: each prompt's plan refines within that prompt's own class fractions
+        plans = {q: build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
+                               overrides, args.scale, adp.priors(q)) for q in prompts}
+        plan = plans[prompts[0]]
         heads = guided_head_map(adp, pipe.timesteps, plan.settings)
         if mode == "distribution" and args.bs_test * world < 2 and not plan.settings.running_balance:
             raise ValueError("distribution guidance needs --bs_test >= 2: the batch is the unit of "
@@ -136,8 +138,6 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
                              "--mode sample for one image at a time")
         if args.running_balance and mode != "distribution":
             raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
-        if t2i:
-            pipe.settings = plan.settings
     judge = None
     if args.evaluate and rank == 0:
         from utils.evaluation.evaluate import judge_from_config
@@ -152,6 +152,10 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         out = root if len(prompts) == 1 else root / f"p{k:03d}"
         run_pipe = pipe.with_prompt(prompt, negative) if t2i else pipe
         # one guide per prompt: each prompt keeps its own running balance
+        if plan is not None:
+            plan = plans[prompt]
+            if t2i:
+                run_pipe.settings = plan.settings
         guide = None if plan is None else build_guide(cfg, plan, adp, pipe.betas, world > 1, labeller)
         text = None if not t2i else {"prompt": prompt, "negative_prompt": negative, "cfg": pipe.cfg_scale,
                                      "scheduler": type(pipe.pipe.scheduler).__name__,
@@ -205,7 +209,8 @@ def _run_one(cfg, args, mode, seeds, pipe, guide, plan, adp_sha, heads, text, ou
 def demo(cfg: dict, args) -> int:
     """Vanilla vs distribution-guided to the demo target (--target, else the config's demo:
     target), the same seeds (--seeds, else --seed and --n_test_img, else the config's demo: n);
-    judged against that target; a side-by-side grid."""
+    judged against that target; a side-by-side grid. A text-to-image config runs each of its
+    demo: prompts (or --prompt / --prompts), a row of the table and of the grid per prompt."""
     import numpy as np
     from PIL import Image
     from utils.evaluation.evaluate import evaluate_folder, format_table, judge_from_config
@@ -217,6 +222,9 @@ def demo(cfg: dict, args) -> int:
     root = output_path(args.exp if args.exp != "runs/generate" else "runs/demo")
     n = args.n_test_img if args.n_test_img != 100 else int(spec.get("n", 100))
     seeds = parse_seeds(args.seeds, n, args.seed)
+    prompts = [None]
+    if is_text_to_image(cfg):
+        prompts = read_prompts(cfg, type(args)(**{**vars(args), "prompt_list": spec.get("prompts")}))
     judge, rows = judge_from_config(cfg), []
     pipe_attrs = judge.attributes
     fractions = {k: parse_fraction_vector(k, v, joint_classes(k, pipe_attrs)).tolist()
@@ -224,20 +232,28 @@ def demo(cfg: dict, args) -> int:
     for mode in ("vanilla", "distribution"):
         sub = type(args)(**{**vars(args), "exp": str(root / mode), "mode": mode, "target": target,
                             "seeds": ",".join(map(str, seeds)), "evaluate": False,
-                            "overwrite": True, "resume": False})       # the demo's own run folders
+                            "overwrite": True, "resume": False,       # the demo's own run folders
+                            "prompt_list": prompts if prompts != [None] else None})
         if mode == "vanilla":         # the guidance flags are the guided run's
             for k in ("preset", "estimator", "running_balance", "refine", "refine_within", "check", "guide_steps",
                       "cfg_edit", "cfg_estimate"):
                 setattr(sub, k, None)
         generate(cfg, sub, mode)
-        rows.append((mode, evaluate_folder(root / mode, cfg, fractions, judge)))
+    sides = []
+    for k, prompt in enumerate(prompts):
+        where = {m: root / m if len(prompts) == 1 else root / m / f"p{k:03d}" for m in ("vanilla", "distribution")}
+        label = "" if prompt is None else f"{prompt}: "
+        rows += [(label + m, evaluate_folder(where[m], cfg, fractions, judge)) for m in where]
+        grids = [np.asarray(Image.open(where[m] / "grid.png")) for m in where]
+        gap = np.full((grids[0].shape[0], 8) + grids[0].shape[2:], 255, np.uint8)
+        sides.append(np.concatenate([grids[0], gap, grids[1]], axis=1))
     table = format_table(rows, [a for a in fractions if "*" not in a])
-    grids = [np.asarray(Image.open(root / m / "grid.png")) for m in ("vanilla", "distribution")]
-    gap = np.full((grids[0].shape[0], 8) + grids[0].shape[2:], 255, np.uint8)
-    side = np.concatenate([grids[0], gap, grids[1]], axis=1)
+    gap = np.full((8,) + sides[0].shape[1:], 255, np.uint8)
+    side = np.concatenate([part for s in sides for part in (s, gap)][:-1], axis=0)
     Image.fromarray(side).resize((side.shape[1] * 3, side.shape[0] * 3), Image.NEAREST).save(root / "side_by_side.png")
     (root / "results.md").write_text(table + "\n")
     print(table)
-    print(f"side-by-side grid: {root / 'side_by_side.png'}")
+    order = "" if prompts == [None] else " (rows, top to bottom: " + "; ".join(prompts) + ")"
+    print(f"side-by-side grid: {root / 'side_by_side.png'}{order}")
     return 0
 

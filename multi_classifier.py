@@ -101,7 +101,9 @@ def train(args, attrs: list[str] | None, out: Path) -> int:
     table = accuracy_table(adp.timesteps, metrics)
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"model": meta["model"], "data_source": source,
-                                                    "timesteps": adp.timesteps, "metrics": metrics}, indent=1) + "\n")
+                                                    "timesteps": adp.timesteps, "metrics": metrics,
+                                                    "class_prior": adp.class_prior,
+                                                    "prompt_prior": adp.prompt_prior or None}, indent=1) + "\n")
     accuracy_plot(adp.timesteps, metrics, out.with_suffix(".png"))
     print(table)
     for a, m in metrics["attributes"].items():

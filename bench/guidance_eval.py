@@ -14,6 +14,7 @@ confident-recognition share, seconds) and writes it, with the raw numbers as JSO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -96,12 +97,14 @@ def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25,
 #: run-spec keys -> guidance settings (utils/guidance/settings.py)
 SETTING_KEYS = {"preset": "preset", "estimator": "estimator", "running": "running_balance",
                 "refine": "refine", "within": "refine_within", "check": "check", "max_step": "max_step",
-                "temperature": "temperature", "retries": "sample_retries", "boost": "retry_boost"}
+                "temperature": "temperature", "retries": "sample_retries", "boost": "retry_boost",
+                "cfg_edit": "cfg_edit", "cfg_estimate": "cfg_estimate"}      # the last two: text-to-image
 RUN_KEYS = {"name", "mode", "targets", "eval", "match", "scale", "guide_steps", "bs", "local"} | set(SETTING_KEYS)
 
 
-def make_plan(run: dict, cfg: dict, adp):
-    """The run spec's guidance plan: the config's settings with the spec's overrides."""
+def make_plan(run: dict, cfg: dict, adp, prompt: str | None = None):
+    """The run spec's guidance plan: the config's settings with the spec's overrides (a
+    text-to-image ``prompt``: refined within that prompt's class fractions)."""
     unknown = sorted(set(run) - RUN_KEYS)
     if unknown:
         raise ValueError(f"run {run.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(RUN_KEYS)}")
@@ -109,7 +112,7 @@ def make_plan(run: dict, cfg: dict, adp):
     if run.get("guide_steps"):
         over.update(parse_guide_steps(run["guide_steps"]))
     return build_plan(cfg, run["mode"], run["targets"], adp.attributes, over,
-                      None if "scale" not in run else str(run["scale"]), adp.class_prior)
+                      None if "scale" not in run else str(run["scale"]), adp.priors(prompt))
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,
@@ -118,10 +121,12 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
     targets = {a: parse_fraction_vector(a, v, judge.attributes[a]).tolist() for a, v in run.get("eval", {}).items()}
     guide, plan = None, None
     if run["mode"] != "vanilla":
-        plan = make_plan(run, cfg, adp)
+        plan = make_plan(run, cfg, adp, getattr(pipe, "prompt", None))
         targets = plan.requested
-        guide = build_guide(cfg, plan, adp, pipe.sampler.schedule.betas,
+        guide = build_guide(cfg, plan, adp, pipe.betas,
                             distributed=world > 1 and not run.get("local"), labeller=labeller)
+        if hasattr(pipe, "with_prompt"):      # text-to-image: the rows the guide sees and edits
+            pipe = dataclasses.replace(pipe, settings=plan.settings)
     bs = run.get("bs", bs)
     _sync(pipe, world)
     t0 = time.time()

@@ -47,6 +47,13 @@ class ADP(nn.Module):
         self._index = {t: i for i, t in enumerate(self.timesteps)}
         #: the model's class fractions per attribute {attr: [K]} (training labels, or samples)
         self.class_prior: dict[str, list[float]] = {}
+        #: text-to-image: the class fractions of each prompt's samples {prompt: {attr: [K]}}
+        self.prompt_prior: dict[str, dict[str, list[float]]] = {}
+
+    def priors(self, prompt: str | None = None) -> dict[str, list[float]]:
+        """The model's class fractions for a run: the prompt's own when the ADP was trained on
+        samples of that prompt (text-to-image), else those of all its training samples."""
+        return self.prompt_prior.get(prompt) or self.class_prior
 
     def step_index(self, t: int) -> int:
         """Index of timestep t in the grid the heads were trained on."""
@@ -176,7 +183,8 @@ class ADP(nn.Module):
         torch.save({"kind": ADP_KIND, "state_dict": self.state_dict(), "h_shape": list(self.h_shape),
                     "timesteps": self.timesteps, "attributes": self.attributes,
                     "model": model_id, "data_source": data_source, "metrics": metrics,
-                    "imported": imported, "class_prior": self.class_prior}, path)
+                    "imported": imported, "class_prior": self.class_prior,
+                    "prompt_prior": self.prompt_prior}, path)
 
     @classmethod
     def from_original(cls, heads: dict[str, tuple[dict[str, torch.Tensor], list[str]]],
@@ -247,6 +255,7 @@ class ADP(nn.Module):
         adp.load_state_dict(ck["state_dict"], strict=True)
         adp.meta = {k: ck.get(k) for k in ("model", "data_source", "metrics", "imported")}
         adp.class_prior = dict(ck.get("class_prior") or {})
+        adp.prompt_prior = dict(ck.get("prompt_prior") or {})
         return adp.eval()
 
 

@@ -3,7 +3,7 @@ UNet2DConditionModel with a CLIPTextModel on its latents, each prompt with known
 
     python scripts/train_digits_t2i.py                        # CPU or CUDA (--device auto)
     python scripts/train_digits_t2i.py --resume               # continue from the training state
-    python scripts/train_digits_t2i.py --steps 30 --vae_steps 30 --out /tmp/t2i_smoke
+    python scripts/train_digits_t2i.py --steps 30 --vae_steps 30 --out runs/t2i_smoke
 
 Writes a diffusers StableDiffusionPipeline folder (default: the config's model.checkpoint,
 pretrained/digits16_t2i) with record.json beside the weights: the command, the settings, every
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.digits import load_split  # noqa: E402
 from models.digits_t2i import build_components, parse_prompts, prompt_data, vocabulary, \
     write_word_tokenizer  # noqa: E402
-from models.files import resolve_path  # noqa: E402
+from models.files import REPO_ROOT, resolve_path  # noqa: E402
 from models.sd import h_shape, resolve_model  # noqa: E402
 from utils.app.cli import guarded  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_scale = 2 ** (len(parts[3].config.block_out_channels) - 1)
     record = {
         "command": "python scripts/train_digits_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": args.config, "settings": dataclasses.asdict(settings), "state": str(state),
+        "config": args.config, "settings": dataclasses.asdict(settings), "state": _shown(state),
         "images_from": f"the DDPM's training subset only (models/digits.py load_split().train_x, "
                        f"{len(split.train_y)} images, grey repeated to RGB)",
         "prompts": data.record(split.train_y, settings.cfg_dropout), "pairs_per_prompt": data.size,
@@ -91,5 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _shown(path: Path) -> str:
+    """A path as the record shows it: relative to the repository when inside it (no machine paths)."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return path.name
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

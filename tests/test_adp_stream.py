@@ -159,3 +159,36 @@ def test_inconsistent_shards_are_refused_naming_the_file(folders, tmp_path):
     _save_shard(bad, 1, {"h": h[:4, :3], "ids": [0, 1, 2, 3], "labels": {"odd": y["odd"][:4]}})
     with pytest.raises(ValueError, match=r"shard_00001.pt: h is \(4, 3, 4, 2, 2\).*\[n, 5, 4, 2, 2\]"):
         open_h_dataset([bad])
+
+
+def test_each_prompts_class_fractions_are_kept_and_refine_within_them(tmp_path):
+    """Shards of two prompts (text-to-image extraction): the ADP keeps each prompt's class
+    fractions beside the pooled ones, saves them, and a plan for a prompt refines within its own."""
+    from utils.guidance import build_plan
+    h, y = _toy()
+    folder = tmp_path / "h"
+    _write_meta(folder, {"model": {"config": "toy"}, "h_shape": list(H_SHAPE), "timesteps": TIMESTEPS,
+                         "source": "pseudo", "attributes": ATTRS, "shard_size": 50, "n": N})
+    y["tri"][:50] = torch.tensor([0] * 40 + [1] * 10)           # prompt "small": t0 80%, t1 20%
+    y["tri"][50:] = 2                                            # prompt "large": t2 only
+    y["odd"] = (y["tri"] == 1).long()                            # odd iff t1
+    for k, q in enumerate(["small", "large"]):
+        _save_shard(folder, k, {"h": h[50 * k:50 * (k + 1)], "ids": list(range(50 * k, 50 * (k + 1))),
+                                "prompt": q, "labels": {a: v[50 * k:50 * (k + 1)] for a, v in y.items()}})
+    data = open_h_dataset([folder])
+    assert data.prompts == ["small"] * 50 + ["large"] * 50 and data.head(60).prompts[-1] == "large"
+    adp, _ = train_adp_stream(data, data.meta, **dict(OPTS, epochs=1))
+    assert adp.prompt_prior["small"]["tri"] == pytest.approx([0.8, 0.2, 0.0])
+    assert adp.prompt_prior["large"]["tri"] == pytest.approx([0.0, 0.0, 1.0])
+    assert adp.class_prior["tri"] == pytest.approx([0.4, 0.1, 0.5])
+    path = tmp_path / "adp.pt"
+    adp.save(path, {"config": "toy"}, {}, {})
+    back = ADP.load(path)
+    assert back.prompt_prior == adp.prompt_prior and back.priors("unknown prompt") == adp.class_prior
+    cfg = {"model": {"family": "sd"}, "guidance": {"preset": "ours"},
+           "refine": {"odd": {"via": "tri", "groups": [[0, 2], [1]]}}}
+    plans = {q: build_plan(cfg, "distribution", {"odd": "0.5"}, adp.attributes, {}, None, back.priors(q))
+             for q in ("small", None)}
+    # even half over t0 and t2 in the prompt's own proportions (0.8 : 0): all on t0
+    assert plans["small"].targets["tri"].tolist() == pytest.approx([0.5, 0.5, 0.0], abs=2e-3)
+    assert plans[None].targets["tri"].tolist() == pytest.approx([0.5 * 0.4 / 0.9, 0.5, 0.5 * 0.5 / 0.9], abs=2e-3)

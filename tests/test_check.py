@@ -234,3 +234,30 @@ def test_refine_within_the_models_proportions_keeps_each_class_mix():
     assert plan.targets["digit"].tolist() == pytest.approx(want, abs=1e-7)
     with pytest.raises(ValueError, match="priors_from_samples"):
         build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS)
+
+
+def test_refine_preserve_keeps_the_untargeted_magnitude_of_a_prompt():
+    """"a large digit": the model's digits are mostly 5-9 (low magnitude 0.05). Parity 50/50 within
+    the model's proportions alone lifts the rare small evens with the evens (low 0.30 here);
+    ``preserve`` keeps magnitude at the model's 0.05 and parity at the target, and within each
+    parity x magnitude cell the model's own mix (the sd family's ours default)."""
+    prior = [0.01, 0.01, 0.01, 0.01, 0.01, 0.3, 0.02, 0.3, 0.03, 0.3]   # even 0.08, low 0.05
+    coarse = {"parity": torch.tensor([0.5, 0.5])}
+    within, _ = refine_targets(coarse, REFINE, DIGITS, {"digit": prior})
+    kept, _ = refine_targets(coarse, REFINE, DIGITS, {"digit": prior}, preserve=True)
+    low = [0, 1, 2, 3, 4]
+    assert float(within["digit"][low].sum()) == pytest.approx(0.5 * 0.03 / 0.08 + 0.5 * 0.02 / 0.92, abs=1e-6)
+    q = kept["digit"].double()
+    assert float(q[0::2].sum()) == pytest.approx(0.5, abs=1e-6)             # the target
+    assert float(q[low].sum()) == pytest.approx(0.05, abs=1e-6)             # the model's magnitude
+    # inside a cell the model's ratios stay: 2 and 4 (even, low) as 1:1, 6 and 8 (even, high) as 2:3
+    assert float(q[2] / q[4]) == pytest.approx(1.0, abs=1e-6) and float(q[6] / q[8]) == pytest.approx(2 / 3, abs=1e-6)
+    cfg = {"model": {"family": "sd"}, "refine": REFINE, "guidance": {"preset": "ours"}}
+    plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior})
+    assert plan.settings.refine_within == "preserve"
+    assert plan.targets["digit"].tolist() == pytest.approx(kept["digit"].tolist(), abs=1e-7)
+    # nothing to preserve when both coarse attributes are targeted: the same as within
+    both = {"parity": torch.tensor([0.5, 0.5]), "magnitude": torch.tensor([0.5, 0.5])}
+    a, _ = refine_targets(both, REFINE, DIGITS, {"digit": prior})
+    b, _ = refine_targets(both, REFINE, DIGITS, {"digit": prior}, preserve=True)
+    assert a["digit"].tolist() == pytest.approx(b["digit"].tolist(), abs=1e-7)

@@ -121,3 +121,61 @@ def test_a_two_step_run_saves_a_folder_that_the_sd_family_loads(tmp_path):
     x = pipe.with_prompt("a small digit").draw([0, 1])
     assert x.shape == (2, 3, 16, 16) and pipe.h_shape == (64, 4, 4)
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 20 * 2**20
+
+
+def test_the_shipped_default_balances_each_prompt_in_the_demo(capsys, tmp_path):
+    """make demo-t2i, smaller: the shipped pipeline and ADP, 40 images per prompt (seeds 0-39, the
+    same for vanilla and guided), parity 50/50. Per prompt the judge's even share moves from the
+    prompt's bias to within 0.1 of 50/50, and the prompt still holds (small digits stay 0-4)."""
+    pytest.importorskip("diffusers")
+    import json
+    import main as entry
+    from PIL import Image
+    capsys.readouterr()
+    rc = entry.main(["--device", "cpu", "--config", CONFIG, "--demo", "--n_test_img", "40", "--bs_test", "40",
+                     "--exp", str(tmp_path / "demo")])
+    assert rc == 0, capsys.readouterr().err
+    prompts = load_config(CONFIG)["demo"]["prompts"]
+    assert prompts == ["a digit", "a small digit", "a large digit"]
+    for k, prompt in enumerate(prompts):
+        even = {}
+        for mode in ("vanilla", "distribution"):
+            folder = tmp_path / "demo" / mode / f"p{k:03d}"
+            run = json.loads((folder / "run.json").read_text())
+            assert run["resolved"]["text"]["prompt"] == prompt and run["status"] == "complete"
+            from utils.evaluation.evaluate import evaluate_folder, judge_from_config
+            cfg = load_config(CONFIG)
+            rep = evaluate_folder(folder, cfg, {"parity": [0.5, 0.5]}, judge_from_config(cfg))
+            even[mode] = rep["attributes"]["parity"]["fractions"][0]
+            low = rep["attributes"]["magnitude"]["fractions"][0]
+        assert even["vanilla"] > 0.6 if prompt != "a large digit" else even["vanilla"] < 0.4
+        assert abs(even["distribution"] - 0.5) <= 0.1, (prompt, even)
+        if prompt == "a small digit":
+            assert low >= 0.9
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == \
+        [f"{q}: {m}" for q in prompts for m in ("vanilla", "distribution")]
+    side = Image.open(tmp_path / "demo" / "side_by_side.png")
+    grid = Image.open(tmp_path / "demo" / "vanilla" / "p000" / "grid.png")
+    assert side.height == 3 * (3 * grid.height + 2 * 8)          # three prompts, one row each, 2 gaps
+
+
+def test_the_t2i_benchmark_judges_per_prompt_and_reuses_only_its_own_vanilla_rows(tmp_path):
+    """bench/t2i_eval.py on 4 images: a row per run with the prompt's in-prompt share and the
+    vanilla row as drift reference; the vanilla judgement is cached under the model's hash,
+    prompt, CFG and seeds, and reused (the same row) only for exactly those."""
+    pytest.importorskip("diffusers")
+    import json
+    from bench import t2i_eval
+    assert t2i_eval.digit_target([5, 6, 7, 8, 9]) == "0:0:0:0:0:0.2:0.2:0.2:0.2:0.2"
+    args = ["--preset", "fresh", "--n", "4", "--bs", "4", "--prompts", "a small digit", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+    assert t2i_eval.main(args) == 0
+    rows = json.loads((tmp_path / "out" / "fresh.json").read_text())
+    assert [r["name"] for r in rows] == ["vanilla, CFG 3", "ours parity 50/50, batch 100"]
+    assert all(r["prompt"] == "a small digit" and 0 <= r["in_prompt"] <= 1 and r["n"] == 4 for r in rows)
+    assert rows[1]["frechet_vanilla"] == rows[0]["frechet"] and rows[1]["spec"]["mode"] == "distribution"
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].endswith("_a_small_digit_cfg3_0-3.pt")
+    assert t2i_eval.main(args[:-2] + ["--cache", str(tmp_path / "cache"), "--seed", "1"]) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 2               # other seeds: not reused

@@ -178,6 +178,12 @@ def train_adp_stream(data: HSource, meta: dict, epochs: int = 30, batch_size: in
     adp.calibrate_from_chunks((h, {a: data.labels[a][g] for a in attrs}) for g, h in chunks(data, va, rows))
     counts = {a: torch.bincount(data.labels[a], minlength=len(attrs[a])) for a in attrs}
     adp.class_prior = {a: (c.double() / n).tolist() for a, c in counts.items()}   # the model's class fractions
+    prompts = getattr(data, "prompts", None)
+    if prompts is not None:              # text-to-image: each prompt's own class fractions
+        for q in dict.fromkeys(prompts):
+            of_q = torch.tensor([p == q for p in prompts])
+            adp.prompt_prior[q] = {a: (torch.bincount(data.labels[a][of_q], minlength=len(attrs[a])).double()
+                                       / int(of_q.sum())).tolist() for a in attrs}
     accs = accuracy_per_step(adp, data, va, rows)
     metrics = {"n_train": int(len(tr)), "n_val": int(len(va)), "epochs": epochs, "attributes": {}}
     s = len(adp.timesteps)

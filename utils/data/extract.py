@@ -184,6 +184,7 @@ class HShards:
     sizes: list[int]                        # samples used from each shard
     labels: dict[str, torch.Tensor]
     steps: list[int] | None = None          # indices into the stored steps (None: every step)
+    prompts: list[str | None] | None = None  # text-to-image: each sample's prompt (None: unconditional)
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -207,7 +208,8 @@ class HShards:
             left -= sizes[-1]
         n = sum(sizes)
         return replace(self, files=self.files[:len(sizes)], sizes=sizes,
-                       labels={a: v[:n] for a, v in self.labels.items()})
+                       labels={a: v[:n] for a, v in self.labels.items()},
+                       prompts=None if self.prompts is None else self.prompts[:n])
 
     def at_timesteps(self, timesteps: list[int]) -> "HShards":
         """Only the h at these timesteps, in this order; ``meta["timesteps"]`` becomes them."""
@@ -246,12 +248,13 @@ def open_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> HShar
     for m in metas[1:]:
         if m["timesteps"] != metas[0]["timesteps"] or m["h_shape"] != metas[0]["h_shape"]:
             raise ValueError("extraction folders disagree on timesteps or h shape")
-    files, sizes, per_shard = [], [], []
+    files, sizes, per_shard, prompts = [], [], [], []
     for folder, m in zip(folders, metas):
         for path in shard_files(folder):
             shard = open_shard(path)
             sizes.append(_shard_rows(path, shard, m))
             files.append(path)
+            prompts += [shard.get("prompt")] * sizes[-1]
             per_shard.append({a: torch.as_tensor(v).long().clone() for a, v in shard.get("labels", {}).items()})
     labels = {}
     for a in dict.fromkeys(attrs or [a for m in metas for a in m["attributes"]]):
@@ -263,7 +266,7 @@ def open_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> HShar
                              f"{files[has.index(False)]}; train on attributes every folder labels (--attributes)")
     meta = dict(metas[0])
     meta["attributes"] = {a: c for m in metas for a, c in m["attributes"].items() if a in labels}
-    return HShards(meta, files, sizes, labels)
+    return HShards(meta, files, sizes, labels, prompts=prompts if any(q is not None for q in prompts) else None)
 
 
 def load_h_dataset(folders: list[Path], attrs: list[str] | None = None) -> tuple[dict, torch.Tensor, dict]:

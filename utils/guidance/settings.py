@@ -33,7 +33,7 @@ class SettingsError(ValueError):
 
 #: field -> allowed values, for the enumerated settings
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
-           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model"),
+           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model", "preserve"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
            "head_rule": ("exact", "nearest")}
 
@@ -62,6 +62,8 @@ class GuidanceSettings:
     refine: bool                      # pursue coarse targets through a finer head (config refine:)
     refine_within: str                # uniform: each coarse class's share spread evenly over its finer
                                       # classes | model: in the model's own proportions (the ADP's class_prior)
+                                      # | preserve: as model, and the coarse attributes nobody targeted
+                                      # (same finer head) keep the model's marginals (iterative fitting)
     check: bool                       # the config's labeller checks finished images
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
@@ -126,7 +128,8 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
                       head_rule="nearest"),
         # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
-        "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0),
+        # the prompt's other coarse attributes (a large digit's magnitude) keep their marginals
+        "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0, refine_within="preserve"),
     },
 }
 DEFAULT_PRESET = "paper"

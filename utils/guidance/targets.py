@@ -123,7 +123,7 @@ def parse_scales(spec: str | None, keys: list[str], defaults: dict[str, float]) 
 
 
 def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: dict[str, list[str]],
-                   priors: dict[str, list[float]] | None = None
+                   priors: dict[str, list[float]] | None = None, preserve: bool = False
                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Targets on coarse attributes -> the same targets on a finer head that nests them (ours).
 
@@ -137,6 +137,9 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: d
     the model's own mix of finer classes inside each coarse class). The judge's coarse
     fractions are then the target's, while the guide pulls each moved sample to a finer class
     instead of along one coarse direction, which keeps the mix within each coarse class.
+    With ``preserve`` (and ``priors``), the coarse attributes of ``refine`` through the same head
+    that no key names also keep the model's marginals (``_preserve_marginals``): a parity target
+    for "a large digit" does not bring in small even digits.
     Returns (new targets, {finer head: coarse keys}); keys that cannot be refined are kept.
     """
     by_via: dict[str, list[str]] = {}
@@ -150,7 +153,41 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: d
     for via, keys in by_via.items():
         prior = (priors or {}).get(via)
         out[via] = _finer_target(via, keys, targets, refine, len(attributes[via]), prior)
+        named = {a for k in keys for a in joint_attributes(k)}
+        kept = [a for a, r in refine.items() if r.get("via") == via and a not in named and a not in targets]
+        if preserve and prior is not None and kept:
+            out[via] = _preserve_marginals(out[via], prior, [[refine[a]["groups"] for a in joint_attributes(k)]
+                                                            for k in keys], [refine[a]["groups"] for a in kept])
     return out, by_via
+
+
+def _preserve_marginals(want: torch.Tensor, prior: list[float], target_groups: list[list[list[list[int]]]],
+                        kept_groups: list[list[list[int]]], iters: int = 500) -> torch.Tensor:
+    """Iterative proportional fitting on the finer classes: keep ``want``'s mass on every cell of
+    the targeted keys (cells: the joint groups of each key's attributes) and give each group of
+    the untargeted attributes its ``prior`` mass; starts from ``want`` (the model's proportions
+    within the targeted cells), so the result is the closest (KL) to them that meets both."""
+    n = len(want)
+    q = want.double().clone()
+    p = torch.tensor(prior, dtype=torch.float64)
+    partitions = []                   # (finer-class index lists, the mass each must hold)
+    for groups in target_groups:      # a key's cells: joint group membership
+        cells: dict[tuple, list[int]] = {}
+        for j in range(n):
+            c = tuple(next((i for i, g in enumerate(gs) if j in g), None) for gs in groups)
+            if None not in c:
+                cells.setdefault(c, []).append(j)
+        partitions.append([(idx, float(q[idx].sum())) for idx in cells.values()])
+    total = float(p.sum())
+    for groups in kept_groups:
+        partitions.append([(list(g), float(p[list(g)].sum()) / total) for g in groups])
+    for _ in range(iters):
+        for part in partitions:
+            for idx, mass in part:
+                s = float(q[idx].sum())
+                if s > 0:
+                    q[idx] *= mass / s
+    return (q / q.sum()).float()
 
 
 def _finer_target(via: str, keys: list[str], targets: dict[str, torch.Tensor], refine: dict,
@@ -245,7 +282,7 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
     guided, refined = requested, None
     if settings.refine and refine_map:
         within = None
-        if settings.refine_within == "model":
+        if settings.refine_within in ("model", "preserve"):
             vias = {refine_map[a]["via"] for k in requested for a in joint_attributes(k) if a in refine_map}
             missing = sorted(v for v in vias if not (priors or {}).get(v))
             if missing:
@@ -253,7 +290,8 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
                                  f"ADP; add them (python multi_classifier.py --priors_from_samples 1000 "
                                  f"--adp ADP.pt --out NEW.pt) or use refine_within: uniform")
             within = priors
-        guided, refined = refine_targets(requested, refine_map, attributes, within)
+        guided, refined = refine_targets(requested, refine_map, attributes, within,
+                                         preserve=settings.refine_within == "preserve")
     estimator = settings.estimator
     if estimator == "auto":        # quota for one plain target, soft for several or a joint one
         estimator = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
