@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.common import random_adp  # noqa: E402
 from models.adp import ADP  # noqa: E402
 from models.files import resolve_path  # noqa: E402
 from models.loader import build_model  # noqa: E402
@@ -78,18 +79,6 @@ def build_pipeline(size: int, steps: int, device: torch.device) -> Pipeline:
     sampler = DDIMSampler(net, Schedule.from_config(cfg["diffusion"]), steps, float(s["eta"]), s["skip_type"])
     return Pipeline(net, sampler, {"config": "celeba_hq_p2", "checkpoint": "random weights"},
                     net.image_shape, device)
-
-
-def random_adp(pipe: Pipeline) -> ADP:
-    """Random gender heads on the sampler's timesteps, directions = the heads, class fractions 50/50."""
-    torch.manual_seed(1)
-    adp = ADP(pipe.h_shape, [int(t) for t in pipe.timesteps], {"gender": ["female", "male"]})
-    with torch.no_grad():
-        for s in range(len(adp.timesteps)):
-            adp.weight["gender"][s] = torch.randn(2, adp.mean.shape[1]) * 0.01
-            adp.dir_gender[s] = adp.raw_weight("gender", s)
-    adp.class_prior = {"gender": [0.5, 0.5]}
-    return adp.to(pipe.device).eval()
 
 
 def guides(pipe: Pipeline, adp: ADP) -> dict[str, Guide | None]:
@@ -137,7 +126,7 @@ def extraction(pipe: Pipeline, seeds: list[int]) -> dict:
 
 
 def measure(pipe: Pipeline, bs: int, reps: int, steps: int) -> list[dict]:
-    adp = random_adp(pipe)
+    adp = random_adp(pipe, seed=1)
     gs = guides(pipe, adp)
     seeds = list(range(bs))
     pipe.draw(seeds[:1])                      # warm-up (allocator, first-call costs), untimed

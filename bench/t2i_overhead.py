@@ -24,22 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from models.adp import ADP  # noqa: E402
+from bench.common import random_adp  # noqa: E402
 from utils.app.cli import guarded  # noqa: E402
 from utils.app.runtime import pick_device  # noqa: E402
 from utils.guidance import build_plan  # noqa: E402
 from utils.guidance.guide import Guide  # noqa: E402
-
-
-def random_adp(pipe) -> ADP:
-    torch.manual_seed(0)
-    adp = ADP(pipe.h_shape, [int(t) for t in pipe.timesteps], {"gender": ["female", "male"]})
-    with torch.no_grad():
-        for s in range(len(adp.timesteps)):
-            adp.weight["gender"][s] = torch.randn(2, adp.mean.shape[1]) * 0.01
-            adp.dir_gender[s] = adp.raw_weight("gender", s)
-    adp.class_prior = {"gender": [0.5, 0.5]}
-    return adp.to(pipe.device).eval()
 
 
 def build(args, folder: Path):
