@@ -39,7 +39,7 @@ from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches  
 from utils.sampling.text2image import load_t2i  # noqa: E402
 
 BIASED = ["a digit", "a small digit", "a large digit"]      # the order of every table
-NEUTRAL = ["a handwritten digit", "a number"]
+GENERIC = ["a handwritten digit", "a number"]    # "a digit"'s distribution
 
 
 def digit_target(digits: list[int]) -> str:
@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     setup_logging()
     cfg = load_config(args.config)
     pipe = load_t2i(cfg, pick_device(args.device))
-    prompts = args.prompts.split("|") if args.prompts else (BIASED + NEUTRAL if args.preset == "vanilla" else BIASED)
-    allowed = {k: v["digits"] for k, v in (cfg.get("prompts") or {}).items()}
+    prompts = args.prompts.split("|") if args.prompts else (BIASED + GENERIC if args.preset == "vanilla" else BIASED)
+    from models.digits_t2i import parse_prompts
+    allowed = {p.text: list(p.digits) for p in parse_prompts(cfg.get("prompts") or {})}
     unknown = [q for q in prompts if q not in allowed]
     if unknown:
         raise ValueError(f"prompt(s) {unknown} are not in {args.config}'s prompts: {sorted(allowed)}")

@@ -4,7 +4,8 @@ training subset, a word-level CLIP tokenizer for their vocabulary, and the tiny 
 A prompt's spec (``prompts:`` of configs/digits16_t2i.yml) names the digits it may show and the
 share of the even ones among them: ``{digits: [0, 1, 2, 3, 4], even: 0.8}`` gives 0, 2 and 4 a
 total of 0.8 and 1 and 3 a total of 0.2, equal within each group; without ``even`` every digit
-gets the same share. Fractions are exact (``fractions.Fraction``); a prompt's training list
+gets the same share. ``{mix: {a small digit: 0.75, a large digit: 0.25}}`` is the weighted
+mixture of prompts listed before it. Fractions are exact (``fractions.Fraction``); a prompt's training list
 (``prompt_subset``) holds each digit exactly its share of the list, drawn from the training
 subset's images of that digit, each image used as evenly often as the count allows.
 
@@ -52,13 +53,18 @@ class PromptSpec:
     text: str
     digits: tuple[int, ...]
     even: Fraction | None = None       # total share of the even digits; None: uniform
+    mix: tuple[tuple["PromptSpec", Fraction], ...] = ()    # a mixture of earlier prompts instead
 
     @classmethod
-    def from_config(cls, text: str, spec: dict) -> "PromptSpec":
+    def from_config(cls, text: str, spec: dict, earlier: dict[str, "PromptSpec"] | None = None) -> "PromptSpec":
+        if text != text.strip().lower() or not all(w.isalpha() for w in text.split()):
+            raise ValueError(f"prompt {text!r}: use lower-case words of letters separated by spaces")
+        if isinstance(spec, dict) and set(spec) == {"mix"}:
+            return cls._mixture(text, spec["mix"], earlier or {})
         unknown = sorted(set(spec or {}) - {"digits", "even"})
         if unknown or not (spec or {}).get("digits"):
-            raise ValueError(f"prompt {text!r}: expected {{digits: [..], even: share}} (even optional), "
-                             f"got {spec!r}")
+            raise ValueError(f"prompt {text!r}: expected {{digits: [..], even: share}} (even optional) or "
+                             f"{{mix: {{earlier prompt: weight, ..}}}}, got {spec!r}")
         digits = tuple(int(d) for d in spec["digits"])
         if len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
             raise ValueError(f"prompt {text!r}: digits {list(digits)} must be distinct, each 0-9")
@@ -69,12 +75,26 @@ class PromptSpec:
             if not 0 <= even <= 1 or not needed <= {d % 2 for d in digits}:
                 raise ValueError(f"prompt {text!r}: even {spec['even']} must lie in [0, 1], and its digits "
                                  f"{list(digits)} must hold both parities unless it is 0 or 1")
-        if text != text.strip().lower() or not all(w.isalpha() for w in text.split()):
-            raise ValueError(f"prompt {text!r}: use lower-case words of letters separated by spaces")
         return cls(text, digits, even)
+
+    @classmethod
+    def _mixture(cls, text: str, weights, earlier: dict[str, "PromptSpec"]) -> "PromptSpec":
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError(f"prompt {text!r}: mix expects {{earlier prompt: weight, ..}}, got {weights!r}")
+        missing = [k for k in weights if k not in earlier]
+        if missing:
+            raise ValueError(f"prompt {text!r}: mix names {missing}, which are not listed before it "
+                             f"(listed: {list(earlier)})")
+        parts = tuple((earlier[k], Fraction(str(w))) for k, w in weights.items())
+        if any(w <= 0 for _, w in parts) or sum(w for _, w in parts) != 1:
+            raise ValueError(f"prompt {text!r}: mix weights {list(weights.values())} must be > 0 and sum to 1")
+        digits = tuple(sorted({d for p, _ in parts for d in p.digits}))
+        return cls(text, digits, mix=parts)
 
     def digit_fractions(self) -> dict[int, Fraction]:
         """p(digit | prompt), exact; digits outside the spec are absent."""
+        if self.mix:
+            return mixture([p.digit_fractions() for p, _ in self.mix], [w for _, w in self.mix])
         if self.even is None:
             return {d: Fraction(1, len(self.digits)) for d in self.digits}
         evens = [d for d in self.digits if d % 2 == 0]
@@ -83,15 +103,24 @@ class PromptSpec:
         out.update({d: (1 - self.even) / len(odds) for d in odds})
         return {d: out[d] for d in self.digits if out[d] > 0}
 
+    def shown(self) -> dict:
+        """The spec as the record shows it."""
+        if self.mix:
+            return {"digits": list(self.digits), "mix": {p.text: str(w) for p, w in self.mix}}
+        return {"digits": list(self.digits), "even": None if self.even is None else str(self.even)}
+
 
 def parse_prompts(section: dict) -> list[PromptSpec]:
     """The ``prompts:`` mapping of a config -> specs (at least one; the empty prompt is reserved
-    for classifier-free guidance)."""
+    for classifier-free guidance; a ``mix`` names prompts listed before it)."""
     if not isinstance(section, dict) or not section:
         raise ValueError("prompts: expected a mapping {prompt: {digits: [..], even: share}}")
     if "" in section:
         raise ValueError("prompts: the empty prompt is the unconditional one (prompt dropout); do not list it")
-    return [PromptSpec.from_config(text, spec) for text, spec in section.items()]
+    specs: dict[str, PromptSpec] = {}
+    for text, spec in section.items():
+        specs[text] = PromptSpec.from_config(text, spec, specs)
+    return list(specs.values())
 
 
 def mixture(fractions: list[dict[int, Fraction]], weights: list[Fraction]) -> dict[int, Fraction]:
@@ -144,11 +173,20 @@ def prompt_subset(fractions: dict[int, Fraction], labels: np.ndarray, size: int,
 class PromptData:
     """The training pairs of all prompts: pair k shows image ``image[k]`` of the training subset
     under prompt ``prompt[k]``; every prompt has ``size`` pairs (so a uniform pair is a uniform
-    prompt)."""
+    prompt). ``unconditional``: the index of the prompt whose pairs the empty prompt is trained on
+    (None: a dropped pair keeps its image, so the empty prompt shows the prompts' uniform mixture)."""
     prompts: list[PromptSpec]
     image: np.ndarray
     prompt: np.ndarray
     size: int
+    unconditional: int | None = None
+
+    def empty_fractions(self) -> dict[int, Fraction]:
+        """p(digit | empty prompt), exact."""
+        if self.unconditional is not None:
+            return self.prompts[self.unconditional].digit_fractions()
+        n = len(self.prompts)
+        return mixture([p.digit_fractions() for p in self.prompts], [Fraction(1, n)] * n)
 
     def record(self, labels: np.ndarray, dropout: float) -> dict:
         """Exact fractions per prompt (and for the empty prompt under ``dropout``), with how many
@@ -161,24 +199,33 @@ class PromptData:
             if measured != fr:              # the list realises the spec exactly, or nothing ships
                 raise AssertionError(f"prompt {spec.text!r}: list fractions {measured} != spec {fr}")
             uses = {d: np.unique(idx[labels[idx] == d], return_counts=True)[1] for d in fr}
-            out[spec.text] = {"digits": list(spec.digits), "even": None if spec.even is None else str(spec.even),
-                              "fractions": attribute_fractions(fr), "n_pairs": int(len(idx)),
+            out[spec.text] = {**spec.shown(), "fractions": attribute_fractions(fr), "n_pairs": int(len(idx)),
                               "distinct_images": {str(d): int(len(u)) for d, u in uses.items()},
                               "uses_per_image": {str(d): [int(u.min()), int(u.max())] for d, u in uses.items()}}
-        mix = mixture([p.digit_fractions() for p in self.prompts], [Fraction(1, len(self.prompts))] * len(self.prompts))
-        out[""] = {"note": f"the empty prompt (classifier-free guidance): each pair's prompt is dropped "
-                           f"with probability {dropout}, so it shows the prompts' uniform mixture",
-                   "fractions": attribute_fractions(mix)}
+        if self.unconditional is None:
+            note = (f"the empty prompt (classifier-free guidance): each pair's prompt is dropped with "
+                    f"probability {dropout}, so it shows the prompts' uniform mixture")
+        else:
+            note = (f"the empty prompt (classifier-free guidance): with probability {dropout} a pair becomes "
+                    f"the empty prompt with an image drawn from {self.prompts[self.unconditional].text!r}'s "
+                    f"pairs, so it shows that prompt's distribution")
+        out[""] = {"note": note, "fractions": attribute_fractions(self.empty_fractions())}
         return out
 
 
-def prompt_data(prompts: list[PromptSpec], labels: np.ndarray, minimum: int, seed: int) -> PromptData:
-    """Each prompt's ``prompt_subset`` of one common size (``subset_size`` >= minimum)."""
+def prompt_data(prompts: list[PromptSpec], labels: np.ndarray, minimum: int, seed: int,
+                unconditional: str | None = None) -> PromptData:
+    """Each prompt's ``prompt_subset`` of one common size (``subset_size`` >= minimum);
+    ``unconditional``: the prompt whose distribution the empty prompt learns (PromptData)."""
     fractions = [p.digit_fractions() for p in prompts]
     size = subset_size(fractions, minimum)
     rng = np.random.default_rng(seed)
     image = [prompt_subset(fr, labels, size, rng) for fr in fractions]
-    return PromptData(prompts, np.concatenate(image), np.repeat(np.arange(len(prompts)), size), size)
+    texts = [p.text for p in prompts]
+    if unconditional is not None and unconditional not in texts:
+        raise ValueError(f"unconditional: {unconditional!r} is not one of the prompts {texts}")
+    return PromptData(prompts, np.concatenate(image), np.repeat(np.arange(len(prompts)), size), size,
+                      None if unconditional is None else texts.index(unconditional))
 
 
 def vocabulary(prompts: list[PromptSpec]) -> list[str]:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = parse_prompts(cfg.get("prompts"))
     split = load_split(cfg["model"]["resolution"])
-    data = prompt_data(prompts, split.train_y, settings.subset_min, settings.seed)
+    data = prompt_data(prompts, split.train_y, settings.subset_min, settings.seed, cfg.get("unconditional"))
     with tempfile.TemporaryDirectory() as tok_dir:
         parts = build_components(Path(tok_dir), prompts, settings.max_length, settings.seed)
     images = split.train_x.repeat(1, 3, 1, 1)                       # grey -> RGB, [-1, 1]

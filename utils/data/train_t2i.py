@@ -8,7 +8,9 @@ diffusers ``StableDiffusionPipeline`` folder.
 2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
    z_0 = scaling_factor * z, z ~ q(z|x), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps;
    each pair's prompt is replaced by the empty prompt with probability ``cfg_dropout``
-   (classifier-free guidance, Ho & Salimans 2022). EMA weights of both are saved.
+   (classifier-free guidance, Ho & Salimans 2022), and its image by one of the unconditional
+   prompt's images when the data names one (``PromptData.unconditional``). EMA weights of both
+   are saved.
 
 Seeded (one CPU generator draws every batch, timestep and noise), resumable (the whole state is
 saved every ``save_every`` steps of either phase and at each phase's end), bf16 autocast where it
@@ -222,8 +224,7 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = s.lr * min(1.0, (step + 1) / s.warmup)
-        k = torch.randint(len(pair_image), (s.batch_size,), generator=gen).to(device)
-        drop = (torch.rand(s.batch_size, generator=gen) < s.cfg_dropout).to(device)
+        k, drop = (v.to(device) for v in draw_pairs(data, s.batch_size, s.cfg_dropout, gen))
         t = torch.randint(len(alphas_cumprod), (s.batch_size,), generator=gen).to(device)
         z_noise = torch.randn((s.batch_size, *mean.shape[1:]), generator=gen).to(device)
         noise = torch.randn((s.batch_size, *mean.shape[1:]), generator=gen).to(device)
@@ -245,6 +246,19 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         losses.append(loss.detach())
         state.info["step"] = step + 1
         losses = _bookkeep(state, bar, losses, "losses", step + 1, s.steps, 50, s.save_every)
+
+
+def draw_pairs(data: PromptData, batch: int, dropout: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: pair indices k [B] into ``data`` and the rows whose prompt becomes the empty
+    one, drop [B] (probability ``dropout``). A dropped row shows one of the unconditional prompt's
+    images when the data names one (its pairs are the ``size`` consecutive ones of its index), so
+    the empty prompt learns that prompt's distribution instead of the prompts' mixture."""
+    k = torch.randint(len(data.image), (batch,), generator=gen)
+    drop = torch.rand(batch, generator=gen) < dropout
+    if data.unconditional is not None:
+        own = data.unconditional * data.size + torch.randint(data.size, (batch,), generator=gen)
+        k = torch.where(drop, own, k)
+    return k, drop
 
 
 def _bookkeep(state, bar, losses: list, key: str, done: int, total: int, log_every: int,

@@ -1,0 +1,124 @@
+"""The text-conditional default against its acceptance list, read from the stored benchmark rows
+(bench/t2i_eval.py's JSON files) and the model's training record; prints one markdown table.
+
+    python bench/t2i_summary.py                       # docs/results_t2i/*.json
+    python bench/t2i_summary.py --out docs/results_t2i/summary.md
+
+Bounds: vanilla even share within 0.05 of the record (CFG 3 and 7.5); parity 50/50 FD <= 0.03
+at batch 100 and <= 0.05 at batch 8 with the running balance; 20/80 FD <= 0.05; under parity
+guidance "a small digit" >= 95% digits 0-4 and "a large digit" >= 95% digits 5-9; Frechet within
+1.25x of vanilla's and confident share within 5 points below vanilla's (parity 50/50 rows; the
+20/80 rows are reported against real digits reweighted to 20/80); guided / vanilla wall time
+<= 1.10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.files import resolve_path  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+
+HOLDS = ("a small digit", "a large digit")
+
+
+def _rows(folder: Path, preset: str) -> list[dict]:
+    path = folder / f"{preset}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run python bench/t2i_eval.py --preset {preset} first")
+    return json.loads(path.read_text())
+
+
+def _pick(rows: list[dict], prompt: str, name: str) -> dict | None:
+    return next((r for r in rows if r["prompt"] == prompt and r["name"] == name), None)
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def summary(folder: Path, record: dict) -> list[tuple[str, str, str, str]]:
+    """(item, figures, bound, met) rows."""
+    van, acc = _rows(folder, "vanilla"), _rows(folder, "acceptance")
+    prompts = list(dict.fromkeys(r["prompt"] for r in van))
+    biased = list(dict.fromkeys(r["prompt"] for r in acc))
+    out = []
+    for cfg in (3, 7.5):
+        figs, met = [], True
+        for q in prompts:
+            r = _pick(van, q, f"vanilla, CFG {cfg:g}")
+            want = record[q]["fractions"]["parity"]["even"]
+            got = r["attributes"]["parity"]["fractions"][0]
+            met &= abs(got - want) <= 0.05
+            figs.append(f"{q}: {got:.3f} vs {want:.2f}")
+        out.append((f"the bias is real: vanilla even share vs the record, CFG {cfg:g}", "; ".join(figs),
+                    "within 0.05", _ok(met)))
+    for name, bound in (("ours parity 50/50, batch 100", 0.03),
+                        ("ours parity 50/50, batch 8, running balance", 0.05),
+                        ("ours parity 20/80 (even/odd)", 0.05)):
+        fds = [_pick(acc, q, name)["attributes"]["parity"]["fd"] for q in biased]
+        out.append((f"{name}: FD", " / ".join(f"{v:.3f}" for v in fds), f"<= {bound}",
+                    _ok(all(v <= bound for v in fds))))
+    uni = "ours digit uniform over the prompt's digits"
+    out.append(("digit uniform over the prompt's digits: digit FD (vanilla)", " / ".join(
+        f"{_pick(acc, q, uni)['attributes']['digit']['fd']:.3f} "
+        f"({_pick(acc, q, 'vanilla, CFG 3')['attributes']['digit']['fd']:.3f})" for q in biased), "reported", "-"))
+    for name in ("ours parity 50/50, batch 100", "ours parity 50/50, batch 8, running balance"):
+        held = [(q, _pick(acc, q, name)["in_prompt"], _pick(acc, q, "vanilla, CFG 3")["in_prompt"])
+                for q in biased if q in HOLDS]
+        out.append((f"the prompt holds, {name} (vanilla)", "; ".join(f"{q}: {v:.3f} ({w:.3f})" for q, v, w in held),
+                    ">= 0.95", _ok(all(v >= 0.95 for _, v, _ in held))))
+    for name in ("ours parity 50/50, batch 100", "ours parity 50/50, batch 8, running balance"):
+        pairs = [(_pick(acc, q, name), _pick(acc, q, "vanilla, CFG 3")) for q in biased]
+        fr_ok = all(g["frechet"] <= 1.25 * v["frechet"] for g, v in pairs)
+        cs_ok = all(g["confident_share"] >= v["confident_share"] - 0.05 for g, v in pairs)
+        out.append((f"quality, {name}: Frechet (vanilla); confident (vanilla)", " / ".join(
+            f"{g['frechet']:.2f} ({v['frechet']:.2f}); {g['confident_share']:.3f} ({v['confident_share']:.3f})"
+            for g, v in pairs), "<= 1.25x; >= vanilla - 0.05", _ok(fr_ok and cs_ok)))
+    name = "ours parity 20/80 (even/odd)"       # farther from balanced real digits by design
+    out.append((f"quality, {name}: Frechet to real digits reweighted to 20/80 (vanilla, to balanced)", " / ".join(
+        f"{_pick(acc, q, name)['frechet_matched']:.2f} ({_pick(acc, q, 'vanilla, CFG 3')['frechet']:.2f})"
+        for q in biased), "reported", "-"))
+    for preset in ("rows", "compare"):
+        if (folder / f"{preset}.json").exists():
+            rows = _rows(folder, preset)
+            n = rows[0]["n"]
+            for name in dict.fromkeys(r["name"] for r in rows if r["spec"]["mode"] != "vanilla"):
+                picked = [_pick(rows, q, name) for q in biased]
+                out.append((f"{preset} (n={n}): {name}", " / ".join(
+                    f"FD {r['attributes']['parity']['fd']:.3f}, Frechet {r['frechet']:.2f}, confident "
+                    f"{r['confident_share']:.3f}, in prompt {r['in_prompt']:.3f}, {r['wall_s'] / r['n']:.3f} s/img"
+                    for r in picked if r), "side by side", "-"))
+    if (folder / "speed.json").exists():
+        for r in _rows(folder, "speed"):
+            out.append((f"guided / vanilla wall time, {r['prompt']}, {r['batches']} batches of {r['batch']}",
+                        f"{r['ratio']:.3f} ({r['median_s']['guided']:.2f} vs {r['median_s']['vanilla']:.2f} s)",
+                        "<= 1.10", _ok(r["ratio"] <= 1.10)))
+    return out
+
+
+@guarded
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits16_t2i.yml")
+    p.add_argument("--results", default="docs/results_t2i", help="bench/t2i_eval.py's --out")
+    p.add_argument("--out", help="also write the table here")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    record = json.loads((resolve_path(cfg["model"]["checkpoint"]) / "record.json").read_text())["prompts"]
+    lines = ["| item | figure (per prompt) | bound | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary(Path(args.results), record)]
+    md = "\n".join(lines)
+    if args.out:
+        Path(args.out).write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
