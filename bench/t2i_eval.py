@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.guidance_eval import run_one  # noqa: E402
+from models.digits_t2i import parse_prompts  # noqa: E402
 from models.files import load_tensors  # noqa: E402
 from utils.app.cli import guarded  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
@@ -154,7 +155,6 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     pipe = load_t2i(cfg, pick_device(args.device))
     prompts = args.prompts.split("|") if args.prompts else (BIASED + GENERIC if args.preset == "vanilla" else BIASED)
-    from models.digits_t2i import parse_prompts
     allowed = {p.text: list(p.digits) for p in parse_prompts(cfg.get("prompts") or {})}
     unknown = [q for q in prompts if q not in allowed]
     if unknown:

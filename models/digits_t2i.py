@@ -5,9 +5,9 @@ A prompt's spec (``prompts:`` of configs/digits16_t2i.yml) names the digits it m
 share of the even ones among them: ``{digits: [0, 1, 2, 3, 4], even: 0.8}`` gives 0, 2 and 4 a
 total of 0.8 and 1 and 3 a total of 0.2, equal within each group; without ``even`` every digit
 gets the same share. ``{mix: {a small digit: 0.75, a large digit: 0.25}}`` is the weighted
-mixture of prompts listed before it. Fractions are exact (``fractions.Fraction``); a prompt's training list
-(``prompt_subset``) holds each digit exactly its share of the list, drawn from the training
-subset's images of that digit, each image used as evenly often as the count allows.
+mixture of prompts listed before it. Fractions are exact (``fractions.Fraction``); a prompt's
+training list (``prompt_subset``) holds each digit exactly its share of the list, drawn from the
+training subset's images of that digit, each image used as evenly often as the count allows.
 
 The tokenizer is a stock ``CLIPTokenizer``: its vocabulary holds every prompt word with the
 end-of-word mark (``digit</w>``) plus the pieces its merges pass through, and ``merges.txt``
