@@ -5,9 +5,11 @@ A prompt's spec (``prompts:`` of configs/digits16_t2i.yml) names the digits it m
 share of the even ones among them: ``{digits: [0, 1, 2, 3, 4], even: 0.8}`` gives 0, 2 and 4 a
 total of 0.8 and 1 and 3 a total of 0.2, equal within each group; without ``even`` every digit
 gets the same share. ``{mix: {a small digit: 0.75, a large digit: 0.25}}`` is the weighted
-mixture of prompts listed before it. Fractions are exact (``fractions.Fraction``); a prompt's
-training list (``prompt_subset``) holds each digit exactly its share of the list, drawn from the
-training subset's images of that digit, each image used as evenly often as the count allows.
+mixture of prompts listed before it; ``{mix: [{digits: [0, 1, 2, 3, 4], even: 0.82, weight:
+0.75}, ..]}`` the weighted mixture of unnamed parts, each a spec of its own (a part carries the
+prompt's text). Fractions are exact (``fractions.Fraction``); a prompt's training list
+(``prompt_subset``) holds each digit exactly its share of the list, drawn from the training
+subset's images of that digit, each image used as evenly often as the count allows.
 
 The tokenizer is a stock ``CLIPTokenizer``: its vocabulary holds every prompt word with the
 end-of-word mark (``digit</w>``) plus the pieces its merges pass through, and ``merges.txt``
@@ -61,10 +63,15 @@ class PromptSpec:
             raise ValueError(f"prompt {text!r}: use lower-case words of letters separated by spaces")
         if isinstance(spec, dict) and set(spec) == {"mix"}:
             return cls._mixture(text, spec["mix"], earlier or {})
-        unknown = sorted(set(spec or {}) - {"digits", "even"})
-        if unknown or not (spec or {}).get("digits"):
-            raise ValueError(f"prompt {text!r}: expected {{digits: [..], even: share}} (even optional) or "
-                             f"{{mix: {{earlier prompt: weight, ..}}}}, got {spec!r}")
+        return cls._digits(text, spec)
+
+    @classmethod
+    def _digits(cls, text: str, spec) -> "PromptSpec":
+        unknown = sorted(set(spec or {}) - {"digits", "even"}) if isinstance(spec, dict) else ["?"]
+        if unknown or not spec.get("digits"):
+            raise ValueError(f"prompt {text!r}: expected {{digits: [..], even: share}} (even optional), "
+                             f"{{mix: {{earlier prompt: weight, ..}}}} or {{mix: [{{digits: [..], even: share, "
+                             f"weight: w}}, ..]}}, got {spec!r}")
         digits = tuple(int(d) for d in spec["digits"])
         if len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
             raise ValueError(f"prompt {text!r}: digits {list(digits)} must be distinct, each 0-9")
@@ -79,15 +86,22 @@ class PromptSpec:
 
     @classmethod
     def _mixture(cls, text: str, weights, earlier: dict[str, "PromptSpec"]) -> "PromptSpec":
-        if not isinstance(weights, dict) or not weights:
-            raise ValueError(f"prompt {text!r}: mix expects {{earlier prompt: weight, ..}}, got {weights!r}")
-        missing = [k for k in weights if k not in earlier]
-        if missing:
-            raise ValueError(f"prompt {text!r}: mix names {missing}, which are not listed before it "
-                             f"(listed: {list(earlier)})")
-        parts = tuple((earlier[k], Fraction(str(w))) for k, w in weights.items())
+        if isinstance(weights, list) and weights and all(isinstance(w, dict) and "weight" in w for w in weights):
+            parts = tuple((cls._digits(text, {k: v for k, v in w.items() if k != "weight"}),
+                           Fraction(str(w["weight"]))) for w in weights)
+            shares = [w["weight"] for w in weights]
+        elif isinstance(weights, dict) and weights:
+            missing = [k for k in weights if k not in earlier]
+            if missing:
+                raise ValueError(f"prompt {text!r}: mix names {missing}, which are not listed before it "
+                                 f"(listed: {list(earlier)})")
+            parts = tuple((earlier[k], Fraction(str(w))) for k, w in weights.items())
+            shares = list(weights.values())
+        else:
+            raise ValueError(f"prompt {text!r}: mix expects {{earlier prompt: weight, ..}} or a list of "
+                             f"{{digits: [..], even: share, weight: w}}, got {weights!r}")
         if any(w <= 0 for _, w in parts) or sum(w for _, w in parts) != 1:
-            raise ValueError(f"prompt {text!r}: mix weights {list(weights.values())} must be > 0 and sum to 1")
+            raise ValueError(f"prompt {text!r}: mix weights {shares} must be > 0 and sum to 1")
         digits = tuple(sorted({d for p, _ in parts for d in p.digits}))
         return cls(text, digits, mix=parts)
 
@@ -105,6 +119,9 @@ class PromptSpec:
 
     def shown(self) -> dict:
         """The spec as the record shows it."""
+        if self.mix and self.mix[0][0].text == self.text:    # unnamed parts carry the prompt's text
+            return {"digits": list(self.digits),
+                    "mix": [{**p.shown(), "weight": str(w)} for p, w in self.mix]}
         if self.mix:
             return {"digits": list(self.digits), "mix": {p.text: str(w) for p, w in self.mix}}
         return {"digits": list(self.digits), "even": None if self.even is None else str(self.even)}

@@ -12,6 +12,7 @@ from models.digits_t2i import PromptSpec, attribute_fractions, parse_prompts, pr
 from utils.app.config import load_config
 
 CONFIG = "configs/digits16_t2i.yml"
+LEANING = "configs/digits16_t2i_leaning.yml"
 
 
 def test_a_spec_splits_its_even_share_equally_within_each_parity():
@@ -57,7 +58,15 @@ def test_a_mixture_spec_is_the_exact_weighted_sum_of_earlier_prompts():
         and fr[9] == Fraction(1, 15) and sum(fr.values()) == 1
     assert attribute_fractions(fr)["parity"]["even"] == pytest.approx(0.65)
     assert prompts[2].shown() == {"digits": list(range(10)), "mix": {"a small digit": "3/4", "a large digit": "1/4"}}
+    parts = parse_prompts({"a digit": {"mix": [{"digits": [0, 1, 2, 3, 4], "even": 0.82, "weight": 0.75},
+                                                {"digits": [5, 6, 7, 8, 9], "even": 0.025, "weight": 0.25}]}})[0]
+    fr = parts.digit_fractions()                    # unnamed parts: 3/4 * 41/50 / 3 and 1/4 * 1/40 / 2
+    assert fr[0] == Fraction(41, 200) and fr[6] == Fraction(1, 320) and sum(fr.values()) == 1
+    assert parts.shown()["mix"][1] == {"digits": [5, 6, 7, 8, 9], "even": "1/40", "weight": "1/4"}
     for bad, msg in [({"a digit": {"mix": {"a large digit": 1}}}, "not listed before it"),
+                     ({"a digit": {"mix": [{"digits": [0, 1], "weight": 0.5}]}}, "sum to 1"),
+                     ({"a digit": {"mix": [{"digits": [0, 1], "even": 0.5}]}}, "mix expects"),
+                     ({"a digit": {"mix": [{"digits": [0, 1], "odd": 0.5, "weight": 1}]}}, "expected"),
                      ({"a large digit": {"digits": [5, 6], "even": 0.5},
                        "a digit": {"mix": {"a large digit": 0.5}}}, "sum to 1"),
                      ({"a digit": {"mix": {}}}, "mix expects")]:
@@ -65,17 +74,17 @@ def test_a_mixture_spec_is_the_exact_weighted_sum_of_earlier_prompts():
             parse_prompts(bad)
 
 
-def test_the_config_prompts_are_the_empty_prompts_distribution_cut_to_digit_sets():
-    """The record's promise: "a small digit" 80% even, "a large digit" 80% odd, the generic
-    prompts and the empty prompt exactly "a digit" (65% even, 75% small), and every prompt's
-    digit shares proportional to the empty prompt's on its digits (so CFG keeps them)."""
+def _config_data(path: str, digit_even: float):
+    """A config's prompts and pairs, with the record's common promise checked: "a small digit" 80%
+    even, "a large digit" 80% odd, the generic prompts and the empty prompt exactly "a digit"
+    (``digit_even`` even, 75% small), and the pairs realising every spec exactly."""
     from models.digits import load_split
-    cfg = load_config(CONFIG)
+    cfg = load_config(path)
     prompts = parse_prompts(cfg["prompts"])
     labels = load_split().train_y
     data = prompt_data(prompts, labels, 1000, seed=0, unconditional=cfg["unconditional"])
     rec = data.record(labels, dropout=0.15)
-    assert rec["a digit"]["fractions"]["parity"]["even"] == pytest.approx(0.65)
+    assert rec["a digit"]["fractions"]["parity"]["even"] == pytest.approx(digit_even)
     assert rec["a digit"]["fractions"]["magnitude"]["low"] == pytest.approx(0.75)
     assert rec["a small digit"]["fractions"]["parity"]["even"] == pytest.approx(0.8)
     assert rec["a small digit"]["fractions"]["magnitude"]["low"] == 1.0
@@ -83,17 +92,46 @@ def test_the_config_prompts_are_the_empty_prompts_distribution_cut_to_digit_sets
     assert rec["a large digit"]["fractions"]["magnitude"]["high"] == 1.0
     for generic in ("a number", "a handwritten digit", ""):
         assert rec[generic]["fractions"]["digit_exact"] == rec["a digit"]["fractions"]["digit_exact"]
+    for k, spec in enumerate(prompts):
+        shown = labels[data.image[data.prompt == k]]
+        assert {d: Fraction(int(np.sum(shown == d)), data.size) for d in spec.digit_fractions()} \
+            == spec.digit_fractions()
+    return prompts, labels, data
+
+
+def test_the_config_prompts_are_the_empty_prompts_distribution_cut_to_digit_sets():
+    """The shipped design: "a digit" is 65% even, and every prompt's digit shares are proportional
+    to the empty prompt's on its digits (so CFG keeps them on clean images)."""
+    prompts, labels, data = _config_data(CONFIG, 0.65)
     empty = data.empty_fractions()
     for spec in prompts:
         fr = spec.digit_fractions()
         cut = sum(empty[d] for d in fr)
         assert fr == {d: empty[d] / cut for d in fr}, spec.text
-    for k, spec in enumerate(prompts):              # the pairs realise every spec exactly
-        shown = labels[data.image[data.prompt == k]]
-        assert {d: Fraction(int(np.sum(shown == d)), data.size) for d in spec.digit_fractions()} \
-            == spec.digit_fractions()
     with pytest.raises(ValueError, match="not one of the prompts"):
         prompt_data(prompts, labels, 1000, seed=0, unconditional="a digt")
+
+
+def test_the_leaning_design_leans_against_cfgs_pull_within_each_set():
+    """configs/digits16_t2i_leaning.yml (a candidate design, docs/RESULTS.md section 4): the
+    empty prompt is 82% even among 0-4 and 2.5% among 5-9. Inside each parity group of each set a
+    prompt keeps the empty prompt's proportions, so CFG changes only the parity share there, and
+    the empty prompt leans against the pull that bench/t2i_cfg_sim.py measures: more even digits
+    than "a small digit" among 0-4, fewer than "a large digit" among 5-9."""
+    prompts, _, data = _config_data(LEANING, 0.75 * 0.82 + 0.25 * 0.025)
+    empty = data.empty_fractions()
+    even_in = {}
+    for spec in prompts:
+        fr = spec.digit_fractions()
+        for parity in (0, 1):
+            group = [d for d in fr if d % 2 == parity]
+            assert {d: fr[d] / sum(fr[g] for g in group) for d in group} \
+                == {d: empty[d] / sum(empty[g] for g in group) for d in group}, spec.text
+        even_in[spec.text] = sum(v for d, v in fr.items() if d % 2 == 0)
+    empty_even = {name: sum(empty[d] for d in s if d % 2 == 0) / sum(empty[d] for d in s)
+                  for name, s in (("small", range(5)), ("large", range(5, 10)))}
+    assert empty_even["small"] == Fraction(41, 50) > even_in["a small digit"]
+    assert empty_even["large"] == Fraction(1, 40) < even_in["a large digit"]
 
 
 def test_dropped_rows_show_the_unconditional_prompts_images():

@@ -1,0 +1,145 @@
+"""What classifier-free guidance does to each prompt's parity, for an ideal model of the training
+data: DDIM with the exact score of the weighted training set instead of a U-Net. Needs no trained
+denoiser, so a prompt design (configs/digits16_t2i.yml ``prompts:``) can be checked before a
+32-minute training run.
+
+    python bench/t2i_cfg_sim.py                          # the config's prompts, CFG 1, 3 and 7.5
+    python bench/t2i_cfg_sim.py --cfg 3 7.5 --n 1000 --seed 7
+    python bench/t2i_cfg_sim.py --space pixel            # without the checkpoint's VAE
+    python bench/t2i_cfg_sim.py --config configs/digits16_t2i_leaning.yml   # a candidate design
+
+Each training image i is the Gaussian q(z|x_i) (the VAE's posterior, scaled as in training; in
+pixel space a point), weighted by its digit's share in the prompt divided by the number of
+training images of that digit. At noise level t the weighted mixture of N(sqrt(abar_t) mu_i,
+abar_t s_i^2 + 1 - abar_t) has a closed-form score, so the conditional and unconditional noise
+predictions are exact; CFG combines them as the pipeline does (eps_u + w (eps_c - eps_u)) along
+the config's DDIM steps. A sample's digit is that of the nearest training latent at the end.
+
+What it showed (docs/RESULTS.md section 4; even share at CFG 3 / 7.5, record 0.80 and 0.20): with
+every prompt the empty prompt cut to 0-4 or 5-9 (configs/digits16_t2i.yml), "a small digit" 0.849
+/ 0.887 and "a large digit" 0.096 / 0.035; the U-Nets trained on that design measured 0.833 /
+0.887 and 0.113 / 0.047 (3,000 steps, the shipped model) and 0.850 / 0.910 and 0.080 / 0.037
+(5,000 steps; seeds 50000-50299, the judge). For configs/digits16_t2i_leaning.yml, whose empty
+prompt leans against the pull, it predicts 0.818 / 0.825 and 0.179 / 0.169; at CFG 7.5 the
+trained U-Net (5,000 steps) moved back by half to two thirds as much: 0.813 / 0.880 and 0.130 /
+0.130. The simulator finds the direction and rough size of CFG's pull, not the last points of a
+trained model.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.digits import load_split  # noqa: E402
+from models.digits_t2i import parse_prompts  # noqa: E402
+from models.files import resolve_path  # noqa: E402
+from utils.app.cli import guarded  # noqa: E402
+from utils.app.config import load_config  # noqa: E402
+
+
+def image_weights(fractions: dict[int, float], labels: np.ndarray) -> torch.Tensor:
+    """One weight per training image: its digit's share over the number of images of that digit."""
+    w = np.zeros(len(labels))
+    for digit, share in fractions.items():
+        mask = labels == digit
+        if share > 0 and not mask.any():
+            raise ValueError(f"digit {digit} has a share of {share} but no training image")
+        w[mask] = float(share) / max(mask.sum(), 1)
+    return torch.as_tensor(w / w.sum(), dtype=torch.float64)
+
+
+def mixture_eps(z: torch.Tensor, abar: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """The exact epsilon prediction -sqrt(1 - abar) * grad log p_t(z) for z [B, D] under the
+    mixture sum_i weights_i N(sqrt(abar) means_i, abar variances_i + 1 - abar) (diagonal)."""
+    mean = abar.sqrt() * means
+    inv = 1 / (abar * variances + (1 - abar))
+    quad = (z ** 2) @ inv.T - 2 * z @ (mean * inv).T + (mean ** 2 * inv).sum(1)[None]
+    logp = -0.5 * (quad - inv.log().sum(1)[None]) + weights.clamp_min(1e-300).log()[None]
+    r = torch.softmax(logp, dim=1)                                   # responsibilities [B, N]
+    score = r @ (mean * inv) - z * (r @ inv)
+    return -(1 - abar).sqrt() * score
+
+
+def cfg_ddim(means: torch.Tensor, variances: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+             scale: float, timesteps: list[int], alphas_cumprod: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from seeded noise with eps = eps_u + scale (eps_c - eps_u);
+    returns the index of the nearest mean for each of the n samples."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, means.shape[1], generator=gen, dtype=torch.float64)
+    abar = alphas_cumprod.double()
+    for i, t in enumerate(timesteps):
+        a = abar[t]
+        a_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones((), dtype=torch.float64)
+        e_u = mixture_eps(z, a, means, variances, uncond)
+        e = e_u + scale * (mixture_eps(z, a, means, variances, cond) - e_u)
+        x0 = (z - (1 - a).sqrt() * e) / a.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    return torch.cdist(z, means).argmin(1)
+
+
+def _latents(checkpoint: Path, images: torch.Tensor, space: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if space == "pixel":
+        flat = images[:, :1].flatten(1).double()
+        return flat, torch.full_like(flat, 1e-4)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(checkpoint / "vae").eval()
+    with torch.no_grad():
+        post = vae.encode(images).latent_dist
+    sf = vae.config.scaling_factor
+    return (post.mean * sf).flatten(1).double(), ((post.std * sf) ** 2).flatten(1).double()
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits16_t2i.yml")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0, 7.5], help="guidance scales")
+    p.add_argument("--n", type=int, default=1000, help="samples per prompt and scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--space", choices=("latent", "pixel"), default="latent",
+                   help="latent: the checkpoint's VAE posteriors (as the U-Net sees them); pixel: the images")
+    p.add_argument("--prompts", nargs="+", help="default: every prompt of the config")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    cfg = load_config(args.config)
+    specs = {s.text: s for s in parse_prompts(cfg["prompts"])}
+    if cfg.get("unconditional") not in specs:
+        raise ValueError(f"{args.config}: 'unconditional' must name one of its prompts {list(specs)}")
+    unknown = sorted(set(args.prompts or []) - set(specs))
+    if unknown:
+        raise ValueError(f"--prompts: {unknown} are not prompts of {args.config} ({list(specs)})")
+    split = load_split(cfg["model"]["resolution"])
+    labels = np.asarray(split.train_y)
+    checkpoint = resolve_path(cfg["model"]["checkpoint"])
+    means, variances = _latents(checkpoint, split.train_x.repeat(1, 3, 1, 1), args.space)
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler.from_pretrained(checkpoint / "scheduler")
+    scheduler.set_timesteps(cfg["sampling"]["steps"])
+    steps = scheduler.timesteps.tolist()
+    uncond = image_weights(specs[cfg["unconditional"]].digit_fractions(), labels)
+    print(f"exact-score CFG, {args.space} space, {len(labels)} training images, {len(steps)} DDIM steps, "
+          f"n {args.n}, seed {args.seed}; even share (record in brackets) and share inside the prompt's digits\n")
+    print("| prompt | record even | " + " | ".join(f"CFG {w:g}" for w in args.cfg) + " |")
+    print("|---|---|" + "---|" * len(args.cfg))
+    for text in args.prompts or list(specs):
+        fr = specs[text].digit_fractions()
+        record = float(sum(v for d, v in fr.items() if d % 2 == 0))
+        cells = []
+        for w in args.cfg:
+            got = labels[cfg_ddim(means, variances, image_weights(fr, labels), uncond, w, steps,
+                                  scheduler.alphas_cumprod, args.n, args.seed).numpy()]
+            inside = np.isin(got, list(fr)).mean()
+            cells.append(f"{np.mean(got % 2 == 0):.3f} ({np.mean(got % 2 == 0) - record:+.3f}), in {inside:.3f}")
+        print(f"| {text} | {record:.3f} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
