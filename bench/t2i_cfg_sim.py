@@ -89,11 +89,11 @@ def _latents(checkpoint: Path, images: torch.Tensor, space: str) -> tuple[torch.
         flat = images[:, :1].flatten(1).double()
         return flat, torch.full_like(flat, 1e-4)
     from diffusers import AutoencoderKL
+    from utils.data.train_t2i import vae_posterior
     vae = AutoencoderKL.from_pretrained(checkpoint / "vae").eval()
-    with torch.no_grad():
-        post = vae.encode(images).latent_dist
+    mean, std = vae_posterior(vae, images)
     sf = vae.config.scaling_factor
-    return (post.mean * sf).flatten(1).double(), ((post.std * sf) ** 2).flatten(1).double()
+    return (mean * sf).flatten(1).double(), ((std * sf) ** 2).flatten(1).double()
 
 
 @guarded

@@ -152,7 +152,7 @@ def train_t2i(parts: tuple, images: torch.Tensor, data: PromptData, s: T2ITrainS
     images = images.to(device)
     _train_vae(vae, vae_opt, images, s, state, device, bf16)
     vae.eval().requires_grad_(False)
-    mean, std = _posterior(vae, images)
+    mean, std = vae_posterior(vae, images)
     if state.info["scaling_factor"] is None:
         z = mean + std * torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(s.seed)).to(device)
         state.info["scaling_factor"] = float(1 / z.float().std())
@@ -202,7 +202,7 @@ def _train_vae(vae, opt, images: torch.Tensor, s: T2ITrainSettings, state: _Stat
 
 
 @torch.no_grad()
-def _posterior(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_posterior(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """q(z|x)'s mean and std [N,4,8,8] for every image."""
     out = [vae.encode(images[i:i + batch]).latent_dist for i in range(0, len(images), batch)]
     return torch.cat([d.mean for d in out]).float(), torch.cat([d.std for d in out]).float()
