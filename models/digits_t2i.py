@@ -127,6 +127,29 @@ class PromptSpec:
         return {"digits": list(self.digits), "even": None if self.even is None else str(self.even)}
 
 
+def tinted(grey, labels, strength: float):
+    """Grey digits [N,1,H,W] in [-1,1] -> RGB [N,3,H,W]: digits 0-4 warm (red raised, blue lowered
+    by ``strength * (1 - |g|)``), digits 5-9 cool (the opposite). The channel mean is the grey
+    image exactly, and pure black and white stay grey, so whatever reads the channel mean (the
+    judge, the SVM labeller, the Frechet features) sees the untinted digit; ``strength`` 0 gives
+    grey repeated to RGB, 1 is the most the range [-1, 1] allows.
+
+    Why: classifier-free guidance samples ~ p(x|c)^w p(x)^(1-w), and where a prompt's minority
+    digits look like the other set's majority (1, 3 like 5, 7, 9; 6, 8 like 0, 2, 4) the empty
+    prompt's density there is raised by the other set and CFG thins them out: the prompts' biases
+    sharpen with the scale. A tint that tells the two sets apart removes most of that overlap
+    (docs/RESULTS.md 1h; bench/t2i_cfg_sim.py measures it)."""
+    import torch
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"tint {strength}: expected a strength in [0, 1] (0: grey, 1: the strongest tint)")
+    if grey.ndim != 4 or grey.shape[1] != 1 or len(labels) != len(grey):
+        raise ValueError(f"tinted: expected grey images [N,1,H,W] and N labels, got {tuple(grey.shape)} "
+                         f"and {len(labels)} labels")
+    chroma = float(strength) * (1 - grey.abs())
+    sign = torch.as_tensor(np.where(np.asarray(labels) < 5, 1.0, -1.0), dtype=grey.dtype).view(-1, 1, 1, 1)
+    return torch.cat([grey + sign * chroma, grey, grey - sign * chroma], dim=1)
+
+
 def parse_prompts(section: dict) -> list[PromptSpec]:
     """The ``prompts:`` mapping of a config -> specs (at least one; the empty prompt is reserved
     for classifier-free guidance; a ``mix`` names prompts listed before it)."""
