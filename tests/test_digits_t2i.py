@@ -225,16 +225,24 @@ def test_settings_name_unknown_and_missing_keys():
         T2ITrainSettings.from_config(section, {"batch_size": 0.5})
 
 
-def test_a_two_step_run_saves_a_folder_that_the_sd_family_loads(tmp_path):
+def test_a_two_step_run_saves_a_folder_that_the_sd_family_loads(tmp_path, monkeypatch):
+    """Also: the images it trains on carry the config's tint (0-4 warm, 5-9 cool)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import json
+    import scripts.train_digits_t2i as script
+    from models.digits import load_split
     from scripts.train_digits_t2i import main
+    seen, real = [], script.train_t2i
+    monkeypatch.setattr(script, "train_t2i", lambda parts, images, *a: seen.append(images) or real(parts, images, *a))
     from utils.sampling.text2image import load_t2i
     out, state = tmp_path / "t2i", tmp_path / "state.pt"
     args = ["--steps", "2", "--vae_steps", "2", "--batch_size", "4", "--out", str(out), "--state", str(state)]
     assert main(args) == 0
     assert main(args) == 2                                   # no silent overwrite
+    split = load_split(16)
+    assert load_config(CONFIG)["tint"] == 1.0
+    assert torch.allclose(seen[0], tinted(split.train_x, np.asarray(split.train_y), 1.0))
     record = json.loads((out / "record.json").read_text())
     assert record["training"]["steps"] == 2 and record["model"]["h_shape"] == [64, 4, 4]
     assert set(record["prompts"]) == {*load_config(CONFIG)["prompts"], ""}
