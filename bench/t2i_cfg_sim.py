@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.digits import load_split  # noqa: E402
-from models.digits_t2i import parse_prompts, tinted  # noqa: E402
+from models.digits_t2i import parse_prompts, training_images  # noqa: E402
 from models.files import resolve_path  # noqa: E402
 from utils.app.cli import guarded  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(cfg["model"]["resolution"])
     labels = np.asarray(split.train_y)
     checkpoint = resolve_path(cfg["model"]["checkpoint"])
-    images = tinted(split.train_x, labels, float(cfg.get("tint", 0.0)))
-    means, variances = _latents(checkpoint, images, args.space)
+    means, variances = _latents(checkpoint, training_images(cfg, split), args.space)
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler.from_pretrained(checkpoint / "scheduler")
     scheduler.set_timesteps(cfg["sampling"]["steps"])

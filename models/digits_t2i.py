@@ -150,6 +150,12 @@ def tinted(grey, labels, strength: float):
     return torch.cat([grey + sign * chroma, grey, grey - sign * chroma], dim=1)
 
 
+def training_images(cfg: dict, split):
+    """The RGB images a config's model trains on (and the simulator reads): the split's training
+    digits with the config's ``tint`` (0, grey, when absent)."""
+    return tinted(split.train_x, split.train_y, float(cfg.get("tint", 0.0)))
+
+
 def parse_prompts(section: dict) -> list[PromptSpec]:
     """The ``prompts:`` mapping of a config -> specs (at least one; the empty prompt is reserved
     for classifier-free guidance; a ``mix`` names prompts listed before it)."""

@@ -27,7 +27,7 @@ run "quota assignment" utils/guidance/estimators.py "    return assign_to_quota(
 run "paper temperature 8 -> 1" utils/guidance/settings.py 'estimator="soft", temperature=8.0' 'estimator="soft", temperature=1.0'
 run "paper step factor" utils/guidance/settings.py 'step_factor=450.0' 'step_factor=300.0'
 run "refine within the model's proportions" utils/guidance/targets.py "            within = priors" "            within = None"
-run "tint of the text-conditional training images" scripts/train_digits_t2i.py 'tint = float(cfg.get("tint", 0.0))' 'tint = 0.0'
+run "tint of the text-conditional training images" models/digits_t2i.py 'return tinted(split.train_x, split.train_y, float(cfg.get("tint", 0.0)))' 'return tinted(split.train_x, split.train_y, 0.0)'
 run "CFG: estimate from the conditional rows" utils/sampling/text2image.py "        cond = h[n:]" "        cond = h[:n]"
 run "judge correction" utils/evaluation/correction.py "    raw = np.linalg.pinv(m_t) @" "    raw = np.eye(len(m_t)) @"
 run "refine preserve (untargeted marginals kept)" utils/guidance/targets.py "        if preserve and prior is not None and kept:" "        if False:"

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.digits import load_split  # noqa: E402
-from models.digits_t2i import build_components, parse_prompts, prompt_data, tinted, vocabulary, \
+from models.digits_t2i import build_components, parse_prompts, prompt_data, training_images, vocabulary, \
     write_word_tokenizer  # noqa: E402
 from models.files import REPO_ROOT, resolve_path  # noqa: E402
 from models.sd import h_shape, resolve_model  # noqa: E402
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prompt_data(prompts, split.train_y, settings.subset_min, settings.seed, cfg.get("unconditional"))
     with tempfile.TemporaryDirectory() as tok_dir:
         parts = build_components(Path(tok_dir), prompts, settings.max_length, settings.seed)
-    tint = float(cfg.get("tint", 0.0))
-    images = tinted(split.train_x, split.train_y, tint)             # RGB in [-1, 1], channel mean = grey
+    images = training_images(cfg, split)                            # RGB in [-1, 1], channel mean = grey
     stats = train_t2i(parts, images, data, settings, state, args.resume, device, bf16)
 
     if out.exists():
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/train_digits_t2i.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": args.config, "settings": dataclasses.asdict(settings), "state": _shown(state),
         "images_from": f"the DDPM's training subset only (models/digits.py load_split().train_x, "
-                       f"{len(split.train_y)} images, grey to RGB with tint {tint}: models/digits_t2i.tinted)",
+                       f"{len(split.train_y)} images, grey to RGB with tint {float(cfg.get('tint', 0.0))}: "
+                       f"models/digits_t2i.tinted)",
         "prompts": data.record(split.train_y, settings.cfg_dropout), "pairs_per_prompt": data.size,
         "data": split.metadata(), "training": stats,
         "model": {"resolution": cfg["model"]["resolution"], "vae_scale_factor": vae_scale,
