@@ -1,6 +1,7 @@
 """Judge-measured debiasing of the text-conditional default, per prompt (same seeds for every run).
 
     python bench/t2i_eval.py --preset vanilla --n 1000        # the bias per prompt at CFG 3 and 7.5
+    python bench/t2i_eval.py --preset vanilla --cfg 1 2 3     # ... at other scales
     python bench/t2i_eval.py --preset acceptance --n 1000     # parity 50/50 (batch 100 / 8), 20/80, digit
     python bench/t2i_eval.py --preset rows --n 1000           # edit on the conditional rows only; paper preset
     python bench/t2i_eval.py --preset compare --n 200         # CFG rows (cond / both) and CFG 3 / 7.5, paper
@@ -48,11 +49,12 @@ def digit_target(digits: list[int]) -> str:
     return ":".join(f"{1 / len(digits):.6g}" if d in digits else "0" for d in range(10))
 
 
-def runs_for(preset: str, prompt: str, digits: list[int]) -> list[dict]:
-    """Run specs (bench.guidance_eval keys) plus ``cfg`` (the CFG scale) for one prompt."""
+def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, ...] = (3.0, 7.5)) -> list[dict]:
+    """Run specs (bench.guidance_eval keys) plus ``cfg`` (the CFG scale) for one prompt; ``scales``
+    are the vanilla preset's CFG scales."""
     van = dict(mode="vanilla", eval={"parity": "0.5", "digit": digit_target(digits)})
     if preset == "vanilla":
-        return [dict(van, name="vanilla, CFG 3", cfg=3.0), dict(van, name="vanilla, CFG 7.5", cfg=7.5)]
+        return [dict(van, name=f"vanilla, CFG {w:g}", cfg=float(w)) for w in scales]
     par = dict(mode="distribution", targets={"parity": "0.5"}, cfg=3.0)
     if preset == "acceptance":
         return [dict(van, name="vanilla, CFG 3", cfg=3.0),
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", help="prompts separated by '|' (default: the three biased ones; "
                    "--preset vanilla: all five)")
     p.add_argument("--n", type=int, default=1000, help="images per run and prompt")
+    p.add_argument("--cfg", type=float, nargs="+",
+                   help="--preset vanilla only: the CFG scales (default 3 7.5; 1 is the conditional branch alone)")
     p.add_argument("--bs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="first seed (image k of every row uses seed + k)")
     p.add_argument("--device", default="auto")
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
                    help="the vanilla rows' judgements, reused by later presets on the same model, prompt, "
                         "CFG and seeds")
     args = p.parse_args(argv)
+    if args.cfg and args.preset != "vanilla":
+        p.error(f"--cfg sets the vanilla preset's scales; --preset {args.preset} has its own (drop --cfg)")
     setup_logging()
     cfg = load_config(args.config)
     pipe = load_t2i(cfg, pick_device(args.device))
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
         labels = {a: v[keep] for a, v in labels_all.items()}
         qpipe = pipe.with_prompt(q)
         vanilla = {}                       # CFG scale -> (judge probs, Frechet) of its vanilla row
-        for run in runs_for(args.preset, q, allowed[q]):
+        for run in runs_for(args.preset, q, allowed[q], tuple(args.cfg or (3.0, 7.5))):
             ref = vanilla.get(run["cfg"], (None, None))
             cache = Path(args.cache) / (f"{pipe.model_id['checkpoint_sha256'][:12]}_{q.replace(' ', '_')}_"
                                         f"cfg{run['cfg']:g}_{seeds[0]}-{seeds[-1]}.pt")     # model, prompt, CFG, seeds

@@ -329,6 +329,17 @@ def test_the_t2i_benchmark_judges_per_prompt_and_reuses_only_its_own_vanilla_row
     assert len(list((tmp_path / "cache").iterdir())) == 2               # other seeds: not reused
 
 
+def test_the_t2i_benchmarks_vanilla_scales_are_chosen_by_cfg_and_only_for_the_vanilla_preset(capsys):
+    from bench import t2i_eval
+    runs = t2i_eval.runs_for("vanilla", "a digit", list(range(10)), (1.0, 2.0))
+    assert [(r["name"], r["cfg"], r["mode"]) for r in runs] == [("vanilla, CFG 1", 1.0, "vanilla"),
+                                                               ("vanilla, CFG 2", 2.0, "vanilla")]
+    assert [r["cfg"] for r in t2i_eval.runs_for("vanilla", "a digit", list(range(10)))] == [3.0, 7.5]
+    with pytest.raises(SystemExit) as e:
+        t2i_eval.main(["--preset", "acceptance", "--cfg", "1"])
+    assert e.value.code == 2 and "drop --cfg" in capsys.readouterr().err
+
+
 def test_the_acceptance_summary_checks_each_bound_on_known_rows(tmp_path):
     """bench/t2i_summary.py on hand-made rows: "a large digit" at CFG 7.5 is 6 points off its
     record (fails), its batch-100 FD is 0.031 (fails), its prompt holds at 0.949 (fails); the
