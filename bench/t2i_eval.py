@@ -40,6 +40,7 @@ from utils.evaluation.evaluate import (fd_cell, fractions_cell, judge_from_confi
 from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches  # noqa: E402
 from utils.sampling.text2image import load_t2i  # noqa: E402
 
+VANILLA_SCALES = (3.0, 7.5)                                # --preset vanilla unless --cfg
 BIASED = ["a digit", "a small digit", "a large digit"]      # the order of every table
 GENERIC = ["a handwritten digit", "a number"]    # "a digit"'s distribution
 
@@ -49,7 +50,7 @@ def digit_target(digits: list[int]) -> str:
     return ":".join(f"{1 / len(digits):.6g}" if d in digits else "0" for d in range(10))
 
 
-def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, ...] = (3.0, 7.5)) -> list[dict]:
+def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, ...] = VANILLA_SCALES) -> list[dict]:
     """Run specs (bench.guidance_eval keys) plus ``cfg`` (the CFG scale) for one prompt; ``scales``
     are the vanilla preset's CFG scales."""
     van = dict(mode="vanilla", eval={"parity": "0.5", "digit": digit_target(digits)})
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         labels = {a: v[keep] for a, v in labels_all.items()}
         qpipe = pipe.with_prompt(q)
         vanilla = {}                       # CFG scale -> (judge probs, Frechet) of its vanilla row
-        for run in runs_for(args.preset, q, allowed[q], tuple(args.cfg or (3.0, 7.5))):
+        for run in runs_for(args.preset, q, allowed[q], tuple(args.cfg or VANILLA_SCALES)):
             ref = vanilla.get(run["cfg"], (None, None))
             cache = Path(args.cache) / (f"{pipe.model_id['checkpoint_sha256'][:12]}_{q.replace(' ', '_')}_"
                                         f"cfg{run['cfg']:g}_{seeds[0]}-{seeds[-1]}.pt")     # model, prompt, CFG, seeds
