@@ -29,7 +29,14 @@ the shipped model since session 9) it predicted, on that model's VAE, 0.802 / 0.
 design whose empty prompt leans (15% even among 5-9) it predicted 0.178 / 0.218 for "a large
 digit"; the U-Net trained on it measured 0.117 / 0.063 (session 10, seeds 50000-50299): the lean
 is not learned. For a stronger bias ("a large digit" 5% even) it predicted 0.024 / 0.010; the
-trained U-Net measured 0.019 / 0.002 (seeds 0-999).
+trained U-Net measured 0.019 / 0.002 (seeds 0-999). In pixel space (the tint at full strength,
+no VAE) it gives 0.163 / 0.156 and 0.832 / 0.863 (n 1000, seed 0): the tint alone does not
+remove the pull. A VAE whose last latent channel carries the colour as a flat map
+(``train.colour_weight``, session 11) removes it in the simulator when the channel holds only the
+sign of the colour: +-4 gave 0.191 / 0.183 and 0.802 / 0.806 (CFG 1: 0.206 and 0.799). Holding the
+colour's magnitude instead pulls every prompt towards its inkier digits (0, 6, 8): +-5 gave 0.253
+/ 0.305 and 0.867 / 0.893. The U-Net trained on the +-4 VAE did not follow at CFG 7.5: "a large
+digit" 0.192 / 0.293 (seeds 0-999), pulled the other way (docs/RESULTS.md section 4).
 """
 from __future__ import annotations
 

@@ -2,7 +2,14 @@
 diffusers ``StableDiffusionPipeline`` folder.
 
 1. VAE: x [B,3,16,16] -> q(z|x) = N(mu, sigma^2) on [B,4,8,8] -> x_hat;
-   loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)) / (elements of z).
+   loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)) / (elements of z)
+          + colour_weight * MSE(mu[:, 3], colour_target(x)),
+   the last term (when ``colour_weight`` > 0; the shipped config leaves it off) making the last
+   latent channel carry the image's overall colour (warm or cool: the sign of its mean red minus
+   blue) as a flat map, the way a large VAE's latents carry global colour, so that the tint that
+   tells the digit sets apart is not hidden by the noise of the first sampling steps. It removes
+   CFG's pull on the prompts' parity in the exact-score simulator, but the U-Net trained on it
+   over-shot at CFG 7.5 (docs/RESULTS.md section 4, session 11).
    Then ``scaling_factor`` = 1 / std(z) over the training images (Stable Diffusion's convention:
    latents of unit variance); the VAE is frozen.
 2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
@@ -56,6 +63,8 @@ class T2ITrainSettings:
     save_every: int
     subset_min: int         # each prompt's list holds at least this many pairs
     max_length: int         # tokenizer.model_max_length (tokens, BOS and EOS included)
+    colour_weight: float = 0.0   # the VAE's colour channel (module docstring, 1.); 0: none
+    colour_scale: float = 1.5    # its target: +colour_scale warm, -colour_scale cool
 
     @classmethod
     def from_config(cls, section: dict, overrides: dict | None = None) -> "T2ITrainSettings":
@@ -63,9 +72,11 @@ class T2ITrainSettings:
         values = dict(section or {})
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(values) - set(fields)), sorted(set(fields) - set(values))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        unknown, missing = sorted(set(values) - set(fields)), sorted(set(fields) - set(values) - set(defaults))
         if unknown or missing:
             raise ValueError(f"train: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(fields)}")
+        values = {**defaults, **values}
         for name, kind in fields.items():
             v = values[name]
             ok = (isinstance(v, int) and not isinstance(v, bool)) if kind == "int" else \
@@ -78,6 +89,9 @@ class T2ITrainSettings:
                 raise ValueError(f"train.{name} = {getattr(s, name)}: must be >= 1")
         if not 0 <= s.cfg_dropout < 1 or not 0 <= s.ema_decay < 1:
             raise ValueError(f"train.cfg_dropout {s.cfg_dropout} and train.ema_decay {s.ema_decay} must lie in [0, 1)")
+        if s.colour_weight < 0 or s.colour_scale <= 0:
+            raise ValueError(f"train.colour_weight {s.colour_weight} must be >= 0 and train.colour_scale "
+                             f"{s.colour_scale} > 0")
         return s
 
 
@@ -103,7 +117,9 @@ class _State:
 
     def load(self) -> None:
         st = load_tensors(self.path, "a text-to-image training state (--resume)", ValueError)
-        mine, theirs = dataclasses.asdict(self.settings), st["settings"]
+        defaults = {f.name: f.default for f in dataclasses.fields(T2ITrainSettings)
+                    if f.default is not dataclasses.MISSING}
+        mine, theirs = dataclasses.asdict(self.settings), {**defaults, **st["settings"]}
         differ = [k for k in mine if k not in CHANGEABLE_ON_RESUME and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError(f"--resume {self.path}: settings {differ} differ from the state's "
@@ -181,6 +197,7 @@ def _train_vae(vae, opt, images: torch.Tensor, s: T2ITrainSettings, state: _Stat
         return
     vae.train()
     gen, losses = state.gen, []
+    target = colour_target(images, s.colour_scale).view(-1, 1, 1)       # flat over the latent's h x w
     bar = tqdm(range(state.info["vae_step"], s.vae_steps), initial=state.info["vae_step"], total=s.vae_steps,
                desc="train vae")
     for step in bar:
@@ -193,12 +210,28 @@ def _train_vae(vae, opt, images: torch.Tensor, s: T2ITrainSettings, state: _Stat
         mse = (recon.float() - x).pow(2).mean()
         kl = post.kl().float().mean() / z[0].numel()
         loss = mse + s.kl_weight * kl
+        if s.colour_weight > 0:
+            loss = loss + s.colour_weight * (post.mean[:, -1].float() - target[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.detach())
         state.info["vae_step"] = step + 1
         losses = _bookkeep(state, bar, losses, "vae_losses", step + 1, s.vae_steps, 25, s.save_every)
+
+
+def image_colour(images: torch.Tensor) -> torch.Tensor:
+    """Each RGB image's overall colour: its mean red minus blue [N] (0 for grey images; the
+    tinted digits: positive for 0-4, negative for 5-9, models/digits_t2i.tinted)."""
+    return (images[:, 0] - images[:, 2]).float().mean((1, 2))
+
+
+def colour_target(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """The value [N] the VAE's last latent channel is trained towards at every position:
+    ``+scale`` for a warm image, ``-scale`` for a cool one, 0 for a grey one. Only the sign: an
+    image's colour magnitude follows how much mid-grey ink it has (a 0 more than a 1), and a
+    channel carrying it lets classifier-free guidance favour the inkier digits of every prompt."""
+    return scale * image_colour(images).sign()
 
 
 @torch.no_grad()
