@@ -3,7 +3,7 @@ diffusers ``StableDiffusionPipeline`` folder.
 
 1. VAE: x [B,3,16,16] -> q(z|x) = N(mu, sigma^2) on [B,4,8,8] -> x_hat;
    loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)) / (elements of z)
-          + colour_weight * MSE(mu[:, 3], colour_target(x)),
+          + colour_weight * MSE(mu[:, -1], colour_target(x)),
    the last term (when ``colour_weight`` > 0; the shipped config leaves it off) making the last
    latent channel carry the image's overall colour (warm or cool: the sign of its mean red minus
    blue) as a flat map, the way a large VAE's latents carry global colour, so that the tint that
@@ -48,7 +48,7 @@ CHANGEABLE_ON_RESUME = ("steps", "save_every")
 
 @dataclass(frozen=True)
 class T2ITrainSettings:
-    """The ``train:`` section of configs/digits16_t2i.yml (every key required)."""
+    """The ``train:`` section of configs/digits16_t2i.yml (every key required but those with a default)."""
     steps: int              # U-Net + text encoder steps
     vae_steps: int
     batch_size: int         # U-Net batch
@@ -67,12 +67,17 @@ class T2ITrainSettings:
     colour_scale: float = 1.5    # its target: +colour_scale warm, -colour_scale cool
 
     @classmethod
+    def defaults(cls) -> dict:
+        """The optional keys and their values when absent (states saved before they existed too)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    @classmethod
     def from_config(cls, section: dict, overrides: dict | None = None) -> "T2ITrainSettings":
         """Validated settings from the YAML section and CLI overrides (None: not given)."""
         values = dict(section or {})
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        defaults = cls.defaults()
         unknown, missing = sorted(set(values) - set(fields)), sorted(set(fields) - set(values) - set(defaults))
         if unknown or missing:
             raise ValueError(f"train: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(fields)}")
@@ -117,9 +122,7 @@ class _State:
 
     def load(self) -> None:
         st = load_tensors(self.path, "a text-to-image training state (--resume)", ValueError)
-        defaults = {f.name: f.default for f in dataclasses.fields(T2ITrainSettings)
-                    if f.default is not dataclasses.MISSING}
-        mine, theirs = dataclasses.asdict(self.settings), {**defaults, **st["settings"]}
+        mine, theirs = dataclasses.asdict(self.settings), {**T2ITrainSettings.defaults(), **st["settings"]}
         differ = [k for k in mine if k not in CHANGEABLE_ON_RESUME and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError(f"--resume {self.path}: settings {differ} differ from the state's "
