@@ -36,7 +36,9 @@ remove the pull. A VAE whose last latent channel carries the colour as a flat ma
 sign of the colour: +-4 gave 0.191 / 0.183 and 0.802 / 0.806 (CFG 1: 0.206 and 0.799). Holding the
 colour's magnitude instead pulls every prompt towards its inkier digits (0, 6, 8): +-5 gave 0.253
 / 0.305 and 0.867 / 0.893. The U-Net trained on the +-4 VAE did not follow at CFG 7.5: "a large
-digit" 0.192 / 0.293 (seeds 0-999), pulled the other way (docs/RESULTS.md section 4).
+digit" 0.192 / 0.293 (seeds 0-999), pulled the other way; on a +-3 VAE (predicted 0.187 / 0.169)
+it measured 0.169 / 0.203, but the generic prompts drifted down with the scale, which the
+simulator, with its exact empty-prompt score, cannot show (docs/RESULTS.md section 4).
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ diffusers ``StableDiffusionPipeline`` folder.
    latent channel carry the image's overall colour (warm or cool: the sign of its mean red minus
    blue) as a flat map, the way a large VAE's latents carry global colour, so that the tint that
    tells the digit sets apart is not hidden by the noise of the first sampling steps. It removes
-   CFG's pull on the prompts' parity in the exact-score simulator, but the U-Net trained on it
-   over-shot at CFG 7.5 (docs/RESULTS.md section 4, session 11).
+   CFG's pull on the prompts' parity in the exact-score simulator; the U-Nets trained on it
+   over-shot at CFG 7.5 (+-4) or held "a large digit" but let the generic prompts drift (+-3;
+   docs/RESULTS.md section 4, sessions 11-12).
    Then ``scaling_factor`` = 1 / std(z) over the training images (Stable Diffusion's convention:
    latents of unit variance); the VAE is frozen.
 2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
