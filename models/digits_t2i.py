@@ -47,6 +47,10 @@ TEXT_ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                  prediction_type="epsilon")
+#: with ``train.zero_snr`` (Lin et al. 2024, "Common diffusion noise schedules and sample steps
+#: are flawed"): the same betas rescaled to zero terminal SNR (abar_999 = 0, so the first step's
+#: pure noise is exactly the training marginal), v-prediction, and trailing steps from t = 999
+ZERO_SNR = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
 
 
 @dataclass(frozen=True)
@@ -341,9 +345,11 @@ def check_tokenizer(tokenizer, words: list[str]) -> None:
                              f"expected the one token {w + EOW!r}")
 
 
-def build_components(tokenizer_folder: Path, prompts: list[PromptSpec], max_length: int, seed: int):
+def build_components(tokenizer_folder: Path, prompts: list[PromptSpec], max_length: int, seed: int,
+                     zero_snr: bool = False):
     """(tokenizer, text encoder, U-Net, VAE, scheduler) with random weights drawn from ``seed``;
-    the tokenizer is written to ``tokenizer_folder`` first."""
+    the tokenizer is written to ``tokenizer_folder`` first; ``zero_snr``: the scheduler of
+    ``ZERO_SNR``."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -360,4 +366,5 @@ def build_components(tokenizer_folder: Path, prompts: list[PromptSpec], max_leng
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **dict(TEXT_ENCODER)))
     unet = UNet2DConditionModel(**dict(UNET, cross_attention_dim=TEXT_ENCODER["hidden_size"]))
-    return tokenizer, text, unet, AutoencoderKL(**VAE), DDIMScheduler(**SCHEDULER)
+    return tokenizer, text, unet, AutoencoderKL(**VAE), \
+        DDIMScheduler(**{**SCHEDULER, **(ZERO_SNR if zero_snr else {})})

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(cfg["model"]["resolution"])
     data = prompt_data(prompts, split.train_y, settings.subset_min, settings.seed, cfg.get("unconditional"))
     with tempfile.TemporaryDirectory() as tok_dir:
-        parts = build_components(Path(tok_dir), prompts, settings.max_length, settings.seed)
+        parts = build_components(Path(tok_dir), prompts, settings.max_length, settings.seed, settings.zero_snr)
     images = training_images(cfg, split)                            # RGB in [-1, 1], channel mean = grey
     stats = train_t2i(parts, images, data, settings, state, args.resume, device, bf16)
 

@@ -390,3 +390,37 @@ def test_the_vae_colour_term_puts_each_images_colour_in_its_last_latent_channel(
         target = colour_target(x, s.colour_scale)
         gaps[weight] = float((last - target).abs().mean())
     assert gaps[1.0] < 0.3 < gaps[0.0]
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_the_training_target_is_what_the_saved_scheduler_turns_back_into_the_clean_latent(tmp_path, zero_snr):
+    """``train.zero_snr``: v-prediction on betas rescaled to zero terminal SNR, trailing steps
+    from t = 999; the target the U-Net is trained on (denoiser_target) is, for the scheduler the
+    pipeline folder gets, the output whose DDIM step predicts the clean latent exactly, at the
+    first step (abar = 0 with zero_snr) as at the others."""
+    pytest.importorskip("diffusers")
+    from models.digits_t2i import build_components
+    from utils.data.train_t2i import denoiser_target
+    sched = build_components(tmp_path / "tok", parse_prompts(load_config(CONFIG)["prompts"]), 8, 0, zero_snr)[4]
+    sched.set_timesteps(50)
+    first = int(sched.timesteps[0])
+    assert (first, sched.config.prediction_type) == ((999, "v_prediction") if zero_snr else (981, "epsilon"))
+    assert (float(sched.alphas_cumprod[999]) == pytest.approx(0.0, abs=1e-12)) == zero_snr
+    gen = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 3, 4, 8, 8, generator=gen)
+    for t in (first, int(sched.timesteps[25]), int(sched.timesteps[-1])):
+        a = sched.alphas_cumprod[t]
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        out = sched.step(denoiser_target(z0, noise, a, sched.config.prediction_type), t, z_t)
+        assert torch.allclose(out.pred_original_sample, z0, atol=1e-4), t
+    with pytest.raises(ValueError, match="prediction_type"):
+        denoiser_target(z0, noise, a, "sample")
+
+
+def test_zero_snr_is_a_true_or_false_setting():
+    from utils.data.train_t2i import T2ITrainSettings
+    section = load_config(CONFIG)["train"]
+    assert T2ITrainSettings.from_config(section).zero_snr is False
+    assert T2ITrainSettings.from_config({**section, "zero_snr": True}).zero_snr is True
+    with pytest.raises(ValueError, match="train.zero_snr = 1: expected true or false"):
+        T2ITrainSettings.from_config({**section, "zero_snr": 1})

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.t2i_cfg_sim import cfg_ddim, image_weights, mixture_eps
+from bench.t2i_cfg_sim import cfg_ddim, image_weights, mixture_x0
 
 STEPS = list(range(981, 0, -20))            # DDIM 50, leading spacing, offset 1
 ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
 
 
-def test_the_mixture_eps_is_the_exact_score_of_the_noised_mixture():
+def test_the_mixture_x0_is_tweedies_posterior_mean_of_the_noised_mixture():
     gen = torch.Generator().manual_seed(0)
     means = torch.randn(6, 3, generator=gen, dtype=torch.float64)
     variances = torch.rand(6, 3, generator=gen, dtype=torch.float64) * 0.1
@@ -21,8 +21,16 @@ def test_the_mixture_eps_is_the_exact_score_of_the_noised_mixture():
                                                                        (a * variances + 1 - a).sqrt()), 1)
     density = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(weights), comps)
     score, = torch.autograd.grad(density.log_prob(z).sum(), z)
-    got = mixture_eps(z.detach(), a, means, variances, weights)
-    assert torch.allclose(got, -(1 - a).sqrt() * score, atol=1e-10)
+    got = mixture_x0(z.detach(), a, means, variances, weights)
+    assert torch.allclose(got, (z.detach() + (1 - a) * score) / a.sqrt(), atol=1e-10)    # Tweedie
+
+
+def test_at_zero_terminal_snr_the_mixture_x0_is_the_weighted_mean_whatever_the_noise():
+    means = torch.tensor([[1.0, -2.0], [3.0, 0.0]], dtype=torch.float64)
+    weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    z = torch.tensor([[5.0, 1.0], [-1.0, 0.5]], dtype=torch.float64)
+    got = mixture_x0(z, torch.zeros((), dtype=torch.float64), means, torch.full_like(means, 0.1), weights)
+    assert torch.allclose(got, torch.tensor([[2.5, -0.5]] * 2, dtype=torch.float64))
 
 
 def test_image_weights_share_each_digit_among_its_images():

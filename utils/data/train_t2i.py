@@ -15,6 +15,14 @@ diffusers ``StableDiffusionPipeline`` folder.
    latents of unit variance); the VAE is frozen.
 2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
    z_0 = scaling_factor * z, z ~ q(z|x), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps;
+   with ``zero_snr`` v-prediction instead, v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans &
+   Ho 2022), on the betas rescaled to zero terminal SNR, and the saved scheduler samples with
+   trailing steps from t = 999 (Lin et al. 2024; models/digits_t2i.ZERO_SNR): eps-prediction
+   cannot give z_0 where abar = 0, and with the stock schedule the first step's pure noise
+   lacks the sqrt(abar_981) z_0 the model was trained to see, which shifts the set shares the
+   colour channel carries. Off in the shipped config: a model trained with it kept every
+   prompt's vanilla record at CFG 3 and 7.5, but the guide balanced it less well (docs/RESULTS.md
+   section 4, session 13);
    each pair's prompt is replaced by the empty prompt with probability ``cfg_dropout``
    (classifier-free guidance, Ho & Salimans 2022), and its image by one of the unconditional
    prompt's images when the data names one (``PromptData.unconditional``). EMA weights of both
@@ -66,6 +74,7 @@ class T2ITrainSettings:
     max_length: int         # tokenizer.model_max_length (tokens, BOS and EOS included)
     colour_weight: float = 0.0   # the VAE's colour channel (module docstring, 1.); 0: none
     colour_scale: float = 1.5    # its target: +colour_scale warm, -colour_scale cool
+    zero_snr: bool = False       # v-prediction on betas rescaled to zero terminal SNR (module docstring, 2.)
 
     @classmethod
     def defaults(cls) -> dict:
@@ -85,10 +94,11 @@ class T2ITrainSettings:
         values = {**defaults, **values}
         for name, kind in fields.items():
             v = values[name]
-            ok = (isinstance(v, int) and not isinstance(v, bool)) if kind == "int" else \
-                (isinstance(v, (int, float)) and not isinstance(v, bool))
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool)}.get(
+                kind, isinstance(v, (int, float)) and not isinstance(v, bool))
             if not ok:
-                raise ValueError(f"train.{name} = {v!r}: expected {'an integer' if kind == 'int' else 'a number'}")
+                want = {"int": "an integer", "bool": "true or false"}.get(kind, "a number")
+                raise ValueError(f"train.{name} = {v!r}: expected {want}")
         s = cls(**{k: (float(v) if fields[k] == "float" else v) for k, v in values.items()})
         for name in ("steps", "vae_steps", "batch_size", "vae_batch_size", "save_every", "subset_min", "max_length"):
             if getattr(s, name) < 1:
@@ -180,7 +190,8 @@ def train_t2i(parts: tuple, images: torch.Tensor, data: PromptData, s: T2ITrainS
     ids = tokenizer([p.text for p in data.prompts] + [""], padding="max_length",
                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     _train_denoiser(text, unet, ema_text, ema_unet, opt, (mean * sf, std * sf), ids.to(device), data,
-                    scheduler.alphas_cumprod.float().to(device), s, state, device, bf16)
+                    scheduler.alphas_cumprod.float().to(device), s, state, device, bf16,
+                    scheduler.config.prediction_type)
     text.load_state_dict(ema_text.state_dict())
     unet.load_state_dict(ema_unet.state_dict())
     vae.register_to_config(scaling_factor=sf)
@@ -246,9 +257,13 @@ def vae_posterior(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Te
 
 
 def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Tensor, data: PromptData,
-                    alphas_cumprod: torch.Tensor, s: T2ITrainSettings, state: _State, device, bf16: bool) -> None:
+                    alphas_cumprod: torch.Tensor, s: T2ITrainSettings, state: _State, device, bf16: bool,
+                    prediction: str = "epsilon") -> None:
     """Phase 2 (module docstring): ``latents`` = (mean, std) of q(z|x) already scaled;
-    ``ids`` [P+1, L]: the prompts' token ids, the empty prompt last."""
+    ``ids`` [P+1, L]: the prompts' token ids, the empty prompt last; ``prediction``: the
+    scheduler's prediction_type, epsilon or v_prediction."""
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {prediction!r}: expected epsilon or v_prediction")
     if state.info["step"] >= s.steps:
         return
     text.train()
@@ -272,7 +287,8 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         prompt = torch.where(drop, torch.full_like(k, empty), pair_prompt[k])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = text(ids)[0][prompt]                              # the pipeline's prompt_embeds
-            loss = (unet(z_t, t, encoder_hidden_states=emb).sample.float() - noise).pow(2).mean()
+            target = denoiser_target(z0, noise, a, prediction)
+            loss = (unet(z_t, t, encoder_hidden_states=emb).sample.float() - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,6 +299,16 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         losses.append(loss.detach())
         state.info["step"] = step + 1
         losses = _bookkeep(state, bar, losses, "losses", step + 1, s.steps, 50, s.save_every)
+
+
+def denoiser_target(z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the U-Net learns to output for z_t = sqrt(abar) z0 + sqrt(1 - abar) noise: the noise
+    (epsilon) or v = sqrt(abar) noise - sqrt(1 - abar) z0 (v_prediction), as the scheduler reads it."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return abar.sqrt() * noise - (1 - abar).sqrt() * z0
+    raise ValueError(f"prediction_type {prediction!r}: expected epsilon or v_prediction")
 
 
 def draw_pairs(data: PromptData, batch: int, dropout: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
