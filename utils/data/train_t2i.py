@@ -262,8 +262,7 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
     """Phase 2 (module docstring): ``latents`` = (mean, std) of q(z|x) already scaled;
     ``ids`` [P+1, L]: the prompts' token ids, the empty prompt last; ``prediction``: the
     scheduler's prediction_type, epsilon or v_prediction."""
-    if prediction not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {prediction!r}: expected epsilon or v_prediction")
+    denoiser_target(torch.zeros(()), torch.zeros(()), torch.ones(()), prediction)     # refuse an unknown type now
     if state.info["step"] >= s.steps:
         return
     text.train()
