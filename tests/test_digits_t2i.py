@@ -420,7 +420,9 @@ def test_the_training_target_is_what_the_saved_scheduler_turns_back_into_the_cle
 def test_zero_snr_is_a_true_or_false_setting():
     from utils.data.train_t2i import T2ITrainSettings
     section = load_config(CONFIG)["train"]
-    assert T2ITrainSettings.from_config(section).zero_snr is False
-    assert T2ITrainSettings.from_config({**section, "zero_snr": True}).zero_snr is True
+    assert T2ITrainSettings.from_config(section).zero_snr is True              # the shipped model's
+    without = {k: v for k, v in section.items() if k != "zero_snr"}
+    assert T2ITrainSettings.from_config(without).zero_snr is False            # off unless asked for
+    assert T2ITrainSettings.from_config({**section, "zero_snr": False}).zero_snr is False
     with pytest.raises(ValueError, match="train.zero_snr = 1: expected true or false"):
         T2ITrainSettings.from_config({**section, "zero_snr": 1})

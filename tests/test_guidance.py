@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from helpers import edit, guide, hand_adp
+from helpers import edit, guide, hand_adp, plan, settings
 from models.adp import ADP
 from utils.guidance.estimators import assign_to_quota, chi_square, quota_counts
+from utils.guidance.guide import Guide
+from utils.guidance.settings import SettingsError
 from utils.sampling.diffusion import DDIMSampler, Schedule
 from utils.sampling.seeds import SeededNoise
 
@@ -59,6 +61,29 @@ def test_step_is_capped_at_max_step_times_std_norm():
     torch.testing.assert_close(step, torch.full((4,), cap), rtol=1e-5, atol=1e-6)
     small, _ = edit(adp, HALF, h, scale=1e-3, max_step=0.25)
     assert ((small - h).view(4, -1).norm(dim=1) < cap).all()
+
+
+def test_cap_grows_as_abar_to_the_minus_half_up_to_cap_growth():
+    """cap_growth: the cap at timestep t is max_step * min(abar_t^-1/2, cap_growth) * ||std||;
+    at zero terminal SNR (abar_t = 0) it is the full growth; without it, the flat cap."""
+    adp = hand_adp()
+    h = torch.full((4, 2, 1, 1), -2.0)
+    base = 0.25 * float(adp.std[0].norm())
+
+    def step_norm(betas, growth):
+        g = Guide(plan(HALF, scale=1e6, max_step=0.25, cap_growth=growth), adp, betas)
+        out = g.start(list(range(4))).edit(h, 0, 10)
+        return (out - h).view(4, -1).norm(dim=1)
+    betas = torch.full((1000,), 0.5, dtype=torch.float64)          # abar_10 = 0.5^11
+    factor = 0.5 ** -5.5
+    torch.testing.assert_close(step_norm(betas, 100.0), torch.full((4,), base * factor), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step_norm(betas, 4.0), torch.full((4,), base * 4.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step_norm(betas, None), torch.full((4,), base), rtol=1e-5, atol=1e-6)
+    zero_snr = betas.clone()
+    zero_snr[10] = 1.0                                             # abar_10 = 0
+    torch.testing.assert_close(step_norm(zero_snr, 4.0), torch.full((4,), base * 4.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SettingsError, match="cap_growth"):
+        settings(cap_growth=0.5)
 
 
 def test_scale_zero_returns_h_unchanged():

@@ -145,6 +145,17 @@ def test_presets_are_complete_and_paper_is_the_default():
         ("paper", 8.0, 450.0, (1500.0, 700.0), 15.0, None, False, False, False, False, "gradient", 1)
 
 
+
+def test_config_fields_adjust_their_own_preset_and_another_preset_stays_literal():
+    section = {"preset": "ours", "max_step": 0.75, "cap_growth": 50.0}
+    ours = resolve_settings(section, family="sd")
+    assert (ours.preset, ours.max_step, ours.cap_growth) == ("ours", 0.75, 50.0)
+    paper = resolve_settings(section, {"preset": "paper"}, family="sd")
+    want = resolve_settings({"preset": "paper"}, family="sd")
+    assert paper == want and paper.max_step is None and paper.cap_growth is None
+    same = resolve_settings(section, {"preset": "ours", "max_step": 1.5}, family="sd")
+    assert (same.max_step, same.cap_growth) == (1.5, 50.0)
+
 # ---- importing the original's classifiers -------------------------------------------------------
 def test_imported_logits_equal_the_originals_exactly():
     w, b = random_heads(5)

@@ -16,7 +16,11 @@ estimator; ``sample``: each sample's requested class):
 with B = W_s / std_s (the head's weights in raw h coordinates: the plain gradient dL/dh, the
 paper) or B = Cov_s(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
 differences), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
-paper) and, when the plan has a cap, each sample's delta_h clipped to cap * ||std_s(h)||.
+paper) and, when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_s(h)||,
+g_t = min(abar_t^-1/2, cap_growth) (1 without ``cap_growth``). A v-prediction model's clean-image
+estimate moves by sqrt(1 - abar_t) |delta v| where an eps-model's moves by
+sqrt((1 - abar_t) / abar_t) |delta eps|, so the same edit of h acts sqrt(abar_t) times as much there:
+g_t gives its noisiest steps the room an eps-model's edit has.
 The gradient runs through the ADP only, never back through the U-Net.
 """
 from __future__ import annotations
@@ -120,6 +124,7 @@ class Guide:
             raise ValueError("the guidance settings ask for a finished-image check but no labeller "
                              "was given: set 'labeller:' in the config, or pass --no-check")
         self.plan, self.adp, self.betas, self.distributed = plan, adp, betas, distributed
+        self.abar = torch.cumprod(1 - betas.double(), 0)
         self.labeller = labeller if s.check else None
         use_balance = plan.mode == "distribution" and s.running_balance
         self.balance = RunningBalance(self.labeller) if use_balance else None
@@ -266,8 +271,16 @@ class BatchGuide:
             basis = adp.direction(a, s) if st.direction == "covariance" else adp.raw_weight(a, s)
             step -= lam * g.float() @ basis.to(h.device)
         if self.cap is not None:
-            step = clip_rows(step, self.cap * float(adp.std[s].norm()))
+            step = clip_rows(step, self.cap * self.cap_factor(t) * float(adp.std[s].norm()))
         return (h.float() + step.view_as(h)).to(h.dtype)
+
+    def cap_factor(self, t) -> float:
+        """g_t of the module docstring: min(abar_t^-1/2, cap_growth), 1 without cap_growth."""
+        growth = self.g.plan.settings.cap_growth
+        if growth is None:
+            return 1.0
+        abar = float(self.g.abar[min(int(round(float(t))), len(self.g.abar) - 1)])
+        return min(abar ** -0.5, growth) if abar > 0 else growth
 
     def after_batch(self, x0: torch.Tensor) -> BatchReport:
         """The batch is finished (images x0 [N,C,H,W] in [-1,1]): add it to the running balance;

@@ -75,6 +75,9 @@ class GuidanceSettings:
                                       # two rows) or on the conditional half only
     head_rule: str                    # a step whose timestep has no head: an error (exact) or the head of
                                       # the nearest trained timestep within one grid spacing (nearest)
+    cap_growth: float | None          # the cap at timestep t times min(abar_t^-1/2, cap_growth) (v-prediction
+                                      # models: an edit of h moves their clean-image estimate sqrt(abar_t)
+                                      # times as far as an eps-model's); None: the same cap at every step
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,14 +107,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                   soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
                   first_step=1, last_step=None, debias=False, running_balance=False,
                   refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0,
-                  loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact"),
+                  loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact",
+                  cap_growth=None),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
                  soft_distribution_scale=(128.0,), soft_max_step=1.0, sample_loss="xent",
                  first_step=1, last_step=None, debias=True, running_balance=True,
                  refine=True, refine_within="model", check=True, sample_retries=2, retry_boost=2.0,
-                 loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact"),
+                 loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact",
+                 cap_growth=None),
 }
 #: presets of a model family that differ from the unconditional ones (complete value sets too).
 #: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
@@ -126,7 +131,7 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       first_step=0, last_step=None, debias=False, running_balance=False,
                       refine=False, refine_within="uniform", check=False, sample_retries=0,
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
-                      head_rule="nearest"),
+                      head_rule="nearest", cap_growth=None),
         # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
         # the prompt's other coarse attributes (a large digit's magnitude) keep their marginals
         "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0, refine_within="preserve"),
@@ -182,12 +187,15 @@ def resolve_settings(section: dict | None, overrides: dict | None = None,
                      family: str | None = None) -> GuidanceSettings:
     """Settings from a config's ``guidance:`` section (``preset:`` plus any field) and
     command-line / programmatic overrides (None values are ignored), starting from the preset
-    of the model ``family``. Unknown keys, wrong types and unknown enumeration values are a
+    of the model ``family``. The section's fields adjust the section's own preset: an override
+    naming another preset (``--preset paper``) gets that preset's values as they are. Unknown keys, wrong types and unknown enumeration values are a
     SettingsError that names them."""
     section = dict(section or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = overrides.pop("preset", None) or section.pop("preset", None) or DEFAULT_PRESET
-    section.pop("preset", None)
+    own = section.pop("preset", None) or DEFAULT_PRESET
+    preset = overrides.pop("preset", None) or own
+    if preset != own:              # the section's fields adjust its own preset: another one is literal
+        section = {}
     presets = presets_for(family)
     if preset not in presets:
         raise SettingsError(f"unknown guidance preset {preset!r}; presets: {sorted(presets)}")
@@ -204,6 +212,9 @@ def resolve_settings(section: dict | None, overrides: dict | None = None,
     if values["debias"] and values["temperature"] != 1.0:
         raise SettingsError("guidance setting debias needs temperature 1 (the ADP's confusion "
                             "matrices are measured at temperature 1)")
+    if values["cap_growth"] is not None and values["cap_growth"] < 1:
+        raise SettingsError(f"guidance setting cap_growth: {values['cap_growth']} must be >= 1 (the most the "
+                            "cap may grow at the noisiest steps) or null")
     if values["last_step"] is not None and values["last_step"] <= values["first_step"]:
         raise SettingsError(f"guided steps [{values['first_step']}, {values['last_step']}) are empty: "
                             f"last_step must be > first_step")
