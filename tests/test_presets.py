@@ -145,7 +145,6 @@ def test_presets_are_complete_and_paper_is_the_default():
         ("paper", 8.0, 450.0, (1500.0, 700.0), 15.0, None, False, False, False, False, "gradient", 1)
 
 
-
 def test_config_fields_adjust_their_own_preset_and_another_preset_stays_literal():
     section = {"preset": "ours", "max_step": 0.75, "cap_growth": 50.0}
     ours = resolve_settings(section, family="sd")
@@ -155,6 +154,7 @@ def test_config_fields_adjust_their_own_preset_and_another_preset_stays_literal(
     assert paper == want and paper.max_step is None and paper.cap_growth is None
     same = resolve_settings(section, {"preset": "ours", "max_step": 1.5}, family="sd")
     assert (same.max_step, same.cap_growth) == (1.5, 50.0)
+
 
 # ---- importing the original's classifiers -------------------------------------------------------
 def test_imported_logits_equal_the_originals_exactly():
