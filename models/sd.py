@@ -24,9 +24,12 @@ from models.files import resolve_path
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-#: ``scheduler:`` names -> diffusers scheduler classes (built from the model's scheduler config)
+#: ``scheduler:`` names -> diffusers scheduler classes (built from the model's scheduler config);
+#: ``model``: the folder's own scheduler as saved (e.g. PNDM with skip_prk_steps for SD 1.5)
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
               "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+OWN_SCHEDULER = "model"
+SCHEDULER_CHOICES = (*sorted(SCHEDULERS), OWN_SCHEDULER)
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
            "diffusion_pytorch_model.fp16.safetensors", "model.safetensors", "pytorch_model.bin",
            "model.fp16.safetensors")
@@ -55,7 +58,11 @@ def _check_folder(folder: Path) -> Path:
     index = folder / "model_index.json"
     if not index.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    name = json.loads(index.read_text()).get("_class_name")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a diffusers model index (a JSON mapping with _class_name): "
+                         f"{type(e).__name__}; restore it from the model's download") from None
     if name not in PIPELINES:
         raise ValueError(f"{folder} holds a {name}; the sd family loads {list(PIPELINES)}")
     missing = [p for p in PARTS if not (folder / p).is_dir()]
@@ -89,14 +96,17 @@ def default_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
 def make_scheduler(config, name: str):
     """A diffusers scheduler of kind ``name`` (``SCHEDULERS``) from a model's scheduler config."""
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"scheduler {name!r}: expected one of {list(SCHEDULER_CHOICES)}")
     import diffusers
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
 def load_sd(folder: Path, device: torch.device, dtype: torch.dtype, scheduler: str = "ddim"):
     """The stock diffusers pipeline of a local folder, on ``device`` in ``dtype``, with the
-    scheduler of kind ``scheduler``, its progress bar off and no safety checker loaded."""
+    scheduler of kind ``scheduler`` (``model``: the folder's own), its progress bar off and no
+    safety checker loaded."""
+    if scheduler not in SCHEDULER_CHOICES:
+        raise ValueError(f"scheduler {scheduler!r}: expected one of {list(SCHEDULER_CHOICES)}")
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.disable_progress_bar()
@@ -105,7 +115,8 @@ def load_sd(folder: Path, device: torch.device, dtype: torch.dtype, scheduler: s
     with warnings.catch_warnings():          # newer diffusers rename torch_dtype to dtype
         warnings.simplefilter("ignore", FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **extra)
-    pipe.scheduler = make_scheduler(pipe.scheduler.config, scheduler)
+    if scheduler != OWN_SCHEDULER:
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -205,8 +205,11 @@ def test_parse_scales():
     assert parse_scales(None, attrs, default) == {"parity": 3.0, "digit": 1.0}
     assert parse_scales("2", attrs, default) == {"parity": 2.0, "digit": 2.0}
     assert parse_scales("parity=2,digit=0.5", attrs, default) == {"parity": 2.0, "digit": 0.5}
+    # the original's list: one scale per attribute, in order
+    assert parse_scales("1500,700", attrs, default) == {"parity": 1500.0, "digit": 700.0}
     for bad, msg in [("abc", "not a number"), ("-1", ">= 0"), ("inf", "finite"),
-                     ("colour=1", "not guided")]:
+                     ("colour=1", "not guided"), ("1,2,3", "3 values for 2"),
+                     ("1,digit=2", "not both")]:
         with pytest.raises(ValueError, match=msg):
             parse_scales(bad, attrs, default)
 
@@ -227,6 +230,14 @@ def test_parse_targets():
         {"parity": "0.3"}
     assert raw_targets(_args(attribute_list="0,1,0", male=1.0), "sample", ATTRS) == \
         {"magnitude": "1"}
+    # sample mode, several attributes: --male indexes their joint classes, first attribute slowest
+    for male, want in [(0, ("0", "0")), (1, ("0", "1")), (2, ("1", "0")), (3, ("1", "1"))]:
+        assert raw_targets(_args(attribute_list="1,1,0", male=float(male)), "sample", ATTRS) == \
+            {"parity": want[0], "magnitude": want[1]}
+    assert raw_targets(_args(attribute_list="1,0,1", male=13.0), "sample", ATTRS) == \
+        {"parity": "1", "digit": "3"}
+    with pytest.raises(ValueError, match=r"class index 0\.\.3"):
+        raw_targets(_args(attribute_list="1,1,0", male=4.0), "sample", ATTRS)
     with pytest.raises(ValueError, match="needs --male"):
         raw_targets(_args(attribute_list="1,0,0"), "distribution", ATTRS)
     with pytest.raises(ValueError, match="one 0/1 switch per ADP attribute"):

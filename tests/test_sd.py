@@ -157,6 +157,57 @@ def test_the_sd_paper_preset_is_the_original_sd_code():
     assert resolve_settings({"preset": "paper"}).loss == "chi_square"        # the unconditional paper
 
 
+def test_the_sd_paper_sample_step_is_the_original_sd_codes(t2i):
+    """The original SD code's sample guidance, written out from its equations on random heads:
+    every row of the CFG batch, logits = h W_i^T + b_i (raw, no softmax or temperature),
+    L = -sum_rows logits[:, c], h <- h - 600 * dL/dh (so each row moves by 600 W_i[c])."""
+    import torch.nn.functional as F
+    grid = sorted(int(t) for t in t2i.timesteps)
+    d = int(torch.tensor(t2i.h_shape).prod())
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(len(grid), 2, d, generator=g) * 0.05, torch.randn(len(grid), 2, generator=g)
+    sd = {k: v for i in range(len(grid)) for k, v in ((f"linears.{i}.weight", w[i]), (f"linears.{i}.bias", b[i]))}
+    adp = ADP.from_original({"gender": (sd, ["female", "male"])}, grid, t2i.h_shape)
+    n, c, t = 3, 1, 401
+    h = torch.randn(2 * n, *t2i.h_shape, generator=g)
+    i = grid.index(t)
+    x = h.detach().requires_grad_()
+    loss = -F.linear(x.reshape(2 * n, -1), w[i], b[i])[:, c].sum()
+    want = h - 600 * torch.autograd.grad(loss, x)[0]
+    plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": "paper"}}, "sample", {"gender": str(c)},
+                      adp.attributes)
+    got = cfg_rows(Guide(plan, adp, t2i.betas).start(list(range(n))), n, True, plan.settings)(h, float(t), 2)
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    assert torch.allclose(got - h, (600 * w[i][c]).view(1, *t2i.h_shape).expand_as(h), atol=1e-4)
+
+
+def test_the_paper_preset_samples_with_the_model_folders_own_scheduler(tmp_path, sd_folder):
+    """--preset paper: the folder's scheduler as saved (here PNDM, SD 1.5's), unless --scheduler
+    says otherwise; other presets and vanilla runs: the config's model.scheduler (ddim)."""
+    import shutil
+    from diffusers import PNDMScheduler
+    import diffusion_latent
+    from utils.app.cli import build_parser
+    folder = tmp_path / "pndm_sd"
+    shutil.copytree(sd_folder, folder)
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  steps_offset=1).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    cfg = cfg_for(folder, guidance={"preset": "ours"})
+    cfg["model"]["scheduler"] = "ddim"
+
+    def scheduler(mode, *flags):
+        args = build_parser().parse_args(["--prompt", "x", *flags])
+        pipe = diffusion_latent.load_for_run(cfg, args, torch.device("cpu"), mode)
+        return type(pipe.pipe.scheduler).__name__
+    assert scheduler("distribution", "--preset", "paper") == "PNDMScheduler"
+    assert scheduler("sample", "--preset", "paper", "--scheduler", "euler") == "EulerDiscreteScheduler"
+    assert scheduler("distribution") == scheduler("distribution", "--preset", "ours") == "DDIMScheduler"
+    assert scheduler("vanilla") == "DDIMScheduler"
+    assert scheduler("vanilla", "--scheduler", "model") == "PNDMScheduler"
+
+
 def test_nearest_head_on_another_schedulers_grid_and_the_range_error(t2i):
     adp = tiny_adp(t2i, timesteps=list(range(981, 0, -20)))           # the original's 50-step grid
     assert adp.head_index(990.0, "nearest") == 0 and adp.head_index(11.0, "nearest") == 48
@@ -236,7 +287,7 @@ def test_extract_train_and_a_balanced_run_per_prompt_from_the_command_line(capsy
 
 def test_text_to_image_errors_are_clear(capsys, tmp_path, sd_folder):
     rc, err = _run(capsys, "--prompt", "a digit", "--exp", tmp_path / "o")     # the digits config
-    assert rc == 2 and "apply to text-to-image configs" in err
+    assert rc == 2 and "text-to-image flag" in err
     import yaml
     cfg_path = tmp_path / "c.yml"
     cfg_path.write_text(yaml.safe_dump(cfg_for(sd_folder)))

@@ -83,6 +83,12 @@ def cross_entropy_to(logq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return -logq.gather(1, classes.to(logq.device)[:, None]).sum()
 
 
+def logit_of(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """L = -sum_i logits_i[c_i]: the original Stable Diffusion code's sample-guidance loss (raw
+    logits: its gradient is the class's weight row, the same for every sample)."""
+    return -logits.gather(1, classes.to(logits.device)[:, None]).sum()
+
+
 def probability_of(q: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """L = -sum_i q_i[c_i]: the original's sample-guidance loss."""
     return -q.gather(1, classes.to(q.device)[:, None]).sum()

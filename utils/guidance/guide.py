@@ -31,9 +31,13 @@ import torch
 import torch.distributed as dist
 
 from models.adp import ADP
-from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, probability_of,
+from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, logit_of, probability_of,
                                        quota_assignment, soft_estimate, with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
+
+
+class GuidanceDiverged(ValueError):
+    """The guided h became infinite or NaN (a scale far too large for an uncapped step)."""
 
 
 def _distributed() -> bool:
@@ -173,8 +177,12 @@ class BatchGuide:
             if plan.mode == "sample":
                 self.estimate[key] = q[key].detach().mean(0).cpu().tolist()
                 c = self.classes[key]
-                part = (cross_entropy_to(torch.log_softmax(logits[key] / st.temperature, dim=1), c)
-                        if st.sample_loss == "xent" else probability_of(q[key], c))
+                if st.sample_loss == "xent":
+                    part = cross_entropy_to(torch.log_softmax(logits[key] / st.temperature, dim=1), c)
+                elif st.sample_loss == "logit":
+                    part = logit_of(logits[key], c)
+                else:
+                    part = probability_of(q[key], c)
             elif plan.estimator == "quota":
                 part = self._quota_loss(key, self._joint(key, q), s)
             else:
@@ -272,7 +280,12 @@ class BatchGuide:
             step -= lam * g.float() @ basis.to(h.device)
         if self.cap is not None:
             step = clip_rows(step, self.cap * self.cap_factor(t) * float(adp.std[s].norm()))
-        return (h.float() + step.view_as(h)).to(h.dtype)
+        new = (h.float() + step.view_as(h)).to(h.dtype)
+        if not bool(torch.isfinite(new).all()):
+            raise GuidanceDiverged(
+                f"guidance diverged at step {i} (t = {float(t):g}): h is no longer finite, so the images "
+                f"would be blank; lower --scale (now {plan.scales}) or use a capped preset (--preset ours)")
+        return new
 
     def cap_factor(self, t) -> float:
         """g_t of the module docstring: min(abar_t^-1/2, cap_growth), 1 without cap_growth."""

@@ -33,7 +33,7 @@ class SettingsError(ValueError):
 
 #: field -> allowed values, for the enumerated settings
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
-           "sample_loss": ("prob", "xent"), "refine_within": ("uniform", "model", "preserve"),
+           "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
            "head_rule": ("exact", "nearest")}
 
@@ -54,7 +54,8 @@ class GuidanceSettings:
     sample_max_step: float | None     # the same for sample guidance
     soft_distribution_scale: tuple | None   # used instead of distribution_scale by the soft
     soft_max_step: float | None             # estimator, and cap; None: the same as the general ones
-    sample_loss: str                  # prob (paper: -q_c) | xent (ours: -log q_c)
+    sample_loss: str                  # prob (paper: -q_c) | xent (ours: -log q_c) | logit (the original SD
+                                      # code: -logit_c, the raw logit, no softmax or temperature)
     first_step: int                   # guided step indices i in [first_step, last_step)
     last_step: int | None
     debias: bool                      # estimate p as M_s^-1 p_hat (the ADP's confusion matrices)
@@ -121,13 +122,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: presets of a model family that differ from the unconditional ones (complete value sets too).
 #: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
 #: both halves of the classifier-free-guidance batch, L = KL(p_hat || p),
-#: h <- h - 600 * grad_h(500 * L) at every step (no beta_t factor), nothing else.
+#: h <- h - 600 * grad_h(500 * L) at every step (no beta_t factor), nothing else; its sample
+#: guidance takes the raw logits, L = -sum_i logit_i[c], h <- h - 600 * grad_h L, so every row
+#: moves by 600 W_c (no softmax, temperature or 500 factor). It samples with the model folder's
+#: own scheduler (``model.scheduler`` is not applied; an explicit --scheduler is).
 FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sd": {
         "paper": dict(estimator="soft", temperature=8.0, direction="gradient", step_factor=600.0,
                       beta_power=0.0, batch_normalise=False, distribution_scale=(500.0,),
-                      sample_scale=500.0, max_step=None, sample_max_step=None,
-                      soft_distribution_scale=None, soft_max_step=None, sample_loss="prob",
+                      sample_scale=1.0, max_step=None, sample_max_step=None,
+                      soft_distribution_scale=None, soft_max_step=None, sample_loss="logit",
                       first_step=0, last_step=None, debias=False, running_balance=False,
                       refine=False, refine_within="uniform", check=False, sample_retries=0,
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",

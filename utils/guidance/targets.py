@@ -42,20 +42,42 @@ def parse_target_spec(spec: str) -> dict[str, str]:
 
 def attribute_list_targets(switches: str, male: float | None, mode: str,
                            adp_attrs: dict[str, list[str]]) -> dict[str, str]:
-    """The original's flags: --attribute_list 0,1,0 (one switch per ADP attribute) + --male."""
+    """The original's flags: --attribute_list 0,1,0 (one switch per ADP attribute) + --male.
+
+    Distribution mode: --male is the fraction of class 1 of every selected attribute. Sample
+    mode: --male is one index over the selected attributes' joint classes, first attribute
+    slowest, as the original decodes it: with two binary attributes 0, 1, 2, 3 are the class
+    pairs (0, 0), (0, 1), (1, 0), (1, 1); with one attribute it is that attribute's class."""
     sw = [s.strip() for s in switches.split(",")]
     names = list(adp_attrs)
     if any(s not in ("0", "1") for s in sw) or "1" in sw[len(names):]:
         raise ValueError(f"--attribute_list {switches!r}: one 0/1 switch per ADP attribute, in order {names}")
     if male is None:
         raise ValueError("--attribute_list needs --male (class index, or fraction of class 1)")
-    if mode == "sample" and float(male) != int(male):
-        raise ValueError(f"--male {male} in sample mode must be a class index (0 or 1)")
-    return {names[i]: (str(int(male)) if mode == "sample" else str(male))
-            for i, s in enumerate(sw) if s == "1" and i < len(names)}
+    chosen = [names[i] for i, s in enumerate(sw) if s == "1" and i < len(names)]
+    if mode != "sample":
+        return {a: str(male) for a in chosen}
+    sizes = [len(adp_attrs[a]) for a in chosen]
+    n_joint = math.prod(sizes)
+    if float(male) != int(male) or not 0 <= int(male) < n_joint:
+        pairs = " x ".join(f"{a} {adp_attrs[a]}" for a in chosen)
+        raise ValueError(f"--male {male} in sample mode must be a class index 0..{n_joint - 1} over the "
+                         f"selected attributes' joint classes ({pairs}; first attribute slowest)")
+    out, rest = {}, int(male)
+    for a, k in zip(reversed(chosen), reversed(sizes)):
+        rest, c = divmod(rest, k)
+        out[a] = str(c)
+    return {a: out[a] for a in chosen}
 
 
 def check_target_keys(pairs: dict[str, str], adp_attrs: dict[str, list[str]]) -> None:
+    """The target keys name attributes of the ADP, a joint key each attribute once."""
+    for key in pairs:
+        parts = joint_attributes(key)
+        twice = sorted({a for a in parts if parts.count(a) > 1})
+        if twice:
+            raise ValueError(f"target key {key!r} names {twice} twice; a joint target joins different "
+                             f"attributes, e.g. parity*magnitude")
     unknown = [a for k in pairs for a in joint_attributes(k) if a not in adp_attrs]
     if unknown:
         raise ValueError(f"the ADP has no attribute {unknown}; it has {list(adp_attrs)}")
@@ -103,22 +125,38 @@ def sample_class_index(attr: str, value: str, classes: list[str]) -> int:
 
 
 def parse_scales(spec: str | None, keys: list[str], defaults: dict[str, float]) -> dict[str, float]:
-    """'2' -> every key; 'parity=2,digit=1' -> per key; unset -> ``defaults``."""
+    """--scale: '2' -> every key; '1500,700' -> one per key in order (the original's: its first
+    value for the first attribute, the second for the second); 'parity=2,digit=1' -> per key by
+    name; unset -> ``defaults``."""
     out = dict(defaults)
     if spec is None:
         return out
+    named, plain = {}, []
     for part in str(spec).split(","):
-        name, _, val = part.rpartition("=")
+        name, _, val = (s.strip() for s in part.rpartition("="))
         try:
             x = float(val)
         except ValueError:
             raise ValueError(f"--scale {spec!r}: {val!r} is not a number") from None
         if not math.isfinite(x) or x < 0:
-            raise ValueError(f"--scale {spec!r}: must be a finite number >= 0")
-        for a in ([name] if name else keys):
-            if a not in out:
-                raise ValueError(f"--scale names attribute {a!r}, which is not guided ({keys})")
-            out[a] = x
+            raise ValueError(f"--scale {spec!r}: each scale must be a finite number >= 0")
+        if name:
+            if name not in out:
+                raise ValueError(f"--scale names attribute {name!r}, which is not guided ({keys})")
+            named[name] = x
+        else:
+            plain.append(x)
+    if plain and named:
+        raise ValueError(f"--scale {spec!r}: give plain numbers (one, or one per attribute in order) "
+                         f"or attr=value pairs, not both")
+    if len(plain) == 1:
+        named = dict.fromkeys(keys, plain[0])
+    elif plain:
+        if len(plain) != len(keys):
+            raise ValueError(f"--scale {spec!r}: {len(plain)} values for {len(keys)} guided attribute(s) "
+                             f"{keys}: give one value for all, or one per attribute in that order")
+        named = dict(zip(keys, plain))
+    out.update(named)
     return out
 
 
