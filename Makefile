@@ -26,10 +26,10 @@ test: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 demo: venv
-	$(VENV)/bin/python main.py --demo
+	$(VENV)/bin/python main.py --demo --overwrite
 
 demo-t2i: venv
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_t2i.yml --demo --exp runs/demo_t2i
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_t2i.yml --demo --overwrite --exp runs/demo_t2i
 
 bench: venv
 	$(VENV)/bin/python bench/run_all.py

@@ -15,6 +15,14 @@ import torch  # noqa: E402
 # the tests use tiny models: one thread is faster than two fighting over a small CPU
 torch.set_num_threads(1)
 
+# diffusers and transformers give their loggers a handler on sys.stderr when first used; made here,
+# it holds the session's stream rather than one test's captured (and later closed) stream
+for _lib in ("diffusers", "transformers"):
+    try:
+        __import__(f"{_lib}.utils.logging", fromlist=["get_logger"]).get_logger(_lib)
+    except ImportError:
+        pass
+
 
 @pytest.fixture(scope="session")
 def tiny_adm():

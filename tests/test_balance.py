@@ -163,6 +163,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     import json
     rec = json.loads((tmp_path / "two" / "run.json").read_text())
     assert rec["world_size"] == 2 and rec["seeds"] == list(range(8))
+    # each global batch's estimate is recorded under the global batch's seeds, as one process does
+    ref = json.loads((tmp_path / "one" / "run.json").read_text())["adp_distribution_last_step"]
+    got = rec["adp_distribution_last_step"]
+    assert [d["seeds"] for d in got] == [d["seeds"] for d in ref] == [[0, 3], [4, 7]]
+    for a, b in zip(got, ref):
+        for key in b["adp_distribution"]:
+            assert np.allclose(a["adp_distribution"][key], b["adp_distribution"][key], atol=1e-3)
 
 
 # ---- the batch plan (utils.sampling.pipeline.plan_batches) -------------------------------------------

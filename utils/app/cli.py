@@ -15,8 +15,9 @@ import yaml
 from models.adp import ClassifierMismatchError
 from models.files import CheckpointError, resolve_path
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
-from utils.app.runtime import setup_logging
-from utils.guidance.settings import PRESETS, SettingsError, parse_guide_steps
+from utils.app.runtime import pick_device, setup_logging
+from models.sd import SCHEDULER_CHOICES
+from utils.guidance.settings import CHOICES, PRESETS, SettingsError, parse_guide_steps
 
 log = logging.getLogger("main")
 
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="override model.checkpoint of the config")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--exp", default="runs/generate", help="output folder")
-    g.add_argument("--n_test_img", type=int, default=100, help="number of images to generate")
+    g.add_argument("--n_test_img", type=int, help=f"number of images to generate (default {DEFAULT_N_IMAGES}; "
+                   f"the demo: the config's demo: n)")
     g.add_argument("--bs_test", type=int, default=100, help="batch size (the unit of distribution guidance)")
     g.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k")
     g.add_argument("--seeds", help="explicit seeds, e.g. 0-999 or 3,5,8 (overrides --seed/--n_test_img)")
@@ -72,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="guide a coarse target through a finer head that nests it (the config's "
                         "refine: map, e.g. parity through digit; default: the preset's)")
-    g.add_argument("--refine_within", choices=["uniform", "model"],
+    g.add_argument("--refine_within", choices=CHOICES["refine_within"],
                    help="refine spreads a coarse class's share over its finer classes evenly (uniform) "
                         "or in the model's own proportions (model: the ADP's class fractions, which "
-                        "keeps what was not targeted; default: the preset's)")
+                        "keeps what was not targeted; preserve: as model, and the coarse attributes "
+                        "nobody targeted keep the model's marginals; default: the preset's)")
     g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="the config's labeller checks finished images: the running balance counts "
                         "its classes, sample guidance redraws the images outside their class "
@@ -89,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", help="one prompt a line: a run (sub-folder pNNN) per prompt, "
                    "each with its own running balance; for --extract_pseudo: the seeds cycle through them")
     g.add_argument("--negative_prompt", help="negative prompt (default: config negative_prompt)")
-    g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (default: config sampling.cfg)")
-    g.add_argument("--scheduler", choices=["ddim", "dpm", "euler", "pndm"],
-                   help="diffusers scheduler (default: config model.scheduler)")
+    g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale >= 1, 1: none "
+                   "(default: config sampling.cfg)")
+    g.add_argument("--scheduler", choices=SCHEDULER_CHOICES,
+                   help="diffusers scheduler, built from the model's scheduler config; model: the folder's "
+                        "own scheduler as saved (default: config model.scheduler; with --preset paper: model)")
     g.add_argument("--cfg_edit", choices=["both", "cond"],
                    help="edit h of both halves of the CFG batch (the same delta h) or the conditional "
                         "half only (default: the preset's)")
@@ -123,9 +128,18 @@ def finite_float(text: str) -> float:
     return x
 
 
+#: --n_test_img when it is not given
+DEFAULT_N_IMAGES = 100
+#: the most images one command may ask for (a list of seeds is held in memory)
+MAX_IMAGES = 10_000_000
+
+
 def output_path(path: str) -> Path:
     """An output folder given on the command line: relative to the current directory."""
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:                      # Python 3.11's resolve() on a symbolic-link loop
+        raise ValueError(f"{path}: a symbolic link loop; give a real folder") from None
 
 
 def input_path(path: str | None) -> str | None:
@@ -134,6 +148,8 @@ def input_path(path: str | None) -> str | None:
     if path is None:
         return None
     p = Path(path).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{path}: a symbolic link that points nowhere (or a loop); give the file itself")
     return str(p.resolve()) if p.exists() else path
 
 
@@ -151,10 +167,10 @@ def read_prompts(cfg: dict, args) -> list[str]:
         if not prompts:
             raise ValueError(f"--prompts {args.prompts} holds no prompt (one prompt a line)")
         return prompts
-    prompt = args.prompt or cfg.get("prompt")
-    if not prompt:
+    prompt = args.prompt if args.prompt is not None else cfg.get("prompt")   # "" is a prompt (the empty one)
+    if prompt is None:
         raise ValueError("text-to-image needs --prompt \"...\" or --prompts FILE")
-    return [prompt]
+    return [str(prompt)]
 
 
 def check_numbers(args) -> None:
@@ -163,10 +179,20 @@ def check_numbers(args) -> None:
         raise ValueError(f"--steps {args.steps}: the number of DDIM steps must be >= 1")
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta {args.eta}: DDIM eta must be in [0, 1] (0 deterministic, 1 the original's)")
-    if args.cfg is not None and args.cfg < 0:
-        raise ValueError(f"--cfg {args.cfg}: the classifier-free guidance scale must be >= 0 (1: none)")
-    if args.bs_test < 1 or args.n_test_img < 1:
-        raise ValueError("--bs_test and --n_test_img must be >= 1")
+    if args.cfg is not None and args.cfg < 1:
+        raise ValueError(f"--cfg {args.cfg}: the classifier-free guidance scale must be >= 1 (1: none; "
+                         f"diffusers' pipelines apply classifier-free guidance only above 1)")
+    for flag in ("bs_test", "n_test_img", "extract_pseudo"):
+        value = getattr(args, flag)
+        if value is not None and not 1 <= value <= MAX_IMAGES:
+            raise ValueError(f"--{flag} {value}: must be in [1, {MAX_IMAGES:,}]")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other; give one")
+
+
+def n_images(args, default: int = DEFAULT_N_IMAGES) -> int:
+    """--n_test_img, or ``default`` when it was not given."""
+    return default if args.n_test_img is None else args.n_test_img
 
 
 def resolve_mode(args) -> str:
@@ -234,10 +260,11 @@ def run(argv: list[str] | None, generate: Callable, demo: Callable, extract: Cal
     setup_logging(args.verbose)
     try:
         check_numbers(args)
+        pick_device(args.device)              # a device name that cannot be used fails here
         cfg = load_run_config(args)
         if args.demo:
             return demo(cfg, args)
-        if args.just_precompute or args.extract_pseudo:
+        if args.just_precompute or args.extract_pseudo is not None:
             return extract(cfg, args)
         return generate(cfg, args, resolve_mode(args))
     except KeyboardInterrupt:

@@ -64,10 +64,13 @@ class RunFolder:
         self.out, self.image_shape = Path(out), image_shape
         self.lock = self.out / ".lock"
         self._locked = False
+        self._created: list[Path] = []        # folders this run made (``abandon`` removes them)
+        self._was_empty = False
 
     # ---- before anything is written -----------------------------------------------------------
-    def check(self, identity: dict, overwrite: bool, resume: bool) -> None:
-        """Refuse, before touching anything, a folder this run must not write into."""
+    def check(self, identity: dict, overwrite: bool, resume: bool, seeds: list[int] | None = None) -> None:
+        """Refuse, before touching anything, a folder this run must not write into (``seeds``:
+        the run's; --resume continues a run of the same seeds, or of more)."""
         if overwrite and resume:
             raise RunFolderError("--overwrite and --resume contradict each other; give one")
         out = self.out
@@ -97,15 +100,33 @@ class RunFolder:
             if diff:
                 raise RunFolderError(f"--resume: {out} holds another run; it differs in "
                                      + "; ".join(diff) + ". Use the same settings, or another --exp")
+            if seeds is not None:
+                self._check_same_seeds(rec, set(seeds))
         else:
             raise RunFolderError(f"output folder {out} is not empty; pass --resume to continue the run "
                                  f"there or --overwrite to replace it")
         self._check_writable(out)
 
+    def _check_same_seeds(self, rec: Path, seeds: set[int]) -> None:
+        """--resume: the folder's seeds (its run.json's and its images') are among this run's."""
+        try:
+            recorded = json.loads(rec.read_text()).get("seeds") or []
+        except (json.JSONDecodeError, AttributeError):
+            recorded = []
+        on_disk = [int(p.name[:-4]) for p in self.out.iterdir() if re.fullmatch(r"\d{6,}\.png", p.name)]
+        other = sorted(({int(s) for s in recorded if isinstance(s, int)} | set(on_disk)) - seeds)
+        if other:
+            shown = ", ".join(map(str, other[:6])) + (" ..." if len(other) > 6 else "")
+            raise RunFolderError(f"--resume: {self.out} holds the run of other seeds ({len(other)} not asked "
+                                 f"for now: {shown}); --resume continues a run with the same seeds (or more). "
+                                 f"Pass that run's seeds (run.json 'seeds'), or choose another --exp")
+
     @staticmethod
     def _existing_parent(p: Path) -> Path:
         while not p.exists():
             p = p.parent
+        if not p.is_dir():
+            raise RunFolderError(f"--exp: {p} is a file, so no folder can be made inside it; choose another --exp")
         return p
 
     @staticmethod
@@ -135,7 +156,10 @@ class RunFolder:
     # ---- the run ------------------------------------------------------------------------------
     def open(self, overwrite: bool) -> None:
         """Create the folder, take the lock (a stale one is taken over), clear it if asked."""
+        missing = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
+        self._created = missing
+        self._was_empty = not any(p for p in self.out.iterdir() if p.name != ".lock")
         self._check_not_locked()
         tmp = self.out / f".lock.{os.getpid()}.tmp"
         tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
@@ -147,6 +171,23 @@ class RunFolder:
             for p in self.out.iterdir():
                 if OWN_FILE.match(p.name) and p.name != ".lock":
                     p.unlink()
+
+    def abandon(self) -> None:
+        """After a run failed: if it wrote no image into a folder that was empty, remove what it
+        wrote (run.json) and the folders it made, so the folder is as it was."""
+        if not self._locked or not self._was_empty:
+            return
+        if any(p.suffix == ".png" and p.name != "grid.png" for p in self.out.iterdir()):
+            return
+        for p in self.out.iterdir():
+            if OWN_FILE.match(p.name) and p.name != ".lock":
+                p.unlink(missing_ok=True)
+        self.close()
+        for folder in self._created:           # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def close(self) -> None:
         if self._locked and self._lock_owner() == (os.getpid(), socket.gethostname()):

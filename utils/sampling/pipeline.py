@@ -115,7 +115,11 @@ def sample_seeds(pipe, seeds: list[int], guide=None, asymmetric: bool = False):
     """Draw one batch: (x0 [n,C,H,W] in [-1,1], the guide's report or None). Images the
     guide's report names are drawn again from their own seeds with the guide it gives."""
     batch = guide.start(seeds) if guide is not None else None
-    return _draw(pipe, seeds, batch, asymmetric)
+    x0, report = _draw(pipe, seeds, batch, asymmetric)
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError(f"the model's images for seeds {seeds[0]}..{seeds[-1]} are not finite (NaN or inf): "
+                         + ("lower --scale" if guide is not None else "check the checkpoint and its config"))
+    return x0, report
 
 
 def _draw(pipe, seeds: list[int], batch, asymmetric: bool):

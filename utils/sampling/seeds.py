@@ -29,9 +29,12 @@ class SeededNoise:
         return self._draw()
 
 
-def parse_seeds(spec: str | None, n: int, start: int = 0) -> list[int]:
-    """``"0-99"`` or ``"3,5,9"`` -> a list; None -> ``start .. start+n-1``."""
+def parse_seeds(spec: str | None, n: int, start: int = 0, most: int = 10_000_000) -> list[int]:
+    """``"0-99"`` or ``"3,5,9"`` -> a list; None -> ``start .. start+n-1``; at most ``most`` seeds."""
     if spec is None:
+        if not 0 <= start and start + n <= MAX_SEED:
+            raise ValueError(f"seeds {start}..{start + n - 1} are out of range: seeds must be in [0, 2**32) "
+                             f"(--seed, --n_test_img)")
         seeds = list(range(start, start + n))
     else:
         seeds = []
@@ -39,11 +42,17 @@ def parse_seeds(spec: str | None, n: int, start: int = 0) -> list[int]:
             part = part.strip()
             try:
                 if "-" in part:
-                    a, b = part.split("-")
-                    seeds.extend(range(int(a), int(b) + 1))
+                    a, b = (int(v) for v in part.split("-"))
+                    if not 0 <= a <= b < MAX_SEED:
+                        raise ValueError(f"--seeds {spec!r}: a range a-b needs 0 <= a <= b < 2**32")
+                    if len(seeds) + b - a + 1 > most:
+                        raise ValueError(f"--seeds {spec!r} names more than {most:,} seeds")
+                    seeds.extend(range(a, b + 1))
                 elif part:
                     seeds.append(int(part))
-            except ValueError:
+            except ValueError as e:
+                if str(e).startswith("--seeds"):
+                    raise
                 raise ValueError(f"--seeds {spec!r}: expected seeds like 0-999 or 3,5,8") from None
         if not seeds:
             raise ValueError(f"--seeds {spec!r} names no seed")
