@@ -2,7 +2,7 @@ r"""The Attribute Distribution Predictor (ADP): train it on extracted h-vectors,
 original code's classifiers, or add guidance directions to an ADP from an extraction.
 
     python multi_classifier.py --data runs/h_digits_pseudo --attributes parity,magnitude,digit \
-        --out pretrained/digits16_adp.pt
+        --out runs/digits16_adp.pt
     python multi_classifier.py --import_original gender.pt --attribute gender --classes female,male \
         --config configs/celeba_hq_p2.yml --out pretrained/celebahq_gender_original.pt
     python multi_classifier.py --directions_from runs/h_faces --adp pretrained/celebahq_gender_original.pt \
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from models.adp import ADP, ClassifierMismatchError  # noqa: E402
-from models.files import file_sha256, load_tensors, resolve_path  # noqa: E402
+from models.files import check_writable, file_sha256, load_tensors, resolve_path  # noqa: E402
 from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import setup_logging  # noqa: E402
@@ -74,23 +75,62 @@ def build_parser(single: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+def check_numbers(args) -> None:
+    """Ranges of the numeric options, before anything is read or written."""
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: --epochs must be >= 1 (passes over the training samples)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: the batch size must be >= 1 (default 128)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr}: the learning rate must be a finite number > 0 (default 1e-3)")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction {args.val_fraction}: expected --val_fraction in (0, 1), the share "
+                         f"of samples held out for validation (default 0.2)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give N >= 1 samples, or leave --limit out to use them all")
+    n = getattr(args, "priors_from_samples", None)
+    if n is not None and n < 1:
+        raise ValueError(f"--priors_from_samples {n}: the number of vanilla samples must be >= 1 (e.g. 1000)")
+
+
+def command(args) -> str:
+    """What to do: train (--data), import, directions or priors; one of them."""
+    given = [flag for flag, on in (("--data", args.data),
+                                   ("--import_original", getattr(args, "import_original", None)),
+                                   ("--directions_from", getattr(args, "directions_from", None)),
+                                   ("--priors_from_samples", getattr(args, "priors_from_samples", None) is not None))
+             if on]
+    if len(given) > 1:
+        raise ValueError(f"give one of --data (train), --import_original, --directions_from or "
+                         f"--priors_from_samples, not {' and '.join(given)}")
+    if not given:
+        raise ValueError("training needs --data (extraction folders); or --import_original / --directions_from")
+    return given[0].lstrip("-")
+
+
+def check_out(out: Path, overwrite: bool, reports: bool) -> None:
+    """Refuse, before anything is read or written, an --out that cannot be written or would
+    replace files without --overwrite (``reports``: the .md/.json/.png written beside it too)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a checkpoint file name, e.g. --out {out / 'adp.pt'}")
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out}: an ADP checkpoint's name ends in .pt (its .json/.md/.png reports "
+                         f"are written beside it), e.g. --out {out.with_suffix('.pt')}")
+    targets = [out, *(out.with_suffix(s) for s in (".md", ".json", ".png") if reports)]
+    folders = [p for p in targets if p.is_dir()]
+    if folders:
+        raise ValueError(f"--out {out}: {folders[0]} (a report written beside it) is a folder; choose another --out")
+    existing = [p.name for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out}: {', '.join(existing)} exist{'s' if len(existing) == 1 else ''} in "
+                              f"{out.parent}; pass --overwrite to replace, or choose another --out")
+    check_writable(out, "--out")
 
 
 def train(args, attrs: list[str] | None, out: Path) -> int:
-    if not args.data:
-        raise ValueError("training needs --data (extraction folders); or --import_original / --directions_from")
-    if args.epochs < 1 or not 0 < args.val_fraction < 1:
-        raise ValueError("--epochs must be >= 1 and --val_fraction in (0, 1)")
     data = open_h_dataset([resolve_path(input_path(d)) for d in args.data], attrs)   # h stays on disk
     meta = data.meta
-    missing = [a for a in (attrs or []) if a not in data.labels]
-    if missing:
-        have = list(meta["attributes"]) or "no labels (an unlabelled extraction)"
-        raise ValueError(f"the data has no labels for {missing}; it has {have}")
-    if args.limit:
+    if args.limit is not None:
         data = data.head(args.limit)
     adp, metrics = train_adp_stream(data, meta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     val_fraction=args.val_fraction, seed=args.seed)
@@ -222,8 +262,8 @@ def add_priors(args, out: Path) -> int:
     from utils.app.runtime import pick_device
     from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches
     from utils.sampling.seeds import SeededNoise
-    if not args.adp or args.priors_from_samples < 1:
-        raise ValueError("--priors_from_samples N (N >= 1) needs --adp (the ADP to complete)")
+    if not args.adp:
+        raise ValueError("--priors_from_samples N needs --adp (the ADP to complete)")
     cfg = load_config(input_path(args.config or "configs/digits16.yml"))
     pipe = load_pipeline(cfg, pick_device("auto"))
     path = resolve_path(input_path(args.adp))
@@ -256,13 +296,15 @@ def add_priors(args, out: Path) -> int:
 
 def run(args, attrs: list[str] | None) -> int:
     setup_logging()
+    check_numbers(args)
+    what = command(args)
     out = output_path(args.out)
-    _refuse_existing(out, args.overwrite)
-    if getattr(args, "import_original", None):
+    check_out(out, args.overwrite, reports=what == "data")
+    if what == "import_original":
         return import_original(args, out)
-    if getattr(args, "directions_from", None):
+    if what == "directions_from":
         return add_directions(args, out)
-    if getattr(args, "priors_from_samples", None):
+    if what == "priors_from_samples":
         return add_priors(args, out)
     return train(args, attrs, out)
 
@@ -270,7 +312,11 @@ def run(args, attrs: list[str] | None) -> int:
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    attrs = [a.strip() for a in args.attributes.split(",")] if args.attributes and not args.import_original else None
+    attrs = None
+    if args.attributes is not None and not args.import_original:
+        attrs = [a.strip() for a in args.attributes.split(",") if a.strip()]
+        if not attrs:
+            raise ValueError(f"--attributes {args.attributes!r} names no attribute; e.g. --attributes parity,digit")
     return run(args, attrs)
 
 

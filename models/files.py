@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -51,3 +52,34 @@ def load_tensors(path: str | Path, what: str, error: type = CheckpointError):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise error(f"{path} cannot be read as {what}: files of this project hold tensors and plain "
                     f"values only, and this one is not such a file ({type(e).__name__}: {first})") from None
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """The folder that writing ``path`` (a file or folder, existing or not) writes into: the
+    nearest existing folder at or above it, checked to be a folder this process may write into;
+    otherwise a ValueError naming ``flag``, the path and the fix."""
+    path = Path(path)
+    place = path if path.is_dir() else path.parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise ValueError(f"{flag} {path}: {place} is a file, not a folder, so nothing can be made inside it; "
+                         f"choose another {flag}")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write to {place} (permission denied); choose another {flag}")
+    return place
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; a file that is not valid JSON, or holds something else than
+    an object, is a ``ValueError`` that names the file, ``what`` it should be and the ``fix``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not text"
+        raise ValueError(f"{path} is not valid JSON ({where}); it should be {what}; {fix}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise ValueError(f"{path} holds {kind}, not {what} (a JSON object); {fix}")
+    return value

@@ -2,6 +2,8 @@
 (DDIM inversion) or from generated samples labelled by a classifier."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from models.files import resolve_path
 from models.labellers import load_labeller
 from utils.app.cli import input_path, output_path, read_prompts
@@ -10,49 +12,64 @@ from utils.sampling.pipeline import load_pipeline
 from utils.sampling.seeds import parse_seeds
 
 
-def extract(cfg: dict, args) -> int:
-    from utils.data.extract import extract_from_folders, extract_pseudo_labelled
+def check_extraction(cfg: dict, args) -> Path:
+    """The extraction's flags and output folder, before anything is loaded or written; returns
+    the output folder."""
+    from utils.data.extract import check_savepath
+    if args.just_precompute and (cfg.get("model") or {}).get("family") == "sd":
+        raise ValueError("--just_precompute (DDIM inversion of image folders) is not available for "
+                         "text-to-image models yet; use --extract_pseudo N with a labeller")
     if not args.savepath:
         raise ValueError("extraction needs --savepath (the folder the h-vectors go to)")
+    if args.just_precompute and args.extract_pseudo is not None:
+        raise ValueError("give --just_precompute True (DDIM inversion of image folders) or --extract_pseudo N "
+                         "(generated samples), not both")
+    if not args.just_precompute and (args.extract_pseudo is None or args.extract_pseudo < 1):
+        raise ValueError(f"--extract_pseudo N: N must be >= 1, the number of samples to draw and label "
+                         f"(got {args.extract_pseudo})")
+    if args.just_precompute and (not args.test_path_one or not args.attribute):
+        raise ValueError("--just_precompute needs --test_path_one (class folders) and --attribute")
+    out = output_path(args.savepath)
+    check_savepath(out)
+    return out
+
+
+def extract(cfg: dict, args) -> int:
+    from utils.data.extract import extract_from_folders, extract_pseudo_labelled
+    out = check_extraction(cfg, args)
     device = pick_device(args.device)
     if (cfg.get("model") or {}).get("family") == "sd":
-        return extract_text_to_image(cfg, args, device)
-    pipe = load_pipeline(cfg, device, args.steps, 0.0 if args.just_precompute else args.eta)
-    meta = {"model": pipe.model_id, "config": cfg.get("name")}
-    out = output_path(args.savepath)
+        return extract_text_to_image(cfg, args, device, out)
     if args.just_precompute:
-        if not args.test_path_one or not args.attribute:
-            raise ValueError("--just_precompute needs --test_path_one (class folders) and --attribute")
-        extract_from_folders(pipe.sampler, resolve_path(input_path(args.test_path_one)), args.attribute, out,
-                             meta, args.bs_test, device)
+        root = resolve_path(input_path(args.test_path_one))
+        pipe = load_pipeline(cfg, device, args.steps, 0.0)
+        meta = {"model": pipe.model_id, "config": cfg.get("name")}
+        extract_from_folders(pipe.sampler, root, args.attribute, out, meta, args.bs_test, device)
     else:
         if not cfg.get("labeller"):
             raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
                              f"pass --labeller NAME_OR_FILE")
         seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
-        extract_pseudo_labelled(pipe.sampler, seeds, load_labeller(cfg["labeller"]), out,
-                                {**meta, "labeller": cfg["labeller"]}, args.bs_test, device)
+        pipe = load_pipeline(cfg, device, args.steps, args.eta)
+        meta = {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]}
+        extract_pseudo_labelled(pipe.sampler, seeds, load_labeller(cfg["labeller"]), out, meta, args.bs_test, device)
     print(f"h-vectors in {out}")
     return 0
 
 
-def extract_text_to_image(cfg: dict, args, device) -> int:
+def extract_text_to_image(cfg: dict, args, device, out: Path) -> int:
     """--extract_pseudo N on a text-to-image model: the seeds' images over --prompts / --prompt,
     labelled by the config's labeller (e.g. CLIP zero-shot)."""
     from utils.data.extract_t2i import extract_t2i_pseudo
     from utils.sampling.text2image import load_t2i
-    if args.just_precompute:
-        raise ValueError("--just_precompute (DDIM inversion of image folders) is not available for "
-                         "text-to-image models yet; use --extract_pseudo N with a labeller")
     if not cfg.get("labeller"):
         raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
                          f"set labeller: (e.g. a clip spec) or pass --labeller FILE")
     prompts = read_prompts(cfg, args)
+    seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
     labeller = load_labeller(cfg["labeller"])
     pipe = load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
-    seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
     negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
-    out = output_path(args.savepath)
     extract_t2i_pseudo(pipe, prompts, seeds, labeller, out,
                        {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]},
                        args.bs_test, negative)

@@ -17,6 +17,7 @@ whatever the number of samples N; only the labels and sample indices ([N] intege
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterator, Protocol
 
 import torch
@@ -156,6 +157,12 @@ def train_adp_stream(data: HSource, meta: dict, epochs: int = 30, batch_size: in
     Metrics: per attribute, validation accuracy per timestep (same order as ``timesteps``),
     its mean over the last 20% of the denoising steps (t near 0) and over the first 10%.
     """
+    bad = [f"{k} {v}" for k, v, ok in (("epochs", epochs, epochs >= 1), ("batch_size", batch_size, batch_size >= 1),
+                                       ("lr", lr, math.isfinite(lr) and lr > 0),
+                                       ("val_fraction", val_fraction, 0 < val_fraction < 1)) if not ok]
+    if bad:
+        raise ValueError(f"ADP training: {', '.join(bad)} out of range (epochs and batch_size >= 1, "
+                         f"lr > 0, val_fraction in (0, 1))")
     n = sum(data.sizes)
     if n < 2 or not data.labels:
         raise ValueError(f"ADP training needs at least 2 samples with labels; got {n} samples "

@@ -1,6 +1,6 @@
 """h-vector extraction for text-to-image models: generate over prompts, record the conditional
 rows' h at every step (``T2IPipeline.draw(record=...)``), label the finished images; shards in
-the format of ``utils.data.extract`` (resumable: finished shards are skipped).
+the format of ``utils.data.extract`` (resumable: finished shards are skipped, broken ones redone).
 
 Batch k uses prompt k mod len(prompts), so each shard holds one prompt (recorded per shard)."""
 from __future__ import annotations
@@ -29,9 +29,9 @@ def extract_t2i_pseudo(pipe, prompts: list[str], seeds: list[int], labeller, out
     _write_meta(out, meta)
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     for k, batch in enumerate(tqdm(batches, desc="extract (text-to-image, pseudo-labels)")):
-        if shard_done(out, k):
-            continue
         prompt = prompts[k % len(prompts)]
+        if shard_done(out, k, list(batch), meta, prompt):
+            continue
         record: list[torch.Tensor] = []
         x0 = pipe.with_prompt(prompt, negative_prompt).draw(batch, record=record)
         if len(record) != len(timesteps):
