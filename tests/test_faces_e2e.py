@@ -54,7 +54,7 @@ def readme_blocks() -> list[str]:
 
 
 def commands(block: str, values: dict[str, str]) -> list[list[str]]:
-    """argv lists of a block's `python` lines (continuations joined, $VARS expanded); its
+    """argv lists of a block's `.venv/bin/python` lines (continuations joined, $VARS expanded); its
     VAR=value lines must be the ones the test sets, and nothing else may be in it."""
     out = []
     for line in block.replace("\\\n", " ").splitlines():
@@ -65,7 +65,7 @@ def commands(block: str, values: dict[str, str]) -> list[list[str]]:
         if m:
             assert m.group(1) in values, f"README variable {m.group(1)} is not set by the test"
             continue
-        assert line.startswith("python "), f"README line the test cannot run: {line!r}"
+        assert line.startswith(".venv/bin/python "), f"README line the test cannot run: {line!r}"
         line = re.sub(r"\$([A-Z]+)", lambda v: values[v.group(1)], line)
         out.append(shlex.split(line)[1:])
     return out

@@ -5,6 +5,8 @@ confidently."""
 from __future__ import annotations
 
 import functools
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,47 @@ def target_weights(labels: dict[str, np.ndarray], targets: dict[str, list[float]
     return want[cells] / have[cells]
 
 
+def check_evaluable(cfg: dict, judge: Judge, targets: dict[str, list[float]] | None = None) -> None:
+    """Raise a ValueError for what would stop an evaluation with this config, judge and targets,
+    cheaply and before any image is made: an unknown ``reference:``, a reference without an
+    image size, a judge with no attributes, a target whose number of fractions is not the
+    judge's number of classes. A judge without features is no error: the Frechet distance is
+    then reported as not available, and targets of attributes the judge lacks as not judged."""
+    name = cfg.get("reference")
+    if name is not None:
+        if name not in REFERENCES:
+            raise ValueError(f"config {cfg.get('name')}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
+        image_size(cfg)
+    if not judge.attributes:
+        raise ValueError(f"the judge ({type(judge).__name__}) measures no attribute; give another with --judge")
+    for key, want in (targets or {}).items():
+        parts = key.split("*")
+        if not all(a in judge.attributes for a in parts):
+            continue
+        k = math.prod(len(judge.attributes[a]) for a in parts)
+        if len(want) != k:
+            classes = " x ".join(f"{a} {judge.attributes[a]}" for a in parts)
+            raise ValueError(f"target {key} has {len(want)} fractions but the judge's {key} has {k} classes "
+                             f"({classes}); give a target with {k} fractions or a judge with these classes")
+
+
+def _frechet_fields(judge: Judge, images: torch.Tensor, real: torch.Tensor,
+                    real_labels: dict[str, np.ndarray] | None, mix: dict[str, list[float]]) -> dict:
+    """``frechet`` (and ``frechet_matched`` to the real images reweighted to ``mix``) in the
+    judge's feature space, or ``frechet_unavailable``: why not (no features, < 2 images)."""
+    if not judge.has_features():
+        return {"frechet_unavailable": f"the judge ({type(judge).__name__}) has no feature extractor"}
+    if len(images) < 2:
+        return {"frechet_unavailable": f"it needs >= 2 images (a covariance), got {len(images)}"}
+    fake, ref = judge.features(images).double().numpy(), judge.features(real).double().numpy()
+    out = {"frechet": frechet_distance(fake, ref)}
+    w = target_weights(real_labels, mix) if real_labels is not None else None
+    if w is not None:
+        out["frechet_matched"] = frechet_distance(fake, ref, w)
+        out["frechet_matched_to"] = {a: list(v) for a, v in mix.items() if a in real_labels}
+    return out
+
+
 def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[float]] | None,
                     real: torch.Tensor | None = None, attrs: list[str] | None = None,
                     threshold: float = 0.9, real_labels: dict[str, np.ndarray] | None = None,
@@ -106,10 +149,14 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     judge on a vanilla run of the same model and seeds) it also gives ``drift``: per attribute
     the targets leave out, how far it moved from keeping each targeted cell's own mix.
     Per attribute, ``fractions_corrected`` / ``fd_corrected`` (with ``_ci``) correct for the
-    judge's confusion (None when the judge has none stored); joint FDs are not corrected (None)."""
+    judge's confusion (None when the judge has none stored); joint FDs are not corrected (None).
+    Targets of attributes the judge lacks are listed in ``not_judged``; when the Frechet distance
+    cannot be computed (a judge without features, one image), ``frechet_unavailable`` says why."""
     probs = judge.predict(images)
     attrs = attrs or list(probs)
     targets = dict(targets or {})
+    not_judged = sorted(k for k in targets if any(a not in probs for a in k.split("*")))
+    targets = {k: v for k, v in targets.items() if k not in not_judged}
     joint_keys = [k for k in targets if "*" in k]           # joint targets, e.g. parity*magnitude
     report = evaluate_attributes({a: probs[a] for a in attrs},
                                  {a: np.asarray(v) for a, v in targets.items() if a in attrs})
@@ -138,14 +185,10 @@ def evaluate_images(images: torch.Tensor, judge: Judge, targets: dict[str, list[
     report["n"] = int(len(images))
     report["confident_share"] = confident_share(probs[main_attr], threshold)
     report["confident_on"] = main_attr
-    if real is not None and hasattr(judge, "features"):
-        fake, ref = judge.features(images).double().numpy(), judge.features(real).double().numpy()
-        report["frechet"] = frechet_distance(fake, ref)
-        mix = match if match is not None else targets
-        w = target_weights(real_labels, mix) if real_labels is not None else None
-        if w is not None:
-            report["frechet_matched"] = frechet_distance(fake, ref, w)
-            report["frechet_matched_to"] = {a: list(v) for a, v in mix.items() if a in real_labels}
+    if not_judged:
+        report["not_judged"] = not_judged
+    if real is not None:
+        report.update(_frechet_fields(judge, images, real, real_labels, match if match is not None else targets))
     return report
 
 
@@ -187,7 +230,7 @@ def fractions_cell(m: dict, digits: int = 3) -> str:
 
 def format_table(rows: list[tuple[str, dict]], attrs: list[str]) -> str:
     """A Markdown table: run, per-attribute fractions (raw, then judge-corrected), FD and corrected
-    FD, joint FD, Frechet, confident share."""
+    FD, joint FD, Frechet, confident share; below it, why a run's Frechet is not available."""
     head = ["run"] + [f"{a} fractions" for a in attrs]
     head += [h for a in attrs for h in (f"FD {a}", f"corrected FD {a}")]
     if len(attrs) > 1:
@@ -202,10 +245,87 @@ def format_table(rows: list[tuple[str, dict]], attrs: list[str]) -> str:
             cells.append(f"{r['joint']['fd']:.3f}" if "fd" in r.get("joint", {}) else "-")
         cells += [f"{r['frechet']:.2f}" if "frechet" in r else "-", f"{r['confident_share']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"Frechet not available for {name}: {r['frechet_unavailable']}"
+              for name, r in rows if r.get("frechet_unavailable")]
     return "\n".join(lines)
+
+
+class RunRecordError(ValueError):
+    """A run folder's run.json cannot be read as a run record."""
+
+
+#: how a broken run.json is fixed
+REWRITE_RECORD = "re-run the generation (its main.py command with --overwrite) to rewrite it"
+
+
+def run_record(folder: Path) -> dict | None:
+    """A run folder's run.json (written by main.py), or None without one; a file that is not a
+    JSON mapping is a RunRecordError naming it."""
+    path = Path(folder) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path} is not valid JSON ({e}); {REWRITE_RECORD}") from None
+    if not isinstance(record, dict):
+        raise RunRecordError(f"{path} is not a run record (a JSON mapping), it holds a "
+                             f"{type(record).__name__}; {REWRITE_RECORD}")
+    return record
+
+
+def _record_field(record: dict, folder: Path, *keys: str, kind: type = dict):
+    """record[keys[0]][keys[1]]...: None when absent, a RunRecordError when not of ``kind``."""
+    node = record
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    if node is not None and not isinstance(node, kind):
+        raise RunRecordError(f"{Path(folder) / 'run.json'}: {'.'.join(keys)} must be a {kind.__name__}, "
+                             f"got {node!r:.80}; {REWRITE_RECORD}")
+    return node
+
+
+def record_seeds(record: dict | None, folder: Path) -> list[int] | None:
+    """The seeds a run record lists (its images are ``{seed:06d}.png``), or None."""
+    seeds = None if record is None else _record_field(record, folder, "seeds", kind=list)
+    if seeds is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise RunRecordError(f"{Path(folder) / 'run.json'}: seeds must be integers >= 0, got {seeds!r:.80}; "
+                             f"{REWRITE_RECORD}")
+    return seeds
+
+
+#: run.json's guidance mode -> what its ``requested`` targets are (for the printout)
+RECORDED_TARGETS = {"distribution": "the run's distribution targets, from run.json",
+                    "sample": "the run's sample-mode class, from run.json, as one-hot fractions"}
+
+
+def recorded_targets(record: dict | None, folder: Path) -> tuple[dict[str, list[float]], str] | None:
+    """(targets, what they are) a run record holds: a distribution run's requested fractions, or a
+    sample run's requested class (one-hot fractions); None for a vanilla run or no record."""
+    guidance = None if record is None else _record_field(record, folder, "resolved", "guidance")
+    if not guidance or guidance.get("mode") not in RECORDED_TARGETS:
+        return None
+    requested = _record_field(record, folder, "resolved", "guidance", "requested") or {}
+    if not requested or not all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                for v in requested.values()):
+        raise RunRecordError(f"{Path(folder) / 'run.json'}: resolved.guidance.requested must map each "
+                             f"target to its fractions, got {requested!r:.80}; {REWRITE_RECORD}")
+    return requested, RECORDED_TARGETS[guidance["mode"]]
 
 
 def evaluate_folder(folder: Path, cfg: dict, targets: dict | None = None,
                     judge: Judge | None = None) -> dict:
-    _, x = read_images(folder)
-    return evaluate_images(x, judge or judge_from_config(cfg), targets, real_reference(cfg))
+    """``evaluate_images`` on a run folder: the images of the seeds its run.json lists (every one
+    must be there), else every ``<seed>.png`` in it. ``targets`` None: those run.json records
+    (a distribution run's targets, a sample run's class; ``targets_from`` says which); {}: none."""
+    record = run_record(folder)
+    _, x = read_images(folder, record_seeds(record, folder))
+    source = None
+    if targets is None:
+        targets, source = recorded_targets(record, folder) or ({}, None)
+    judge = judge or judge_from_config(cfg)
+    check_evaluable(cfg, judge, targets)
+    report = evaluate_images(x, judge, targets, real_reference(cfg))
+    if source:
+        report["targets_from"] = source
+    return report
