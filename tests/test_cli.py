@@ -194,7 +194,7 @@ def test_parse_fraction_vector():
                                torch.tensor([0.25, 0.75]))
     v = parse_fraction_vector("parity", "1:0", ["even", "odd"])     # zeros smoothed for chi2
     assert (v > 0).all() and float(v.sum()) == pytest.approx(1.0) and v[0] > 0.99
-    for bad, msg in [("x", "not a number"), ("0.5:0.5:0", "3 fractions"), ("1.5", ">= 0")]:
+    for bad, msg in [("x", "not a number"), ("0.5:0.5:0", "3 fractions"), ("1.5", r"must be in \[0, 1\]")]:
         with pytest.raises(ValueError, match=msg):
             parse_fraction_vector("parity", bad, ["even", "odd"])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.files import write_atomic
+from models.files import check_writable, write_atomic
 
 OWN_FILE = re.compile(r"^(\d{6,}\.png|grid\.png|run\.json|eval\.json|\.lock|\..*\.tmp(\.png)?)$")
 #: the keys of run.json's "identity" that --resume compares
@@ -77,7 +77,7 @@ class RunFolder:
         if out.exists() and not out.is_dir():
             raise RunFolderError(f"--exp {out} is a file, not a folder")
         if not out.exists() or not any(out.iterdir()):
-            self._check_writable(out if out.exists() else self._existing_parent(out))
+            self._check_writable(out)
             return
         self._check_not_locked()
         foreign = foreign_files(out)
@@ -122,17 +122,11 @@ class RunFolder:
                                  f"Pass that run's seeds (run.json 'seeds'), or choose another --exp")
 
     @staticmethod
-    def _existing_parent(p: Path) -> Path:
-        while not p.exists():
-            p = p.parent
-        if not p.is_dir():
-            raise RunFolderError(f"--exp: {p} is a file, so no folder can be made inside it; choose another --exp")
-        return p
-
-    @staticmethod
     def _check_writable(folder: Path) -> None:
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise RunFolderError(f"cannot write to {folder} (permission denied); choose another --exp")
+        try:
+            check_writable(folder, "--exp")
+        except ValueError as e:
+            raise RunFolderError(str(e)) from None
 
     def _lock_owner(self) -> tuple[int, str] | None:
         try:

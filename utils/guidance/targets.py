@@ -34,6 +34,8 @@ def parse_target_spec(spec: str) -> dict[str, str]:
         if "=" not in part:
             raise ValueError(f"--target {spec!r}: expected attr=value pairs, e.g. parity=0.5")
         a, v = (s.strip() for s in part.split("=", 1))
+        if not a:
+            raise ValueError(f"--target {spec!r}: an attribute name is missing before '=', e.g. parity=0.5")
         if a in pairs:
             raise ValueError(f"--target {spec!r} names {a!r} twice; give each attribute once")
         pairs[a] = v
@@ -97,6 +99,9 @@ def parse_fraction_vector(attr: str, value: str, classes: list[str]) -> torch.Te
     if not all(math.isfinite(p) for p in parts):
         raise ValueError(f"target for {attr}: fractions must be finite numbers, got {value!r}")
     if len(parts) == 1 and k == 2:
+        if not 0 <= parts[0] <= 1:
+            raise ValueError(f"target for {attr}: {value} is the fraction of class 1 ({classes[1]}) and must "
+                             f"be in [0, 1]")
         parts = [1 - parts[0], parts[0]]
     if len(parts) != k:
         raise ValueError(f"target for {attr} has {len(parts)} fractions but the attribute has {k} "
