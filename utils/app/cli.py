@@ -14,10 +14,11 @@ import yaml
 
 from models.adp import ClassifierMismatchError
 from models.files import CheckpointError, resolve_path
+from models.sd import SCHEDULER_CHOICES
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
 from utils.app.runtime import pick_device, setup_logging
-from models.sd import SCHEDULER_CHOICES
 from utils.guidance.settings import CHOICES, PRESETS, SettingsError, parse_guide_steps
+from utils.sampling.seeds import MAX_IMAGES
 
 log = logging.getLogger("main")
 
@@ -130,8 +131,6 @@ def finite_float(text: str) -> float:
 
 #: --n_test_img when it is not given
 DEFAULT_N_IMAGES = 100
-#: the most images one command may ask for (a list of seeds is held in memory)
-MAX_IMAGES = 10_000_000
 
 
 def output_path(path: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 MAX_SEED = 2 ** 32          # seeds are in [0, 2**32): torch generators, file names and sorting agree
+MAX_IMAGES = 10_000_000     # the most seeds one command may name (their list is held in memory)
 
 
 class SeededNoise:
@@ -29,7 +30,7 @@ class SeededNoise:
         return self._draw()
 
 
-def parse_seeds(spec: str | None, n: int, start: int = 0, most: int = 10_000_000) -> list[int]:
+def parse_seeds(spec: str | None, n: int, start: int = 0, most: int = MAX_IMAGES) -> list[int]:
     """``"0-99"`` or ``"3,5,9"`` -> a list; None -> ``start .. start+n-1``; at most ``most`` seeds."""
     if spec is None:
         if not 0 <= start and start + n <= MAX_SEED:
