@@ -340,7 +340,8 @@ def run_case(case: Case) -> tuple[bool, int, str, str]:
         r = sh(cmd, {k: v.replace("{T}", str(t)) for k, v in case.env.items()})
         out = r.stdout + r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")] or \
-                [ln for ln in out.splitlines() if ln.strip() and " INFO " not in ln and "%|" not in ln][-1:]
+                [ln for ln in out.splitlines() if ln.strip() and " INFO " not in ln and "%|" not in ln
+                 and not ln.startswith(("[transformers]", "WARNING"))][-1:]
         msg = lines[0] if lines else ""
         problems = []
         if r.returncode != case.rc:
