@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from models.files import resolve_path
+from models.files import read_json_object, resolve_path
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -58,11 +58,8 @@ def _check_folder(folder: Path) -> Path:
     index = folder / "model_index.json"
     if not index.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{index} is not a diffusers model index (a JSON mapping with _class_name): "
-                         f"{type(e).__name__}; restore it from the model's download") from None
+    name = read_json_object(index, "a diffusers model index (with _class_name)",
+                            "restore it from the model's download").get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{folder} holds a {name}; the sd family loads {list(PIPELINES)}")
     missing = [p for p in PARTS if not (folder / p).is_dir()]

@@ -92,7 +92,8 @@ class RunFolder:
                 raise RunFolderError(f"--resume: {out} has no run.json, so it cannot be checked to be the "
                                      f"same run; pass --overwrite to replace it or choose another --exp")
             try:
-                old = json.loads(rec.read_text()).get("identity", {})
+                record = json.loads(rec.read_text())
+                old = record.get("identity", {})
             except (json.JSONDecodeError, AttributeError):
                 raise RunFolderError(f"--resume: {rec} is not a run record (broken JSON); pass "
                                      f"--overwrite to replace the run") from None
@@ -101,18 +102,15 @@ class RunFolder:
                 raise RunFolderError(f"--resume: {out} holds another run; it differs in "
                                      + "; ".join(diff) + ". Use the same settings, or another --exp")
             if seeds is not None:
-                self._check_same_seeds(rec, set(seeds))
+                self._check_same_seeds(record.get("seeds") or [], set(seeds))
         else:
             raise RunFolderError(f"output folder {out} is not empty; pass --resume to continue the run "
                                  f"there or --overwrite to replace it")
         self._check_writable(out)
 
-    def _check_same_seeds(self, rec: Path, seeds: set[int]) -> None:
-        """--resume: the folder's seeds (its run.json's and its images') are among this run's."""
-        try:
-            recorded = json.loads(rec.read_text()).get("seeds") or []
-        except (json.JSONDecodeError, AttributeError):
-            recorded = []
+    def _check_same_seeds(self, recorded: list, seeds: set[int]) -> None:
+        """--resume: the folder's seeds (``recorded``, its run.json's, and its images') are among
+        this run's."""
         on_disk = [int(p.name[:-4]) for p in self.out.iterdir() if re.fullmatch(r"\d{6,}\.png", p.name)]
         other = sorted(({int(s) for s in recorded if isinstance(s, int)} | set(on_disk)) - seeds)
         if other:
