@@ -106,7 +106,7 @@ def run_scheduler(cfg: dict, args, mode: str) -> str | None:
     if args.scheduler or mode == "vanilla":
         return args.scheduler
     from utils.guidance.settings import resolve_settings
-    from models.sd import OWN_SCHEDULER
+    from models.t2i import OWN_SCHEDULER
     family = (cfg.get("model") or {}).get("family")
     preset = resolve_settings(cfg.get("guidance"), guidance_overrides(args), family).preset
     return OWN_SCHEDULER if preset == "paper" else None
@@ -121,13 +121,14 @@ def load_for_run(cfg: dict, args, device, mode: str = "vanilla"):
         return load_t2i(cfg, device, args.steps, args.eta, args.cfg, run_scheduler(cfg, args, mode))
     given = [f"--{k}" for k in T2I_FLAGS if getattr(args, k, None) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)}: text-to-image flag(s) (a config with model.family: sd); "
+        raise ValueError(f"{', '.join(given)}: text-to-image flag(s) (a config of a text-to-image family); "
                          f"config {cfg.get('name')} is an unconditional {cfg['model'].get('family')} model")
     return load_pipeline(cfg, device, args.steps, args.eta)
 
 
 def is_text_to_image(cfg: dict) -> bool:
-    return (cfg.get("model") or {}).get("family") == "sd"
+    from models.t2i import is_text_to_image as family_is_t2i
+    return family_is_t2i((cfg.get("model") or {}).get("family"))
 
 
 def check_prompt_root(root, n_prompts: int) -> None:
@@ -191,8 +192,6 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         # one guide per prompt: each prompt keeps its own running balance
         if plan is not None:
             plan = plans[prompt]
-            if t2i:
-                run_pipe.settings = plan.settings
         guide = None if plan is None else build_guide(cfg, plan, adp, pipe.betas, world > 1, labeller)
         text = None if not t2i else {"prompt": prompt, "negative_prompt": negative, "cfg": pipe.cfg_scale,
                                      "scheduler": type(pipe.pipe.scheduler).__name__,

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from models.adp import ADP, ClassifierMismatchError  # noqa: E402
 from models.files import check_writable, file_sha256, load_tensors, resolve_path  # noqa: E402
+from models.t2i import is_text_to_image  # noqa: E402
 from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import setup_logging  # noqa: E402
@@ -177,7 +178,7 @@ def import_original(args, out: Path) -> int:
     if not args.config:
         raise ValueError("--import_original needs --config (the model config the classifiers belong to)")
     cfg = load_config(input_path(args.config))
-    if cfg["model"].get("family") == "sd":
+    if is_text_to_image(cfg["model"].get("family")):
         return _import_original_sd(args, cfg, files, names, classes, out)
     s = cfg.get("sampling", {})
     if s.get("skip_type", "uniform") != "original":
@@ -210,7 +211,7 @@ SD_ORIGINAL_TIMESTEPS = list(range(1, 1000, 20))
 def _import_original_sd(args, cfg: dict, files, names, classes, out: Path) -> int:
     """The original's Stable Diffusion heads (Linear(C*H*W -> K) per timestep of [1, 21, ..., 981])
     -> one ADP tied to the config's SD model when its folder is present."""
-    from models.sd import model_sha256, resolve_model
+    from models.t2i import model_sha256, resolve_model
     res = int(cfg["model"].get("resolution", 512))
     h_shape = tuple(cfg["model"].get("h_shape") or (1280, res // 64, res // 64))
     heads = {a: (read_original(f), c) for a, f, c in zip(names, files, classes)}
@@ -275,9 +276,9 @@ def add_priors(args, out: Path) -> int:
         noise = SeededNoise(batch, pipe.image_shape, pipe.device)
         seen = {}
 
-        def record(h, i, t):
-            if t == last:
-                seen.update({a: v.argmax(1).cpu() for a, v in adp.logits(h, t).items()})
+        def record(h, step):
+            if step.t == last:
+                seen.update({a: v.argmax(1).cpu() for a, v in adp.logits(h, step.t).items()})
             return h
         pipe.sampler.sample(noise.x_T(), noise.step, edit_h=record)
         for a, pred in seen.items():

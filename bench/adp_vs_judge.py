@@ -51,10 +51,10 @@ class _ProbedBatch:
     def hooks(self):
         return {"edit_h": self.edit}
 
-    def edit(self, h, i, t):
-        h = self.batch.edit(h, i, t)
-        if i == self.probe.last_i:
-            self.probe.preds.append(self.probe.adp.logits(h, t, ["parity"])["parity"].argmax(1).cpu())
+    def edit(self, h, step):
+        h = self.batch.edit(h, step)
+        if step.i == self.probe.last_i:
+            self.probe.preds.append(self.probe.adp.logits(h, step.t, ["parity"])["parity"].argmax(1).cpu())
         return h
 
     def after_batch(self, x0):

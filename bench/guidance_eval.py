@@ -14,7 +14,6 @@ confident-recognition share, seconds) and writes it, with the raw numbers as JSO
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -125,8 +124,6 @@ def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=
         targets = plan.requested
         guide = build_guide(cfg, plan, adp, pipe.betas,
                             distributed=world > 1 and not run.get("local"), labeller=labeller)
-        if hasattr(pipe, "with_prompt"):      # text-to-image: the rows the guide sees and edits
-            pipe = dataclasses.replace(pipe, settings=plan.settings)
     bs = run.get("bs", bs)
     _sync(pipe, world)
     t0 = time.time()

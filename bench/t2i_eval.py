@@ -123,10 +123,9 @@ def speed(pipe, adp, cfg, prompt: str, n: int, bs: int, labeller) -> dict:
     pipe = pipe.with_prompt(prompt)
     plan = make_plan(dict(name="ours", mode="distribution", targets={"parity": "0.5"}), cfg, adp, prompt)
     guide = build_guide(cfg, plan, adp, pipe.betas, labeller=labeller)
-    gpipe = dataclasses.replace(pipe, settings=plan.settings)
     times = {"vanilla": [], "guided": []}
     for k, b in enumerate([list(range(bs))] + plan_batches(list(range(n)), bs)):
-        for name, p, g in (("vanilla", pipe, None), ("guided", gpipe, guide)):
+        for name, p, g in (("vanilla", pipe, None), ("guided", pipe, guide)):
             t0 = time.perf_counter()
             for _ in sample_batches(p, [b], g, desc=name, progress=False):
                 pass

@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             for preset in ("ours", "paper"):
                 plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": preset}}, "distribution",
                                   {"gender": "0.5"}, adp.attributes, {"check": False}, None, adp.class_prior)
-                pipe.settings = plan.settings
                 guide = Guide(plan, adp, pipe.betas.to(pipe.device))
                 runs = {"vanilla": [], "guided": []}
                 for k in range(args.batches + 1):          # alternate, so load drift hits both alike

@@ -70,6 +70,12 @@ class ADP(nn.Module):
         grid of another scheduler or step count); further away is an error naming the range."""
         if rule == "exact":
             return self.step_index(int(round(float(t))))
+        cache = self.__dict__.setdefault("_nearest", {})      # the same few timesteps every batch
+        if float(t) not in cache:
+            cache[float(t)] = self._nearest_index(float(t))
+        return cache[float(t)]
+
+    def _nearest_index(self, t: float) -> int:
         grid = torch.tensor(self.timesteps, dtype=torch.float64)
         s = int((grid - float(t)).abs().argmin())
         spacing = float((grid.sort().values.diff().abs().max()) if len(grid) > 1 else 0.0)
@@ -251,6 +257,11 @@ class ADP(nn.Module):
                     f"sha256 {have[:12]}…, but the loaded model's checkpoint is {want[:12]}… "
                     f"({expect_model.get('config')}). A classifier must match its model; "
                     f"retrain it (multi_classifier.py) for this checkpoint.")
+            for key in ("h_module", "h_pool"):        # where h is read (text-to-image families)
+                if key in model and key in expect_model and model[key] != expect_model[key]:
+                    raise ClassifierMismatchError(
+                        f"{path} was trained on h read with {key} = {model[key]!r}, but the run reads it with "
+                        f"{key} = {expect_model[key]!r}: set model.{key} to {model[key]!r} or retrain it there")
         adp = cls(tuple(ck["h_shape"]), ck["timesteps"], ck["attributes"])
         adp.load_state_dict(ck["state_dict"], strict=True)
         adp.meta = {k: ck.get(k) for k in ("model", "data_source", "metrics", "imported")}

@@ -5,6 +5,10 @@ Guidance, extraction and sampling are written once against this interface:
     h, ctx = net.encode(x_t, t)     # runs up to and including the bottleneck (h-space)
     eps = net.decode(h, ctx)        # runs the rest, returns the noise prediction eps
     eps = net(x_t, t)               # == net.decode(*net.encode(x_t, t))
+    eps, h, eps_h = net.predict(x_t, t, edit, unedited)   # what the sampler calls (below)
+
+A family that wraps a foreign network without splitting it (``models.diffusers_unet``) overrides
+``predict`` and ``forward`` instead: its h is read and replaced by a hook (``models.hspace``).
 
 Subclasses keep their native parameter names so that published checkpoints load with
 ``strict=True``; this base class adds no parameters.
@@ -12,7 +16,7 @@ Subclasses keep their native parameter names so that published checkpoints load 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +50,18 @@ class HSpaceUNet(nn.Module):
         """Run the network from the bottleneck; returns eps [N, out_image_channels, H, W]."""
         out = self.decode_raw(h, ctx)
         return out[:, : self.out_image_channels] if self.learn_sigma else out
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                unedited: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One network call with h-space between: (eps, the unedited h, eps from the unedited h
+        when ``unedited`` and ``edit`` changed h, else None).
+
+        :param edit: h -> the h the decoder continues from (h itself: unchanged).
+        """
+        h, ctx = self.encode(x, t)
+        new = h if edit is None else edit(h)
+        eps_h = self.decode(h, ctx) if unedited and new is not h else None
+        return self.decode(new, ctx), h, eps_h
 
     def forward_raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The native forward pass (learned-sigma channels included)."""

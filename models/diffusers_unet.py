@@ -1,14 +1,10 @@
 """A diffusers ``UNet2DModel`` (e.g. google/ddpm-celebahq-256), wrapped to expose its h-space.
 
 The wrapper holds the diffusers model unchanged as ``self.unet`` (its parameters are therefore
-``unet.<diffusers name>``) and re-runs the steps of ``UNet2DModel.forward`` in two halves:
-
-    encode:  time_proj -> time_embedding -> conv_in -> down_blocks (collecting skips) -> mid_block
-    decode:  up_blocks (consuming skips) -> conv_norm_out -> conv_act -> conv_out
-             (+ the skip-sample branch of Skip*Block2D, / sigma for Fourier time embeddings)
-
-h-space is the output of ``mid_block``. Class-conditional models and models without a
-mid block are rejected. Nothing is ever downloaded: a checkpoint is a local model folder.
+``unet.<diffusers name>``) and calls its stock forward; h-space is the output of ``mid_block``,
+read and replaced by the forward hook every diffusers family uses (``models.hspace``).
+Class-conditional models and models without a mid block are rejected. Nothing is ever
+downloaded: a checkpoint is a local model folder.
 """
 from __future__ import annotations
 
@@ -20,6 +16,7 @@ from typing import Any
 import torch
 
 from models.base import HSpaceUNet
+from models.hspace import HSpaceHook
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREFIX = "unet."
@@ -121,7 +118,7 @@ def _bottleneck_shape(unet) -> tuple[int, int, int]:
 
 
 class DiffusersUNet(HSpaceUNet):
-    """``UNet2DModel`` split at its ``mid_block``; the eps prediction equals
+    """``UNet2DModel`` with h-space at its ``mid_block``; the eps prediction is
     ``UNet2DModel(x, t).sample`` (its first half when ``learn_sigma``)."""
 
     @property
@@ -177,49 +174,26 @@ class DiffusersUNet(HSpaceUNet):
                              f"architecture's bottleneck {net.h_shape}; fix or remove h_shape")
         return net
 
-    def _timesteps(self, t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
-        """t as a [N] tensor on x's device (a scalar is broadcast, as UNet2DModel does)."""
-        if not torch.is_tensor(t):
-            t = torch.tensor([t], dtype=torch.long, device=x.device)
-        elif t.ndim == 0:
-            t = t[None].to(x.device)
-        if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"timesteps must be a scalar or have shape [{x.shape[0]}], got "
-                             f"{tuple(t.shape)}")
-        return t * torch.ones(x.shape[0], dtype=t.dtype, device=t.device)
+    def forward_raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``UNet2DModel(x, t).sample`` (learned-sigma channels included)."""
+        return self.unet(x, t).sample
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor):
-        """x [N, in_channels, H, W], t [N] -> (h [N, *h_shape], (skips, emb, t))."""
-        u = self.unet
-        if u.config.center_input_sample:
-            x = 2 * x - 1.0
-        t = self._timesteps(t, x)
-        emb = u.time_embedding(u.time_proj(t).to(dtype=u.dtype))
-        skip_sample, h = x, u.conv_in(x)
-        skips: tuple[torch.Tensor, ...] = (h,)
-        for block in u.down_blocks:
-            if hasattr(block, "skip_conv"):
-                h, res, skip_sample = block(hidden_states=h, temb=emb, skip_sample=skip_sample)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips += res
-        return u.mid_block(h, emb), (skips, emb, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.forward_raw(x, t)
+        return out[:, : self.out_image_channels] if self.learn_sigma else out
 
-    def decode_raw(self, h: torch.Tensor, ctx) -> torch.Tensor:
-        """h [N, *h_shape] and the encoder's ctx -> UNet2DModel's output [N, out_channels, H, W]."""
-        u = self.unet
-        skips, emb, t = ctx
-        skip_sample = None
-        for block in u.up_blocks:
-            n = len(block.resnets)
-            res, skips = skips[-n:], skips[:-n]
-            if hasattr(block, "skip_conv"):
-                h, skip_sample = block(h, res, emb, skip_sample)
-            else:
-                h = block(h, res, emb)
-        out = u.conv_out(u.conv_act(u.conv_norm_out(h)))
-        if skip_sample is not None:
-            out = out + skip_sample
-        if u.config.time_embedding_type == "fourier":      # the network predicts eps * sigma
-            out = out / t.reshape(-1, *([1] * (out.ndim - 1)))
-        return out
+    def predict(self, x: torch.Tensor, t: torch.Tensor, edit=None, unedited: bool = False):
+        """``HSpaceUNet.predict`` through the h-space hook on ``mid_block``: one call of the stock
+        forward, h read (and replaced by ``edit(h)``) there; the unedited eps, when asked and h
+        was edited, from a second call."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def fn(h, step):
+            seen["h"] = h
+            seen["new"] = h if edit is None else edit(h)
+            return seen["new"]
+        with HSpaceHook(self.unet, fn, "mid_block"):
+            eps = self(x, t)
+        eps_h = self(x, t) if unedited and seen["new"] is not seen["h"] else None
+        return eps, seen["h"], eps_h
+

@@ -115,7 +115,8 @@ def choose_targets(spec: str | None, cfg: dict, judge,
 
 def sample_vanilla(cfg: dict, n: int, bs: int, device: str) -> torch.Tensor:
     """n vanilla samples (seeds 0..n-1) of the config's unconditional model, [n,C,H,W] in [-1,1]."""
-    if (cfg.get("model") or {}).get("family") == "sd":
+    from models.t2i import is_text_to_image
+    if is_text_to_image((cfg.get("model") or {}).get("family")):
         raise ValueError(f"--vanilla samples an unconditional model; config {cfg.get('name')} is text-to-image: "
                          f"generate with main.py --config {cfg.get('name')} --prompt ... --exp DIR, then --folder DIR")
     from utils.sampling.pipeline import load_pipeline, plan_batches, sample_batches

@@ -25,7 +25,7 @@ from models.digits import load_split  # noqa: E402
 from models.digits_t2i import build_components, parse_prompts, prompt_data, training_images, vocabulary, \
     write_word_tokenizer  # noqa: E402
 from models.files import REPO_ROOT, resolve_path  # noqa: E402
-from models.sd import h_shape, resolve_model  # noqa: E402
+from models.t2i import h_shape, resolve_model  # noqa: E402
 from utils.app.cli import guarded  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import pick_device, setup_logging  # noqa: E402

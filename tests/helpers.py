@@ -2,6 +2,7 @@
 import torch
 
 from models.adp import ADP
+from models.hspace import Step
 from utils.guidance.guide import Guide
 from utils.guidance.settings import resolve_settings
 from utils.guidance.targets import GuidancePlan
@@ -48,7 +49,27 @@ def guide(adp, targets, mode="distribution", scale=1.0, classes=None, labeller=N
     return Guide(plan(targets, mode, scale, classes, **over), adp, BETAS, labeller, distributed)
 
 
-def edit(adp, targets, h, i=0, t=10, n=None, **kw):
+def step_once(adp, targets, h, i=0, t=10, n=None, **kw):
     """(edited h, the batch guide) for one step of a fresh batch guide."""
     b = guide(adp, targets, **kw).start(list(range(n or len(h))))
-    return b.edit(h, i, t), b
+    return b.edit(h, Step(i, t)), b
+
+
+def save_tiny_clip(folder):
+    """A tiny random CLIPModel with models.sd_tiny's character tokenizer, saved to ``folder``
+    (a zero-shot labeller for the tiny text-to-image pipelines)."""
+    import json
+    from transformers import CLIPConfig, CLIPModel
+    from models.sd_tiny import write_char_tokenizer
+    write_char_tokenizer(folder)
+    vocab = len(json.loads((folder / "vocab.json").read_text()))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=16))
+    model.save_pretrained(folder)
+    return folder

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models.hspace import Step
 
-from helpers import BETAS, edit, guide, hand_adp as _hand_adp
+from helpers import BETAS, guide, hand_adp as _hand_adp, step_once
 from utils.guidance.guide import RunningBalance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,11 +34,11 @@ def test_running_balance_makes_up_an_earlier_deficit():
     adp = _hand_adp()
     h = torch.tensor([[-1.0, 0.0], [1.0, 0.0]]).view(2, 2, 1, 1)   # p1 = 0.12, 0.88: mean 0.5
     target = {"a": torch.tensor([0.5, 0.5])}
-    plain, _ = edit(adp, target, h)
+    plain, _ = step_once(adp, target, h)
     torch.testing.assert_close(plain, h)
     g = guide(adp, target, running_balance=True)
     g.balance.update({"a": [1.0, 0.0]}, 6)             # six earlier samples, all class 0
-    out = g.start([0, 1]).edit(h, 0, 10)
+    out = g.start([0, 1]).edit(h, Step(0, 10))
     assert (out[:, 0] > h[:, 0]).all()                # both samples move towards class 1
     torch.testing.assert_close(out[:, 1], h[:, 1])
     # the push: -(n_prev + N) * dL/dlogit @ E with p_run = (6*[1,0] + 2*[.5,.5]) / 8 = [.875, .125]
@@ -89,13 +90,13 @@ def test_joint_target_fixes_what_marginals_cannot():
     mass and the joint loss falls."""
     adp = _hand_adp(("a", "b"))
     h = torch.tensor([[-1.5, -1.0], [1.5, 1.0]]).view(2, 2, 1, 1)
-    marg, _ = edit(adp, {"a": torch.tensor([.5, .5]), "b": torch.tensor([.5, .5])}, h)
+    marg, _ = step_once(adp, {"a": torch.tensor([.5, .5]), "b": torch.tensor([.5, .5])}, h)
     torch.testing.assert_close(marg, h)
     target = {"a*b": torch.full((4,), 0.25)}
-    out, joint = edit(adp, target, h)
+    out, joint = step_once(adp, target, h)
     before = joint.estimate["a*b"]
     assert before[1] + before[2] < 0.3                 # the off-diagonal cells are nearly empty
-    _, after = edit(adp, target, out, scale=1e-9)      # a no-op step, only to record the estimate
+    _, after = step_once(adp, target, out, scale=1e-9)      # a no-op step, only to record the estimate
     moved = after.estimate["a*b"]
     assert moved[1] + moved[2] > before[1] + before[2] + 0.05
     assert not torch.equal(out, h)
@@ -109,7 +110,7 @@ def _rank_step(rank, world, port, h, out_q, estimator):
         adp = _hand_adp()
         part = h.chunk(world)[rank]
         b = guide(adp, {"a": torch.tensor([0.5, 0.5])}, distributed=True, estimator=estimator).start([0] * len(part))
-        out_q.put((rank, b.edit(part, 0, 10).numpy(), b.batch_total, b.estimate["a"]))  # by value
+        out_q.put((rank, b.edit(part, Step(0, 10)).numpy(), b.batch_total, b.estimate["a"]))  # by value
     finally:
         dist.destroy_process_group()
 
@@ -119,7 +120,7 @@ def test_two_processes_guide_one_global_batch(estimator):
     """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it
     (soft: the batch mean is all-reduced; quota: the assignment sees the whole batch)."""
     h = torch.tensor([[-2.0, 0.1], [-1.0, 0.2], [-1.5, 0.3], [0.5, 0.4]]).view(4, 2, 1, 1)
-    expect, whole = edit(_hand_adp(), {"a": torch.tensor([0.5, 0.5])}, h, estimator=estimator)
+    expect, whole = step_once(_hand_adp(), {"a": torch.tensor([0.5, 0.5])}, h, estimator=estimator)
     if estimator == "quota":      # the two likeliest odd samples (rows 1 and 3) are sent up,
         assert (expect - h)[[1, 3], 0].gt(0).all() and (expect - h)[[0, 2], 0].le(0).all()   # one per rank
     ctx = mp.get_context("spawn")

@@ -9,6 +9,7 @@ import torch
 
 from helpers import guide, hand_adp as _hand_adp      # 'a' reads h_0, 'b' reads h_1
 from models.adp import ADP
+from models.hspace import Step
 from utils.evaluation.evaluate import target_weights
 from utils.evaluation.metrics import frechet_distance
 from utils.guidance import build_plan
@@ -55,7 +56,7 @@ def test_step_cap_is_shared_by_the_attributes():
     g = guide(_hand_adp(("a", "b")), {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([0.0, 1.0])},
               mode="sample", scale=1e4, classes={"a": 1, "b": 1}, sample_max_step=1.0)
     h = torch.tensor([[-3.0, -3.0]]).view(1, 2, 1, 1)
-    step = (g.start([0]).edit(h, 0, 10) - h).flatten()
+    step = (g.start([0]).edit(h, Step(0, 10)) - h).flatten()
     # std = 1, so the cap is max_step * ||std|| = sqrt(2)
     assert step.tolist() == pytest.approx([1.0] * 2, rel=1e-4)
 

@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel wrapper: h-space split equals diffusers' own forward, strict loading
+"""diffusers UNet2DModel wrapper: h-space through the hook in diffusers' own forward, strict loading
 from a local model folder (never the Hub), clear errors, the published config."""
 from __future__ import annotations
 
@@ -39,17 +39,47 @@ def _inputs(fourier: bool = False):
 
 
 @pytest.mark.parametrize("kwargs", [TINY, SKIP_FOURIER], ids=["ddpm_layout", "skip_fourier"])
-def test_split_equals_diffusers_forward(kwargs):
+def test_hook_reads_and_replaces_mid_block_in_the_stock_forward(kwargs):
     unet = _unet(**kwargs)
     net = DiffusersUNet(unet).eval()
     x, t = _inputs(kwargs.get("time_embedding_type") == "fourier")
+    seen = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out))
     with torch.no_grad():
-        h, ctx = net.encode(x, t)
-        assert tuple(h.shape[1:]) == net.h_shape == (64, 8, 8)
-        split, plain = net.decode(h, ctx), net(x, t)
         reference = unet(x, t).sample
-    assert torch.equal(split, plain)
-    assert (split - reference).abs().max().item() < TOL
+        eps, h, eps_h = net.predict(x, t)
+    handle.remove()
+    assert tuple(h.shape[1:]) == net.h_shape == (64, 8, 8)
+    assert torch.equal(h, seen[0]) and torch.equal(eps, reference) and eps_h is None
+    # an edit replaces mid_block's output: the rest of the stock forward runs from the new h
+    shifted = lambda h: h + 0.25                                          # noqa: E731
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: out + 0.25)
+    with torch.no_grad():
+        expect = unet(x, t).sample
+        handle.remove()
+        eps, h2, eps_h = net.predict(x, t, shifted, unedited=True)
+    assert torch.equal(eps, expect) and torch.equal(h2, h) and torch.equal(eps_h, reference)
+    assert not torch.equal(eps, reference)
+
+
+def test_sampled_images_are_those_of_the_split_forward_it_replaced():
+    """DDIM images (vanilla, h shifted, asymmetric) of a seeded tiny UNet2DModel: the values the
+    earlier re-implemented encoder/decoder split gave, to float precision (it and the hook gave
+    bit-identical x0 when the hook replaced it)."""
+    from utils.sampling.diffusion import DDIMSampler, Schedule
+    net = DiffusersUNet(_unet(0, **TINY)).eval()
+    sampler = DDIMSampler(net, Schedule.from_config({}), 20, eta=0.0, skip_type="uniform")
+    x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    shift = lambda h, step: h + 0.5                                     # noqa: E731
+    golden = {"vanilla": (-31097.371226785704, [-192.063720703125, 15.219230651855469, 166.8333282470703]),
+              "edited": (-31047.768602266908, [-187.9453887939453, 24.571996688842773, 172.2445068359375]),
+              "asym": (-30963.080553896725, [-181.87721252441406, 39.169525146484375, 180.76734924316406])}
+    runs = {"vanilla": {}, "edited": {"edit_h": shift}, "asym": {"edit_h": shift, "asymmetric": True}}
+    for name, kwargs in runs.items():
+        x0, _ = sampler.sample(x_T, **kwargs)
+        total, first = golden[name]
+        assert x0.double().sum().item() == pytest.approx(total, rel=1e-6), name
+        assert x0[0, 0, 0, :3].tolist() == pytest.approx(first, rel=1e-5), name
 
 
 def test_scalar_timestep_is_broadcast():

@@ -310,14 +310,14 @@ def test_invert_record_h_matches_encoder(adm, schedule):
 
 def test_identity_edit_asymmetric_equals_plain(adm, schedule):
     plain = _sample(adm, schedule, [4, 5], 0.0)
-    same = _sample(adm, schedule, [4, 5], 0.0, edit_h=lambda h, i, t: h, asymmetric=True)
-    copy = _sample(adm, schedule, [4, 5], 0.0, edit_h=lambda h, i, t: h.clone(), asymmetric=True)
+    same = _sample(adm, schedule, [4, 5], 0.0, edit_h=lambda h, step: h, asymmetric=True)
+    copy = _sample(adm, schedule, [4, 5], 0.0, edit_h=lambda h, step: h.clone(), asymmetric=True)
     assert torch.equal(plain, same)
     torch.testing.assert_close(copy, plain, rtol=0, atol=1e-6)
 
 
 def test_asymmetric_differs_when_edit_changes_h(adm, schedule):
-    shift = lambda h, i, t: h + 0.5                                       # noqa: E731
+    shift = lambda h, step: h + 0.5                                       # noqa: E731
     plain = _sample(adm, schedule, [4, 5], 0.0)
     sym = _sample(adm, schedule, [4, 5], 0.0, edit_h=shift, asymmetric=False)
     asym = _sample(adm, schedule, [4, 5], 0.0, edit_h=shift, asymmetric=True)
@@ -328,6 +328,6 @@ def test_asymmetric_differs_when_edit_changes_h(adm, schedule):
 
 def test_edit_sees_step_index_and_timestep(adm, schedule):
     seen = []
-    _sample(adm, schedule, [0], 0.0, edit_h=lambda h, i, t: seen.append((i, t)) or h)
+    _sample(adm, schedule, [0], 0.0, edit_h=lambda h, step: seen.append((step.i, step.t)) or h)
     sampler = DDIMSampler(adm, schedule, 5)
     assert seen == list(enumerate(sampler.timesteps))

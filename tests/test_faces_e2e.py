@@ -199,11 +199,11 @@ def guide_moves(cfg_path: Path, adp_path: Path, attr: str, target: str) -> list[
     seeds = list(range(int(VARS["IMG"])))
     batch, moves = guide.start(seeds), []
 
-    def edit(h, i, t):
-        edited = batch.edit(h, i, t)
-        if batch.guided(i):
+    def edit(h, step):
+        edited = batch.edit(h, step)
+        if batch.guided(step.i):
             probe = guide.start(seeds)
-            probe.edit(edited, i, t)
+            probe.edit(edited, step)
             moves.append((batch.estimate[attr][1], probe.estimate[attr][1]))
         return edited
     noise = SeededNoise(seeds, pipe.image_shape, pipe.device)

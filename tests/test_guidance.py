@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from helpers import edit, guide, hand_adp, plan, settings
+from helpers import guide, hand_adp, plan, settings, step_once
 from models.adp import ADP
+from models.hspace import Step
 from utils.guidance.estimators import assign_to_quota, chi_square, quota_counts
 from utils.guidance.guide import Guide
 from utils.guidance.settings import SettingsError
@@ -45,7 +46,7 @@ def test_distribution_mode_raises_minority_class_probability_for_every_sample():
     adp = hand_adp()
     h = torch.tensor([[-2.0, 0.3], [-1.5, -0.2], [-3.0, 1.0], [-2.5, 0.0]]).view(4, 2, 1, 1)
     assert (_p1(adp, h, 10) < 0.1).all()                       # all class 0
-    out, b = edit(adp, HALF, h)
+    out, b = step_once(adp, HALF, h)
     assert out.shape == h.shape and out.dtype == h.dtype
     assert (_p1(adp, out, 10) > _p1(adp, h, 10)).all()
     torch.testing.assert_close(out[:, 1], h[:, 1])             # only the direction of the head moves
@@ -55,11 +56,11 @@ def test_distribution_mode_raises_minority_class_probability_for_every_sample():
 def test_step_is_capped_at_max_step_times_std_norm():
     adp = hand_adp()
     h = torch.full((4, 2, 1, 1), -2.0)
-    out, _ = edit(adp, HALF, h, scale=1e6, max_step=0.25)
+    out, _ = step_once(adp, HALF, h, scale=1e6, max_step=0.25)
     step = (out - h).view(4, -1).norm(dim=1)
     cap = 0.25 * float(adp.std[0].norm())                      # 0.25 * sqrt(2)
     torch.testing.assert_close(step, torch.full((4,), cap), rtol=1e-5, atol=1e-6)
-    small, _ = edit(adp, HALF, h, scale=1e-3, max_step=0.25)
+    small, _ = step_once(adp, HALF, h, scale=1e-3, max_step=0.25)
     assert ((small - h).view(4, -1).norm(dim=1) < cap).all()
 
 
@@ -72,7 +73,7 @@ def test_cap_grows_as_abar_to_the_minus_half_up_to_cap_growth():
 
     def step_norm(betas, growth):
         g = Guide(plan(HALF, scale=1e6, max_step=0.25, cap_growth=growth), adp, betas)
-        out = g.start(list(range(4))).edit(h, 0, 10)
+        out = g.start(list(range(4))).edit(h, Step(0, 10))
         return (out - h).view(4, -1).norm(dim=1)
     betas = torch.full((1000,), 0.5, dtype=torch.float64)          # abar_10 = 0.5^11
     factor = 0.5 ** -5.5
@@ -89,7 +90,7 @@ def test_cap_grows_as_abar_to_the_minus_half_up_to_cap_growth():
 def test_scale_zero_returns_h_unchanged():
     adp = hand_adp()
     h = torch.randn(3, 2, 1, 1)
-    out, _ = edit(adp, HALF, h, scale=0.0)
+    out, _ = step_once(adp, HALF, h, scale=0.0)
     assert out is h or torch.equal(out, h)
 
 
@@ -97,9 +98,9 @@ def test_steps_outside_guided_range_are_untouched():
     adp = hand_adp()
     h = torch.full((2, 2, 1, 1), -2.0)
     b = guide(adp, HALF, first_step=1, last_step=2).start([0, 1])
-    assert torch.equal(b.edit(h, 0, 10), h)
-    assert torch.equal(b.edit(h, 2, 0), h)                     # t need not even be on the grid
-    assert not torch.equal(b.edit(h, 1, 0), h)
+    assert torch.equal(b.edit(h, Step(0, 10)), h)
+    assert torch.equal(b.edit(h, Step(2, 0)), h)                     # t need not even be on the grid
+    assert not torch.equal(b.edit(h, Step(1, 0)), h)
 
 
 def test_sample_mode_pushes_each_sample_to_its_own_class():
@@ -108,7 +109,7 @@ def test_sample_mode_pushes_each_sample_to_its_own_class():
     want = torch.tensor([0, 1, 1, 0])
     b = guide(adp, {"a": torch.tensor([0.0, 1.0])}, mode="sample", classes={"a": 1}).start([0, 1, 2, 3])
     b.classes = {"a": want}                                    # per-sample classes (a test's liberty)
-    p1 = _p1(adp, b.edit(h, 0, 0), 0)
+    p1 = _p1(adp, b.edit(h, Step(0, 0)), 0)
     assert (p1[want == 1] > 0.5).all() and (p1[want == 0] < 0.5).all()
 
 
@@ -186,7 +187,7 @@ def test_assign_to_quota_keeps_likely_classes_and_meets_counts():
 def test_quota_guidance_pushes_the_assigned_sample_across():
     adp = hand_adp()
     h = torch.tensor([[-3.0, 0.0], [-0.2, 0.0], [-2.0, 0.0], [-1.0, 0.0]]).view(4, 2, 1, 1)
-    out, _ = edit(adp, HALF, h, estimator="quota")
+    out, _ = step_once(adp, HALF, h, estimator="quota")
     moved = (out - h)[:, 0].flatten()
     # quota 2/2: samples 1 (-0.2) and 3 (-1.0) are the likeliest odd ones: they go up, the rest down
     assert moved[1] > 0 and moved[3] > 0 and moved[0] <= 0 and moved[2] <= 0
@@ -203,8 +204,8 @@ def test_debias_estimates_the_batch_through_the_inverse_confusion_matrix():
     p1 = torch.tensor([0.3, 0.5])                              # mean prediction of class 1: 0.4
     h = torch.zeros(2, 2, 1, 1)
     h[:, 0, 0, 0] = torch.log(p1 / (1 - p1)) / 2               # logit_1 - logit_0 = 2 h_0
-    plain, b0 = edit(adp, HALF, h)
-    debiased, b1 = edit(adp, HALF, h, debias=True)
+    plain, b0 = step_once(adp, HALF, h)
+    debiased, b1 = step_once(adp, HALF, h, debias=True)
     assert b0.estimate["a"] == pytest.approx([0.6, 0.4], abs=1e-6)
     assert b1.estimate["a"] == pytest.approx([2 / 3, 1 / 3], abs=1e-6)
     assert ((debiased - h)[:, 0] > (plain - h)[:, 0]).all() and ((plain - h)[:, 0] > 0).all()

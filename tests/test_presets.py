@@ -14,6 +14,7 @@ from helpers import BETAS, hand_adp
 from main import main
 from models.adp import ADP, ClassifierMismatchError
 from models.files import resolve_path
+from models.hspace import Step
 from utils.guidance import build_plan
 from utils.guidance.guide import Guide
 from utils.guidance.settings import PRESETS, resolve_settings
@@ -111,7 +112,7 @@ def test_paper_step_equals_the_original_one_attribute(male):
     for t in (978, 489, 20):
         i = ORIGINAL_GRID.index(t)
         want = original_update(h, original_distribution_gradient(h, i, [(w, b)], male, [1500]), float(BETAS[t]))
-        got = paper_guide(adp, {"gender": str(male)}).start(list(range(6))).edit(h, 1, t)
+        got = paper_guide(adp, {"gender": str(male)}).start(list(range(6))).edit(h, Step(1, t))
         assert_same_step(got, want, h)
 
 
@@ -122,10 +123,10 @@ def test_paper_step_equals_the_original_two_attributes_and_sample_mode():
     t = 611
     i, bt = ORIGINAL_GRID.index(t), float(BETAS[t])
     want = original_update(h, original_distribution_gradient(h, i, [(w1, b1), (w2, b2)], 0.5, [1500, 700]), bt)
-    got = paper_guide(adp, {"eyeglasses": "0.5", "gender": "0.5"}).start(list(range(5))).edit(h, 3, t)
+    got = paper_guide(adp, {"eyeglasses": "0.5", "gender": "0.5"}).start(list(range(5))).edit(h, Step(3, t))
     assert_same_step(got, want, h)
     want = original_update(h, original_sample_gradient(h, i, (w2, b2), 1, [15]), bt)
-    got = paper_guide(adp, {"gender": "1"}, mode="sample").start(list(range(5))).edit(h, 3, t)
+    got = paper_guide(adp, {"gender": "1"}, mode="sample").start(list(range(5))).edit(h, Step(3, t))
     assert_same_step(got, want, h)
 
 
@@ -133,8 +134,8 @@ def test_paper_preset_guides_every_step_but_the_first():
     adp = imported_adp({"gender": random_heads(0)})
     b = paper_guide(adp, {"gender": "0.5"}).start([0, 1])
     h = torch.randn(2, *H_SHAPE)
-    assert torch.equal(b.edit(h, 0, 999), h)                   # t = 999 has no head and no step
-    assert not torch.equal(b.edit(h, 1, 978), h)
+    assert torch.equal(b.edit(h, Step(0, 999)), h)                   # t = 999 has no head and no step
+    assert not torch.equal(b.edit(h, Step(1, 978)), h)
 
 
 def test_presets_are_complete_and_paper_is_the_default():

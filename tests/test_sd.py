@@ -1,5 +1,5 @@
-"""The text-to-image (sd) family on tiny random components built here (offline): the stock
-diffusers pipeline with h read and edited at mid_block."""
+"""The text-to-image sd family on tiny random components built here (offline): the stock
+diffusers pipeline with h read and edited at mid_block by the h-space hook."""
 import json
 
 import pytest
@@ -10,12 +10,14 @@ pytest.importorskip("transformers")
 
 import main as entry  # noqa: E402
 from models.adp import ADP, ClassifierMismatchError  # noqa: E402
-from models.sd import HSpaceHook, h_shape, load_sd, resolve_model  # noqa: E402
-from models.sd_tiny import SD15_UNET, save_tiny_sd, write_char_tokenizer  # noqa: E402
+from models.hspace import HSpaceHook, Step  # noqa: E402
+from models.t2i import h_shape, load_pipeline, resolve_model  # noqa: E402
+from models.sd_tiny import SD15_UNET, save_tiny_sd  # noqa: E402
+from helpers import save_tiny_clip  # noqa: E402
 from utils.guidance import build_plan  # noqa: E402
 from utils.guidance.guide import Guide  # noqa: E402
 from utils.guidance.settings import resolve_settings  # noqa: E402
-from utils.sampling.text2image import T2IPipeline, cfg_rows, load_t2i  # noqa: E402
+from utils.sampling.text2image import T2IPipeline, load_t2i  # noqa: E402
 
 STEPS = 5
 PROMPT = "a photo of a doctor"
@@ -28,21 +30,7 @@ def sd_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """A tiny random CLIPModel with the character tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-    folder = tmp_path_factory.mktemp("clip") / "tiny_clip"
-    write_char_tokenizer(folder)
-    vocab = len(json.loads((folder / "vocab.json").read_text()))
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=16, patch_size=4),
-        projection_dim=16))
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
 
 
 def cfg_for(sd_folder, clip_folder=None, **extra):
@@ -77,7 +65,7 @@ def test_sd15_unet_config_gives_h_1280x8x8_for_64x64_latents():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         seen = []
-        with HSpaceHook(unet, lambda h, t, i: seen.append(tuple(h.shape))):
+        with HSpaceHook(unet, lambda h, step: seen.append(tuple(h.shape))):
             unet(torch.zeros(2, 4, 64, 64), 981, encoder_hidden_states=torch.zeros(2, 77, 768))
     assert seen == [(2, 1280, 8, 8)]
     assert h_shape(unet, 512) == (1280, 8, 8)
@@ -95,7 +83,7 @@ def test_the_hook_reads_mid_blocks_output_and_the_schedulers_timestep(t2i):
         assert full.shape[0] == 4                           # CFG: [uncond; cond] rows
         assert torch.equal(h, full[2:].half())              # the conditional rows
     times = []
-    with HSpaceHook(t2i.pipe.unet, lambda h, t, i: times.append((t, i))):
+    with HSpaceHook(t2i.pipe.unet, lambda h, step: times.append((step.t, step.i))):
         t2i.draw([3])
     assert times == [(float(t), i) for i, t in enumerate(t2i.timesteps)]
 
@@ -131,8 +119,7 @@ def test_one_guided_step_moves_the_conditional_rows_estimate_to_the_target(t2i, 
     plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": preset}}, "distribution",
                       {"gender": f"{1 - target}"}, adp.attributes, {"check": False, "refine": False},
                       None, adp.class_prior)
-    fn = cfg_rows(Guide(plan, adp, t2i.betas).start(list(range(n))), n, True, plan.settings)
-    new = fn(h, float(t), 2)
+    new = Guide(plan, adp, t2i.betas).start(list(range(n))).edit(h, Step(2, float(t), n_uncond=n))
     want = torch.tensor([target, 1 - target])
     before = (_estimate(adp, h[n:], t) - want).abs().sum()
     after = (_estimate(adp, new[n:], t) - want).abs().sum()
@@ -146,7 +133,7 @@ def test_edit_on_the_conditional_half_only_leaves_the_unconditional_rows(t2i):
     plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": "ours"}}, "distribution",
                       {"gender": "0.5"}, adp.attributes, {"check": False, "cfg_edit": "cond"}, None, adp.class_prior)
     h = torch.randn(6, *t2i.h_shape)
-    new = cfg_rows(Guide(plan, adp, t2i.betas).start([0, 1, 2]), 3, True, plan.settings)(h, float(adp.timesteps[1]), 1)
+    new = Guide(plan, adp, t2i.betas).start([0, 1, 2]).edit(h, Step(1, float(adp.timesteps[1]), n_uncond=3))
     assert torch.equal(new[:3], h[:3]) and not torch.equal(new[3:], h[3:])
 
 
@@ -176,7 +163,7 @@ def test_the_sd_paper_sample_step_is_the_original_sd_codes(t2i):
     want = h - 600 * torch.autograd.grad(loss, x)[0]
     plan = build_plan({"model": {"family": "sd"}, "guidance": {"preset": "paper"}}, "sample", {"gender": str(c)},
                       adp.attributes)
-    got = cfg_rows(Guide(plan, adp, t2i.betas).start(list(range(n))), n, True, plan.settings)(h, float(t), 2)
+    got = Guide(plan, adp, t2i.betas).start(list(range(n))).edit(h, Step(2, float(t), n_uncond=n))
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
     assert torch.allclose(got - h, (600 * w[i][c]).view(1, *t2i.h_shape).expand_as(h), atol=1e-4)
 
@@ -217,7 +204,7 @@ def test_nearest_head_on_another_schedulers_grid_and_the_range_error(t2i):
     narrow = tiny_adp(t2i, timesteps=[401, 301, 201, 101, 1])
     with pytest.raises(ClassifierMismatchError, match=r"covers: heads for timesteps 1\.\.401"):
         narrow.head_index(999.0, "nearest")
-    euler = load_sd(resolve_model(str(t2i.model_id["checkpoint"])), torch.device("cpu"), torch.float32, "euler")
+    euler = load_pipeline(resolve_model(str(t2i.model_id["checkpoint"])), torch.device("cpu"), torch.float32, "euler")
     euler.scheduler.set_timesteps(7)
     heads = adp.head_map([float(t) for t in euler.scheduler.timesteps], "nearest")
     assert all(abs(float(t) - h) <= 10 for t, h in heads.items())

@@ -14,7 +14,7 @@ import yaml
 
 from models.adp import ClassifierMismatchError
 from models.files import CheckpointError, resolve_path
-from models.sd import SCHEDULER_CHOICES
+from models.t2i import SCHEDULER_CHOICES
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
 from utils.app.runtime import pick_device, setup_logging
 from utils.guidance.settings import CHOICES, PRESETS, SettingsError, parse_guide_steps

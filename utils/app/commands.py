@@ -6,6 +6,7 @@ from pathlib import Path
 
 from models.files import resolve_path
 from models.labellers import load_labeller
+from models.t2i import is_text_to_image
 from utils.app.cli import input_path, output_path, read_prompts
 from utils.app.runtime import pick_device
 from utils.sampling.pipeline import load_pipeline
@@ -16,7 +17,7 @@ def check_extraction(cfg: dict, args) -> Path:
     """The extraction's flags and output folder, before anything is loaded or written; returns
     the output folder."""
     from utils.data.extract import check_savepath
-    if args.just_precompute and (cfg.get("model") or {}).get("family") == "sd":
+    if args.just_precompute and is_text_to_image((cfg.get("model") or {}).get("family")):
         raise ValueError("--just_precompute (DDIM inversion of image folders) is not available for "
                          "text-to-image models yet; use --extract_pseudo N with a labeller")
     if not args.savepath:
@@ -38,7 +39,7 @@ def extract(cfg: dict, args) -> int:
     from utils.data.extract import extract_from_folders, extract_pseudo_labelled
     out = check_extraction(cfg, args)
     device = pick_device(args.device)
-    if (cfg.get("model") or {}).get("family") == "sd":
+    if is_text_to_image((cfg.get("model") or {}).get("family")):
         return extract_text_to_image(cfg, args, device, out)
     if args.just_precompute:
         root = resolve_path(input_path(args.test_path_one))

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from models.loader import REPO_ROOT, resolve_path
+from models.t2i import FAMILIES, is_text_to_image
 
 DEFAULT_CONFIG = "configs/digits16.yml"
 
@@ -48,8 +49,8 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
                          f"checkpoint: ...}} (see configs/digits16.yml)")
     if not model.get("family"):
         raise ValueError(f"{where}: model.family is not set; one of adm, ddpm, diffusers (unconditional "
-                         f"U-Nets) or sd (text-to-image)")
-    if model["family"] != "sd" and "diffusion" not in cfg:
+                         f"U-Nets) or {', '.join(FAMILIES)} (text-to-image)")
+    if not is_text_to_image(model["family"]) and "diffusion" not in cfg:
         raise ValueError(f"{where} has no diffusion: section (beta_schedule, beta_start, beta_end, "
                          f"num_diffusion_timesteps) for its {model['family']} model")
     sampling = cfg.get("sampling") or {}

@@ -35,8 +35,8 @@ def extract_t2i_pseudo(pipe, prompts: list[str], seeds: list[int], labeller, out
         record: list[torch.Tensor] = []
         x0 = pipe.with_prompt(prompt, negative_prompt).draw(batch, record=record)
         if len(record) != len(timesteps):
-            raise RuntimeError(f"recorded h at {len(record)} U-Net calls for {len(timesteps)} timesteps: "
-                               f"a scheduler of order > 1 calls the U-Net more than once a step; use "
+            raise RuntimeError(f"recorded h at {len(record)} denoiser calls for {len(timesteps)} timesteps: "
+                               f"a scheduler of order > 1 calls the denoiser more than once a step; use "
                                f"ddim, dpm or euler for extraction")
         probs = labeller.predict(x0)
         _save_shard(out, k, {"h": torch.stack(record, 1), "ids": list(batch), "prompt": prompt,

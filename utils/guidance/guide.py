@@ -3,7 +3,7 @@
 The batch loop uses exactly this interface:
 
     batch = guide.start(seeds)               # one BatchGuide per batch of seeds
-    sampler.sample(..., **batch.hooks())      # edit(h, i, t) -> h at every step
+    sampler.sample(..., **batch.hooks())      # edit(h, step) -> h at every step (models.hspace.Step)
     report = batch.after_batch(x0)            # BatchReport: estimate, which images to redraw
     guide.summary()                           # what the run's guide counted (for run.json)
 
@@ -22,6 +22,15 @@ estimate moves by sqrt(1 - abar_t) |delta v| where an eps-model's moves by
 sqrt((1 - abar_t) / abar_t) |delta eps|, so the same edit of h acts sqrt(abar_t) times as much there:
 g_t gives its noisiest steps the room an eps-model's edit has.
 The gradient runs through the ADP only, never back through the U-Net.
+
+Classifier-free guidance (``step.n_uncond`` = n: h holds [n unconditional rows; n conditional
+rows]) follows the settings' row policy:
+
+  - estimate ``cond`` (ours): the batch estimate and the edit come from the n conditional rows;
+    estimate ``both`` (the original SD code): from all 2n rows, each row moved by its own
+    gradient (sample mode: always from the conditional rows, a sample's class being per image);
+  - edit ``both``: an image's unconditional row gets the same delta h as its conditional row
+    (with estimate ``both``: its own); edit ``cond``: the unconditional rows stay unchanged.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from models.adp import ADP
+from models.hspace import Step
 from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, logit_of, probability_of,
                                        quota_assignment, soft_estimate, with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
@@ -146,7 +156,7 @@ class Guide:
 
 
 class BatchGuide:
-    """Guidance of one batch: ``edit(h, i, t)`` at each step, ``after_batch(x0)`` at the end."""
+    """Guidance of one batch: ``edit(h, step)`` at each step, ``after_batch(x0)`` at the end."""
 
     def __init__(self, guide: Guide, n: int, round_: int = 0):
         self.g, self.n, self.round = guide, n, round_
@@ -260,8 +270,25 @@ class BatchGuide:
         return self.batch_total + (bal.count if bal is not None else 0)
 
     # ---- the interface --------------------------------------------------------------------
-    def edit(self, h: torch.Tensor, i: int, t: int) -> torch.Tensor:
-        """h_t [N,C,H,W] -> the guided h_t (unchanged outside the guided steps)."""
+    def edit(self, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """h_t [N,C,H,W] at ``step`` -> the guided h_t (h itself outside the guided steps); CFG
+        rows by the module docstring's policy."""
+        n = step.n_uncond
+        if n == 0 or len(h) != 2 * n:
+            return self._move(h, step.i, step.t)
+        st = self.g.plan.settings
+        if st.cfg_estimate == "both" and self.g.plan.mode != "sample":
+            new = self._move(h, step.i, step.t)
+            return new if st.cfg_edit == "both" or new is h else torch.cat([h[:n], new[n:]])
+        cond = h[n:]
+        new_cond = self._move(cond, step.i, step.t)
+        if new_cond is cond:
+            return h
+        uncond = h[:n] + (new_cond - cond) if st.cfg_edit == "both" else h[:n]
+        return torch.cat([uncond, new_cond])
+
+    def _move(self, h: torch.Tensor, i: int, t: float) -> torch.Tensor:
+        """The guidance step of the module docstring on every row of h."""
         plan, st = self.g.plan, self.g.plan.settings
         if not self.guided(i) or all(v == 0 for v in plan.scales.values()):
             return h

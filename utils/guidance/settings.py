@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.t2i import is_text_to_image
+
 
 class SettingsError(ValueError):
     """A guidance setting is unknown, of the wrong type or out of range."""
@@ -184,7 +186,8 @@ def _number(key: str, v: Any) -> float:
 
 def presets_for(family: str | None) -> dict[str, dict[str, Any]]:
     """The presets of a model family (``model.family`` of a config): its own where it has them."""
-    return {**PRESETS, **FAMILY_PRESETS.get(family or "", {})}
+    # every text-to-image family takes the presets of the original's SD code
+    return {**PRESETS, **FAMILY_PRESETS.get("sd" if is_text_to_image(family) else family or "", {})}
 
 
 def resolve_settings(section: dict | None, overrides: dict | None = None,

@@ -1,7 +1,8 @@
 """Diffusion math: noise schedules, the DDIM update (DDIM eq. 12), sampling and inversion.
 
-The sampler knows nothing about classifiers: guidance is a callable ``edit_h(h, i, t)`` that
-returns an edited bottleneck, applied between the U-Net's encoder and decoder, or a callable
+The sampler knows nothing about classifiers: guidance is a callable ``edit_h(h, step)``
+(``models.hspace.Step``: step index i, timestep t) that returns an edited bottleneck, applied
+between the U-Net's encoder and decoder (``net.predict``), or a callable
 ``guide_eps(x_t, eps, i, t)`` that returns a guided eps (pixel-space classifier guidance).
 """
 from __future__ import annotations
@@ -14,9 +15,7 @@ import numpy as np
 import torch
 
 from models.base import HSpaceUNet
-
-#: edit_h(h [N,C,H,W], step index i, timestep t) -> edited h
-HEdit = Callable[[torch.Tensor, int, int], torch.Tensor]
+from models.hspace import Edit as HEdit, Step  # noqa: F401 (HEdit: edit_h(h [N,C,H,W], step) -> edited h)
 #: guide_eps(x_t [N,C,H,W], eps [N,C,H,W], step index i, timestep t) -> guided eps
 EpsGuide = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
@@ -150,16 +149,11 @@ class DDIMSampler:
         steps = range(len(self.timesteps))
         for i in (progress(steps) if progress else steps):
             t = self.timesteps[i]
-            h, ctx = self.net.encode(x, self._t(t, len(x), x.device))
+            edit = None if edit_h is None else (lambda h, step=Step(i, t): _same_if_none(edit_h(h, step), h))
+            eps, h, eps_dir = self.net.predict(x, self._t(t, len(x), x.device), edit, asymmetric)
             if record_h:
                 hs.append(h.float().cpu())
-            eps_dir = None
-            if edit_h is not None:
-                h_edit = edit_h(h, i, t)
-                if asymmetric and h_edit is not h:
-                    eps_dir = self.net.decode(h, ctx)
-                h = h_edit
-            eps = self.net.decode(h, ctx).float()
+            eps = eps.float()
             if guide_eps is not None:
                 eps = guide_eps(x, eps, i, t)
             a_t, a_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(self.prev_timestep(i))
@@ -183,16 +177,21 @@ class DDIMSampler:
             t_prev = ts[j - 1] if j > 0 else -1
             # eps is predicted at the point we are at (t_prev), then x moves from t_prev to t_cur
             if t_prev >= 0:
-                h, ctx = self.net.encode(x, self._t(t_prev, len(x), x.device))
+                eps, h, _ = self.net.predict(x, self._t(t_prev, len(x), x.device))
                 if record_h:
                     hs_by_t[t_prev] = h.float().cpu()
-                eps = self.net.decode(h, ctx).float()
+                eps = eps.float()
             else:
                 eps = self.net(x, self._t(t_cur, len(x), x.device)).float()
             a_from, a_to = self.schedule.alpha_bar(t_prev), self.schedule.alpha_bar(t_cur)
             x, _ = ddim_step(eps, x, a_from, a_to, eta=0.0)        # the DDIM update, run upwards
         if record_h:
-            h, _ = self.net.encode(x, self._t(ts[-1], len(x), x.device))
+            _, h, _ = self.net.predict(x, self._t(ts[-1], len(x), x.device))
             hs_by_t[ts[-1]] = h.float().cpu()
             return x, torch.stack([hs_by_t[t] for t in self.timesteps], dim=1)
         return x, None
+
+
+def _same_if_none(new, h):
+    """A guide's answer: None means h unchanged."""
+    return h if new is None else new
