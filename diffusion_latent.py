@@ -16,6 +16,7 @@ import torch
 
 from models.files import file_sha256, resolve_path
 from utils.app.cli import DEFAULT_N_IMAGES, guidance_overrides, n_images, output_path, read_prompts
+from utils.app.api import balance, load  # noqa: F401 (the Python API: utils/app/api.py)
 from utils.app.rundir import RunFolder, RunFolderError
 from utils.app.runtime import init_distributed
 from utils.guidance import build_guide, build_plan

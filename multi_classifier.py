@@ -51,7 +51,8 @@ def build_parser(single: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--attribute" if single else "--attributes", required=single,
                    help="attribute to train" if single else "comma-separated attributes (default: all "
                    "in the data; with --import_original: one name per file)")
-    p.add_argument("--out", required=True, help="ADP checkpoint to write (.pt)")
+    p.add_argument("--out", required=True, help="ADP to write: NAME.pt, or a FOLDER (config.json, "
+                   "model.safetensors, README.md model card)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=128)
@@ -109,15 +110,27 @@ def command(args) -> str:
     return given[0].lstrip("-")
 
 
+#: what an ADP folder holds (``ADP.save``), and its reports when trained here
+FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
+FOLDER_REPORTS = ("accuracy.md", "accuracy.png")
+
+
 def check_out(out: Path, overwrite: bool, reports: bool) -> None:
     """Refuse, before anything is read or written, an --out that cannot be written or would
-    replace files without --overwrite (``reports``: the .md/.json/.png written beside it too)."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a checkpoint file name, e.g. --out {out / 'adp.pt'}")
-    if out.suffix != ".pt":
-        raise ValueError(f"--out {out}: an ADP checkpoint's name ends in .pt (its .json/.md/.png reports "
-                         f"are written beside it), e.g. --out {out.with_suffix('.pt')}")
-    targets = [out, *(out.with_suffix(s) for s in (".md", ".json", ".png") if reports)]
+    replace files without --overwrite. ``--out NAME.pt``: a checkpoint file (``reports``: its
+    .md/.json/.png beside it); ``--out FOLDER`` (no suffix): an ADP folder (config.json,
+    model.safetensors, README.md; ``reports``: accuracy.md and accuracy.png in it)."""
+    if out.suffix == "":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; an ADP folder is made at a new or existing folder")
+        targets = [out / n for n in FOLDER_FILES + (FOLDER_REPORTS if reports else ())]
+    elif out.is_dir() or out.suffix != ".pt":
+        raise ValueError(f"--out {out}: give a checkpoint file NAME.pt (its .json/.md/.png reports are written "
+                         f"beside it) or a folder name without a suffix (an ADP folder: config.json, "
+                         f"model.safetensors, README.md), e.g. --out {out.with_suffix('.pt')} or --out "
+                         f"{out.with_suffix('')}")
+    else:
+        targets = [out, *(out.with_suffix(s) for s in (".md", ".json", ".png") if reports)]
     folders = [p for p in targets if p.is_dir()]
     if folders:
         raise ValueError(f"--out {out}: {folders[0]} (a report written beside it) is a folder; choose another --out")
@@ -140,12 +153,16 @@ def train(args, attrs: list[str] | None, out: Path) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     adp.save(out, meta["model"], source, metrics)
     table = accuracy_table(adp.timesteps, metrics)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"model": meta["model"], "data_source": source,
-                                                    "timesteps": adp.timesteps, "metrics": metrics,
-                                                    "class_prior": adp.class_prior,
-                                                    "prompt_prior": adp.prompt_prior or None}, indent=1) + "\n")
-    accuracy_plot(adp.timesteps, metrics, out.with_suffix(".png"))
+    if out.suffix == "":                    # an ADP folder: config.json already holds what the .json would
+        (out / "accuracy.md").write_text(table + "\n")
+        accuracy_plot(adp.timesteps, metrics, out / "accuracy.png")
+    else:
+        out.with_suffix(".md").write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"model": meta["model"], "data_source": source,
+                                                        "timesteps": adp.timesteps, "metrics": metrics,
+                                                        "class_prior": adp.class_prior,
+                                                        "prompt_prior": adp.prompt_prior or None}, indent=1) + "\n")
+        accuracy_plot(adp.timesteps, metrics, out.with_suffix(".png"))
     print(table)
     for a, m in metrics["attributes"].items():
         print(f"{a}: val accuracy, last 20% of steps {m['val_accuracy_last_20pct']:.3f}; "

@@ -11,12 +11,13 @@ timesteps, the model config and checkpoint hash it was trained for, data source 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.files import load_tensors
+from models.files import load_tensors, read_json_object, write_atomic
 
 ADP_KIND = "balancing-act/adp-v1"
 
@@ -185,12 +186,22 @@ class ADP(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, path: str | Path, model_id: dict, data_source: dict, metrics: dict,
              imported: dict | None = None) -> None:
-        """Tensors and plain metadata only: loadable with ``weights_only=True``."""
-        torch.save({"kind": ADP_KIND, "state_dict": self.state_dict(), "h_shape": list(self.h_shape),
-                    "timesteps": self.timesteps, "attributes": self.attributes,
-                    "model": model_id, "data_source": data_source, "metrics": metrics,
-                    "imported": imported, "class_prior": self.class_prior,
-                    "prompt_prior": self.prompt_prior}, path)
+        """A ``.pt`` file (tensors and plain metadata only: loadable with ``weights_only=True``),
+        or, for a path without that suffix, an ADP folder: ``config.json`` (everything but the
+        tensors), ``model.safetensors`` and a ``README.md`` model card (``adp_card``)."""
+        info = {"kind": ADP_KIND, "h_shape": list(self.h_shape), "timesteps": self.timesteps,
+                "attributes": self.attributes, "model": model_id, "data_source": data_source, "metrics": metrics,
+                "imported": imported, "class_prior": self.class_prior, "prompt_prior": self.prompt_prior}
+        path = Path(path)
+        if path.suffix == ".pt":
+            torch.save({**info, "state_dict": self.state_dict()}, path)
+            return
+        from safetensors.torch import save as safetensors_bytes
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_atomic(path / "model.safetensors", safetensors_bytes(tensors))
+        write_atomic(path / "config.json", (json.dumps(info, indent=1) + "\n").encode())
+        write_atomic(path / "README.md", adp_card(info).encode())
 
     @classmethod
     def from_original(cls, heads: dict[str, tuple[dict[str, torch.Tensor], list[str]]],
@@ -228,11 +239,8 @@ class ADP(nn.Module):
     def load(cls, path: str | Path, expect_model: dict | None = None,
              expect_h_shape: tuple[int, ...] | None = None) -> "ADP":
         """Load a checkpoint; refuse one made for another model or h shape (clear message)."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"h-classifier checkpoint not found: {path}. Train one with "
-                                    f"multi_classifier.py (see README) or pass --adp PATH")
-        ck = load_tensors(path, "an ADP checkpoint", ClassifierMismatchError)
+        path = _adp_path(Path(path))
+        ck = read_folder(path) if path.is_dir() else load_tensors(path, "an ADP checkpoint", ClassifierMismatchError)
         if not isinstance(ck, dict) or ck.get("kind") != ADP_KIND:
             hint = ""
             if isinstance(ck, dict) and any(str(k).startswith("linears.") for k in ck):
@@ -268,6 +276,71 @@ class ADP(nn.Module):
         adp.class_prior = dict(ck.get("class_prior") or {})
         adp.prompt_prior = dict(ck.get("prompt_prior") or {})
         return adp.eval()
+
+
+def _adp_path(path: Path) -> Path:
+    """An ADP file or folder as given, or a hub id (``org/name``) from the local Hugging Face cache."""
+    if path.exists():
+        return path
+    spec = str(path)
+    if spec.count("/") == 1 and not path.suffix:
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception:                         # not cached, or offline: the message below
+            pass
+    raise FileNotFoundError(f"h-classifier checkpoint not found: {path}. Train one with multi_classifier.py "
+                            f"(see README), pass --adp PATH (a .pt file or an ADP folder) or a cached hub id")
+
+
+def read_folder(folder: Path) -> dict:
+    """An ADP folder (``config.json`` + ``model.safetensors``) as the dict a ``.pt`` file holds."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    info = read_json_object(folder / "config.json", "an ADP folder's config.json",
+                            "restore the folder, or retrain with multi_classifier.py") \
+        if (folder / "config.json").is_file() else None
+    if info is None or not (folder / "model.safetensors").is_file():
+        raise ClassifierMismatchError(f"{folder} is not an ADP folder: it needs config.json and model.safetensors "
+                                      f"(written by multi_classifier.py --out FOLDER)")
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ClassifierMismatchError(f"{folder / 'model.safetensors'} cannot be read ({e}); restore it or "
+                                      f"retrain") from None
+    return {**info, "state_dict": state}
+
+
+def adp_card(info: dict) -> str:
+    """The README.md model card of an ADP folder: the model, the data and labeller, accuracy per
+    step and class fractions."""
+    model, data, metrics = info.get("model") or {}, info.get("data_source") or {}, info.get("metrics") or {}
+    c, hh, ww = (list(info["h_shape"]) + [1, 1])[:3]
+    lines = [f"# ADP: {', '.join(info['attributes'])} for {model.get('config') or 'a diffusion model'}", "",
+             "Attribute Distribution Predictor of Balancing Act (Parihar et al., CVPR 2024): one linear head per "
+             "sampling timestep and attribute on the denoiser's h. Load it with `ADP.load(FOLDER)` or pass "
+             "`--adp FOLDER` to main.py.", "",
+             f"- model: `{model.get('checkpoint')}` (config `{model.get('config')}`, checkpoint sha256 "
+             f"`{str(model.get('checkpoint_sha256'))[:16]}...`)",
+             f"- h: shape {c}x{hh}x{ww}" + (f", module `{model['h_module']}`" if model.get("h_module") else "")
+             + (f", pooled to {model['h_pool']}x{model['h_pool']}" if model.get("h_pool") else ""),
+             f"- timesteps: {len(info['timesteps'])} ({min(info['timesteps'])}..{max(info['timesteps'])})",
+             f"- data: {data.get('n', '?')} samples, source {data.get('source', '?')}, labeller "
+             f"`{data.get('labeller', '-')}`", "", "| attribute | classes | class fractions | val. accuracy "
+             "(first 10% of steps / last 20%) |", "|---|---|---|---|"]
+    for attr, classes in info["attributes"].items():
+        m = (metrics.get("attributes") or {}).get(attr) or {}
+        prior = (info.get("class_prior") or {}).get(attr)
+        frac = ", ".join(f"{p:.3f}" for p in prior) if prior else "-"
+        acc = (f"{m['val_accuracy_first_10pct']:.3f} / {m['val_accuracy_last_20pct']:.3f}"
+               if "val_accuracy_last_20pct" in m else "-")
+        lines.append(f"| {attr} | {', '.join(classes)} | {frac} | {acc} |")
+    per_step = {a: m.get("val_accuracy_per_step") for a, m in (metrics.get("attributes") or {}).items()
+                if m.get("val_accuracy_per_step")}
+    if per_step:
+        lines += ["", "Validation accuracy per step (sampling order):", ""]
+        lines += [f"- {a}: " + " ".join(f"{v:.2f}" for v in acc) for a, acc in per_step.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _original_heads(sd: dict, attr: str) -> dict[int, dict[str, torch.Tensor]]:

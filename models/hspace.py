@@ -102,17 +102,23 @@ class HSpaceHook:
     :param module: the hooked sub-module's name.
     :param pool: P of the module docstring (token outputs), or None.
     :param stream: which element of a tuple output is the image stream.
-    :param grid: the image tokens' patch grid (gh, gw) (token outputs).
+    :param grid: the image tokens' patch grid (gh, gw) (token outputs); None: read off each call's
+        latent input with ``patch`` (a packed token input, Flux's, is taken as a square grid).
     :param images: the number of images of the batch: a call with 2 x images rows holds CFG's
         [unconditional; conditional] rows (``Step.n_uncond``); None: no CFG rows.
+    :param halves: instead of ``images``, a callable asked at each call whether its rows are
+        CFG's two halves (e.g. a pipeline's ``do_classifier_free_guidance``).
     :param t_scale: the scheduler's timestep = the denoiser's timestep input x t_scale.
+
+    A pool P applies to grids larger than P x P; a grid already that small is h as it is.
     """
 
     def __init__(self, denoiser: torch.nn.Module, fn: Edit, module: str = "mid_block", pool: int | None = None,
                  stream: int = -1, grid: tuple[int, int] | None = None, images: int | None = None,
-                 t_scale: float = 1.0):
+                 t_scale: float = 1.0, patch: int = 1, halves: Callable[[], bool] | None = None):
         self.denoiser, self.fn, self.module = denoiser, fn, find_module(denoiser, module)
         self.pool, self.stream, self.grid, self.images, self.t_scale = pool, stream, grid, images, t_scale
+        self.patch, self.halves, self._fixed_grid = patch, halves, grid
         self.t, self.i, self._handles = 0.0, -1, []
 
     def __enter__(self) -> "HSpaceHook":
@@ -132,12 +138,18 @@ class HSpaceHook:
             t = float("nan") if t.is_meta else float(t.flatten()[0])
         self.t = float(t) * self.t_scale
         self.i += 1
+        if self._fixed_grid is None:
+            self.grid = _input_grid(kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None)),
+                                    self.patch)
 
     def _h(self, module, args, output):
         out = output[self.stream] if isinstance(output, tuple) else output
         h = self.read(out)
         rows = len(h)
-        n_uncond = rows // 2 if self.images is not None and rows == 2 * self.images else 0
+        if self.halves is not None:
+            n_uncond = rows // 2 if rows % 2 == 0 and self.halves() else 0
+        else:
+            n_uncond = rows // 2 if self.images is not None and rows == 2 * self.images else 0
         new = self.fn(h, Step(self.i, self.t, n_uncond))
         if new is None or new is h:
             return None
@@ -151,23 +163,41 @@ class HSpaceHook:
     def read(self, out: torch.Tensor) -> torch.Tensor:
         """The module's output (its image stream) -> h [B, C, H, W]."""
         if out.ndim == 4:
-            return out if self.pool is None else F.adaptive_avg_pool2d(out, self.pool)
+            return out if self._pool(out.shape[-2:]) is None else F.adaptive_avg_pool2d(out, self.pool)
         if out.ndim != 3 or self.grid is None:
             raise ValueError(f"the hooked module's output has shape {tuple(out.shape)}: expected a feature map "
                              f"[B, C, H, W] or image tokens [B, N, D] with their patch grid")
         x = tokens_to_grid(out, self.grid)
-        return x if self.pool is None else F.adaptive_avg_pool2d(x, self.pool)
+        return x if self._pool(self.grid) is None else F.adaptive_avg_pool2d(x, self.pool)
+
+    def _pool(self, grid) -> int | None:
+        """The pool that applies to a grid (class docstring)."""
+        return self.pool if self.pool is not None and min(grid) > self.pool else None
 
     def write(self, out: torch.Tensor, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """The module's output with h replaced by ``new`` (a pooled h's edit goes back through the
         pooling)."""
-        if self.pool is None:
-            return (new if out.ndim == 4 else grid_to_tokens(new)).to(out.dtype)
         size = tuple(out.shape[-2:]) if out.ndim == 4 else tuple(self.grid)
+        if self._pool(size) is None:
+            return (new if out.ndim == 4 else grid_to_tokens(new)).to(out.dtype)
         delta = spread(new.float() - h.float(), size)
         if out.ndim == 3:
             delta = grid_to_tokens(delta)
         return (out.float() + delta).to(out.dtype)
+
+
+def _input_grid(x, patch: int) -> tuple[int, int] | None:
+    """The image tokens' grid of a denoiser call from its latent input: [B, C, H, W] -> (H/p, W/p);
+    packed tokens [B, N, C] -> a square grid of N."""
+    if not torch.is_tensor(x):
+        return None
+    if x.ndim == 4:
+        return (x.shape[-2] // patch, x.shape[-1] // patch)
+    side = int(round(x.shape[1] ** 0.5))
+    if x.ndim != 3 or side * side != x.shape[1]:
+        raise ValueError(f"the denoiser's input {tuple(x.shape)} does not tell its image-token grid: give the "
+                         f"grid (square images), e.g. through model.resolution")
+    return (side, side)
 
 
 def h_shape_of(width: int, grid: tuple[int, int], pool: int | None) -> tuple[int, int, int]:

@@ -124,3 +124,33 @@ def test_compute_directions_is_covariance_times_raw_weight():
             w_raw = adp.weight[a][s] / adp.std[s]       # [K, D]
             expected = (cov @ w_raw.T).T
             torch.testing.assert_close(adp.direction(a, s), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adp_folder_round_trips_with_identical_logits(tmp_path):
+    """config.json + model.safetensors + README.md: the same logits, priors and metadata as the
+    .pt file of the same ADP."""
+    torch.manual_seed(0)
+    adp = ADP((4, 2, 2), [10, 0], {"gender": ["female", "male"], "age": ["young", "mid", "old"]})
+    with torch.no_grad():
+        for buf in (adp.mean, adp.std, *adp.weight.values(), *adp.bias.values()):
+            buf.copy_(torch.randn_like(buf).abs() + 0.1)
+    adp.class_prior = {"gender": [0.7, 0.3], "age": [0.2, 0.5, 0.3]}
+    model = {"config": "tiny", "checkpoint": "x", "checkpoint_sha256": "ab" * 32, "h_module": "mid_block"}
+    metrics = {"attributes": {"gender": {"val_accuracy_per_step": [0.9, 0.8], "val_accuracy_first_10pct": 0.9,
+                                         "val_accuracy_last_20pct": 0.8}}}
+    adp.save(tmp_path / "adp.pt", model, {"source": "pseudo", "n": 5, "labeller": "clip"}, metrics)
+    adp.save(tmp_path / "adp", model, {"source": "pseudo", "n": 5, "labeller": "clip"}, metrics)
+    assert sorted(p.name for p in (tmp_path / "adp").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    a, b = ADP.load(tmp_path / "adp.pt"), ADP.load(tmp_path / "adp", {"checkpoint_sha256": "ab" * 32})
+    h = torch.randn(3, 4, 2, 2)
+    for s in range(2):
+        la, lb = a.logits_at(h, s), b.logits_at(h, s)
+        assert all(torch.equal(la[k], lb[k]) for k in la)
+    assert b.class_prior == a.class_prior and b.meta == a.meta and b.timesteps == [10, 0]
+    card = (tmp_path / "adp" / "README.md").read_text()
+    assert "0.700, 0.300" in card and "0.900 / 0.800" in card and "module `mid_block`" in card
+    with pytest.raises(ClassifierMismatchError, match="another model|sha256"):
+        ADP.load(tmp_path / "adp", {"checkpoint_sha256": "cd" * 32})
+    (tmp_path / "adp" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(ClassifierMismatchError, match="cannot be read"):
+        ADP.load(tmp_path / "adp")

@@ -104,13 +104,21 @@ def test_training_options_are_read(capsys, tmp_path, digits_h):
 
 
 # ---- 2. --out is checked before training ---------------------------------------------------------
-def test_out_naming_a_folder_is_refused(capsys, tmp_path, digits_h, no_training):
+def test_out_naming_a_folder_writes_an_adp_folder_and_never_replaces_one(capsys, tmp_path, digits_h):
     folder = tmp_path / "models"
     folder.mkdir()
-    for extra in ([], ["--overwrite"]):
-        rc, err = run(capsys, multi_classifier.main, ["--data", digits_h, "--out", folder, *extra])
-        one_line_error(rc, err, f"--out {folder} is a folder", str(folder / "adp.pt"))
-    assert not list(folder.iterdir())
+    (folder / "mine.txt").write_text("keep")
+    args = ["--data", digits_h, "--out", folder, "--limit", "12", "--batch_size", "3", "--epochs", "1",
+            "--attributes", "parity"]
+    rc, err = run(capsys, multi_classifier.main, args)
+    assert rc == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "accuracy.md", "accuracy.png", "config.json",
+                                                        "mine.txt", "model.safetensors"]
+    assert ADP.load(folder).meta["data_source"]["n"] == 12 and "parity" in (folder / "README.md").read_text()
+    before = (folder / "model.safetensors").read_bytes()
+    rc, err = run(capsys, multi_classifier.main, args)
+    one_line_error(rc, err, "exist", "--overwrite")
+    assert (folder / "model.safetensors").read_bytes() == before and (folder / "mine.txt").read_text() == "keep"
 
 
 def test_out_whose_folder_is_a_file_is_refused(capsys, tmp_path, digits_h, no_training):
@@ -139,7 +147,7 @@ def test_reports_beside_the_checkpoint_are_not_clobbered(capsys, tmp_path, digit
     one_line_error(rc, err, "adp.json exists", "--overwrite")
     assert (tmp_path / "adp.json").read_text() == '{"mine": true}' and not out.exists()
     rc, err = run(capsys, multi_classifier.main, ["--data", digits_h, "--out", tmp_path / "adp.json"])
-    one_line_error(rc, err, "ends in .pt")                          # its report would replace it
+    one_line_error(rc, err, "NAME.pt")                              # its report would replace it
 
 
 def test_overwrite_replaces_checkpoint_and_reports(capsys, tmp_path, digits_h):

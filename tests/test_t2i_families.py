@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 import main as entry  # noqa: E402
 from models.adp import ADP  # noqa: E402
-from models.hspace import HSpaceHook, Step, find_module, grid_to_tokens, tokens_to_grid  # noqa: E402
+from models.hspace import HSpaceHook, find_module, grid_to_tokens, tokens_to_grid  # noqa: E402
 from models.t2i import FAMILIES, h_spec  # noqa: E402
 from models.tiny_families import CALL_KWARGS, TINY_RESOLUTION, meta_denoiser, meta_inputs, save_tiny  # noqa: E402
 from helpers import save_tiny_clip  # noqa: E402
