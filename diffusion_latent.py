@@ -151,8 +151,6 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
     if mode == "vanilla" and args.scale is not None:
         raise ValueError("--scale applies to --mode sample or distribution, not vanilla")
     t2i = is_text_to_image(cfg)
-    if t2i and world > 1:
-        raise ValueError("text-to-image runs use one process: run them without torchrun")
     prompts = read_prompts(cfg, args) if t2i else [None]
     root = output_path(args.exp)
     check_prompt_root(root, len(prompts))

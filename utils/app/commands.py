@@ -17,9 +17,10 @@ def check_extraction(cfg: dict, args) -> Path:
     """The extraction's flags and output folder, before anything is loaded or written; returns
     the output folder."""
     from utils.data.extract import check_savepath
-    if args.just_precompute and is_text_to_image((cfg.get("model") or {}).get("family")):
-        raise ValueError("--just_precompute (DDIM inversion of image folders) is not available for "
-                         "text-to-image models yet; use --extract_pseudo N with a labeller")
+    family = (cfg.get("model") or {}).get("family")
+    if args.just_precompute and is_text_to_image(family) and family != "sd":
+        raise ValueError(f"--just_precompute (DDIM inversion of image folders) is built for the sd family; the "
+                         f"{family} family's is not yet: use --extract_pseudo N with a labeller")
     if not args.savepath:
         raise ValueError("extraction needs --savepath (the folder the h-vectors go to)")
     if args.just_precompute and args.extract_pseudo is not None:
@@ -38,9 +39,9 @@ def check_extraction(cfg: dict, args) -> Path:
 def extract(cfg: dict, args) -> int:
     from utils.data.extract import extract_from_folders, extract_pseudo_labelled
     out = check_extraction(cfg, args)
-    device = pick_device(args.device)
     if is_text_to_image((cfg.get("model") or {}).get("family")):
-        return extract_text_to_image(cfg, args, device, out)
+        return extract_text_to_image(cfg, args, out)
+    device = pick_device(args.device)
     if args.just_precompute:
         root = resolve_path(input_path(args.test_path_one))
         pipe = load_pipeline(cfg, device, args.steps, 0.0)
@@ -58,21 +59,45 @@ def extract(cfg: dict, args) -> int:
     return 0
 
 
-def extract_text_to_image(cfg: dict, args, device, out: Path) -> int:
+def extract_text_to_image(cfg: dict, args, out: Path) -> int:
     """--extract_pseudo N on a text-to-image model: the seeds' images over --prompts / --prompt,
-    labelled by the config's labeller (e.g. CLIP zero-shot)."""
-    from utils.data.extract_t2i import extract_t2i_pseudo
+    labelled by the config's labeller (e.g. CLIP zero-shot); --just_precompute: the images of
+    --test_path_one's class folders, inverted under --prompt (default: the empty prompt). Under
+    torchrun each rank extracts its share of the shards."""
+    from utils.app.runtime import init_distributed
+    from utils.data.extract_t2i import extract_t2i_folders, extract_t2i_pseudo
     from utils.sampling.text2image import load_t2i
+    if args.just_precompute:
+        rank, world, device = init_distributed(args.device)
+        try:
+            pipe = load_t2i(cfg, device, args.steps, 0.0, 1.0, args.scheduler or "ddim")
+            extract_t2i_folders(pipe, resolve_path(input_path(args.test_path_one)), args.attribute, out,
+                                {"model": pipe.model_id, "config": cfg.get("name")}, args.bs_test,
+                                args.prompt or "", rank, world)
+        finally:
+            if world > 1:
+                import torch.distributed
+                torch.distributed.destroy_process_group()
+        if rank == 0:
+            print(f"h-vectors in {out}")
+        return 0
     if not cfg.get("labeller"):
         raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
                          f"set labeller: (e.g. a clip spec) or pass --labeller FILE")
     prompts = read_prompts(cfg, args)
     seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
     labeller = load_labeller(cfg["labeller"])
-    pipe = load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
-    negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
-    extract_t2i_pseudo(pipe, prompts, seeds, labeller, out,
-                       {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]},
-                       args.bs_test, negative)
-    print(f"h-vectors in {out}")
+    rank, world, device = init_distributed(args.device)       # one process unless torchrun
+    try:
+        pipe = load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
+        negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
+        extract_t2i_pseudo(pipe, prompts, seeds, labeller, out,
+                           {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]},
+                           args.bs_test, negative, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"h-vectors in {out}")
     return 0

@@ -127,6 +127,61 @@ class T2IPipeline:
         return out.images.float().cpu() * 2 - 1
 
 
+def _ddim_move(x: torch.Tensor, out: torch.Tensor, a_model: float, a_from: float, a_to: float,
+               prediction: str) -> torch.Tensor:
+    """One deterministic DDIM update of latents x (at alpha_bar ``a_from``) to alpha_bar
+    ``a_to`` (DDIM eq. 12), from the denoiser's output at alpha_bar ``a_model``: eps, or v
+    (eps = sqrt(a) v + sqrt(1 - a) x)."""
+    if prediction == "v_prediction":
+        out = a_model ** 0.5 * out + (1 - a_model) ** 0.5 * x
+    elif prediction != "epsilon":
+        raise ValueError(f"inversion of a {prediction} model is not supported (epsilon or v_prediction)")
+    x0 = (x - (1 - a_from) ** 0.5 * out) / a_from ** 0.5
+    return a_to ** 0.5 * x0 + (1 - a_to) ** 0.5 * out
+
+
+@torch.no_grad()
+def invert(pipe: T2IPipeline, images: torch.Tensor, prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM inversion of images [n,3,H,W] in [-1,1] under ``prompt`` (the empty prompt by
+    default; no classifier-free guidance): the VAE's latent mean, then the sampling timesteps
+    upwards. Returns (the latents at the first sampling timestep [n,4,h,w], h [n,S,C,H,W] at
+    every sampling timestep in sampling order, float16, each read from the inverted latent at
+    that timestep, as ``DDIMSampler.invert`` records it). The sd family (SD 1.x / 2.x)."""
+    if pipe.family != "sd":
+        raise ValueError(f"h from image folders (DDIM inversion) is built for the sd family; the {pipe.family} "
+                         f"family's is not yet: use --extract_pseudo with a labeller")
+    sd, sched, net = pipe.pipe, pipe.pipe.scheduler, pipe.denoiser
+    abar = sched.alphas_cumprod.double()
+    prediction = sched.config.prediction_type
+    dtype = net.dtype
+    x = images.to(pipe.device, dtype)
+    z = sd.vae.encode(x).latent_dist.mean * sd.vae.config.scaling_factor
+    emb = sd.encode_prompt(prompt, pipe.device, 1, False)[0].expand(len(z), -1, -1)
+    seen: list[torch.Tensor] = []
+    record = HSpaceHook(net, lambda h, step: seen.append(h.detach().to("cpu", torch.float16)),
+                        **pipe.hspec.hook_kwargs())
+    ts = sorted(int(round(t)) for t in pipe.timesteps)           # ascending
+    hs: dict[int, torch.Tensor] = {}
+
+    def call(latents, t):
+        seen.clear()
+        with record:
+            out = net(latents, t, encoder_hidden_states=emb).sample.double()
+        return out, seen[0]
+    a = lambda t: 1.0 if t < 0 else float(abar[t])                # noqa: E731
+    zz = z.double()
+    for j, t_cur in enumerate(ts):
+        t_prev = ts[j - 1] if j else -1
+        t_model = t_prev if t_prev >= 0 else t_cur               # from x0: the eps of the first timestep
+        out, h = call(zz.to(dtype), t_model)
+        if t_prev >= 0:
+            hs[t_prev] = h
+        zz = _ddim_move(zz, out, a(t_model), a(t_prev), a(t_cur), prediction)
+    _, hs[ts[-1]] = call(zz.to(dtype), ts[-1])
+    order = [int(round(t)) for t in pipe.timesteps]
+    return zz.to(dtype), torch.stack([hs[t] for t in order], 1)
+
+
 #: the model keys a text-to-image config may hold
 MODEL_KEYS = {"family", "checkpoint", "resolution", "scheduler", "dtype", "h_module", "h_pool", "h_stream", "h_shape"}
 
