@@ -18,7 +18,7 @@ from models.files import file_sha256, resolve_path
 from utils.app.cli import DEFAULT_N_IMAGES, guidance_overrides, n_images, output_path, read_prompts
 from utils.app.api import balance, load  # noqa: F401 (the Python API: utils/app/api.py)
 from utils.app.rundir import RunFolder, RunFolderError
-from utils.app.runtime import init_distributed
+from utils.app.runtime import process_group
 from utils.guidance import build_guide, build_plan
 from utils.guidance.targets import attribute_list_targets, check_target_keys, parse_target_spec
 from utils.sampling.images import read_images, save_grid, save_images  # noqa: F401 (read_images: API)
@@ -89,12 +89,8 @@ def generate(cfg: dict, args, mode: str) -> int:
     """One generation run (one process, or this rank's share under torchrun); the numeric flags
     were checked by the command line (``utils.app.cli.check_numbers``)."""
     seeds = parse_seeds(args.seeds, n_images(args), args.seed)
-    rank, world, device = init_distributed(args.device)      # one process unless torchrun
-    try:
+    with process_group(args.device) as (rank, world, device):      # one process unless torchrun
         return _generate(cfg, args, mode, seeds, device, rank, world)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
 
 
 #: flags that only a text-to-image config reads

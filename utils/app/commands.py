@@ -64,40 +64,29 @@ def extract_text_to_image(cfg: dict, args, out: Path) -> int:
     labelled by the config's labeller (e.g. CLIP zero-shot); --just_precompute: the images of
     --test_path_one's class folders, inverted under --prompt (default: the empty prompt). Under
     torchrun each rank extracts its share of the shards."""
-    from utils.app.runtime import init_distributed
+    from utils.app.runtime import process_group
     from utils.data.extract_t2i import extract_t2i_folders, extract_t2i_pseudo
     from utils.sampling.text2image import load_t2i
-    if args.just_precompute:
-        rank, world, device = init_distributed(args.device)
-        try:
+    if not args.just_precompute:
+        if not cfg.get("labeller"):
+            raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
+                             f"set labeller: (e.g. a clip spec) or pass --labeller FILE")
+        prompts = read_prompts(cfg, args)
+        seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
+        labeller = load_labeller(cfg["labeller"])
+    with process_group(args.device) as (rank, world, device):          # one process unless torchrun
+        if args.just_precompute:
             pipe = load_t2i(cfg, device, args.steps, 0.0, 1.0, args.scheduler or "ddim")
             extract_t2i_folders(pipe, resolve_path(input_path(args.test_path_one)), args.attribute, out,
                                 {"model": pipe.model_id, "config": cfg.get("name")}, args.bs_test,
                                 args.prompt or "", rank, world)
-        finally:
-            if world > 1:
-                import torch.distributed
-                torch.distributed.destroy_process_group()
-        if rank == 0:
-            print(f"h-vectors in {out}")
-        return 0
-    if not cfg.get("labeller"):
-        raise ValueError(f"config {cfg.get('name')} names no labeller for --extract_pseudo: "
-                         f"set labeller: (e.g. a clip spec) or pass --labeller FILE")
-    prompts = read_prompts(cfg, args)
-    seeds = parse_seeds(args.seeds, args.extract_pseudo, args.seed)
-    labeller = load_labeller(cfg["labeller"])
-    rank, world, device = init_distributed(args.device)       # one process unless torchrun
-    try:
-        pipe = load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
-        negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
-        extract_t2i_pseudo(pipe, prompts, seeds, labeller, out,
-                           {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]},
-                           args.bs_test, negative, rank, world)
-    finally:
-        if world > 1:
-            import torch.distributed
-            torch.distributed.destroy_process_group()
+        else:
+            pipe = load_t2i(cfg, device, args.steps, args.eta, args.cfg, args.scheduler)
+            negative = (args.negative_prompt if args.negative_prompt is not None
+                        else cfg.get("negative_prompt")) or None
+            extract_t2i_pseudo(pipe, prompts, seeds, labeller, out,
+                               {"model": pipe.model_id, "config": cfg.get("name"), "labeller": cfg["labeller"]},
+                               args.bs_test, negative, rank, world)
     if rank == 0:
         print(f"h-vectors in {out}")
     return 0

@@ -1,6 +1,7 @@
 """Device choice, logging set-up and seeding shared by the entry points."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -49,6 +50,19 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """``with process_group(flag) as (rank, world, device):`` ``init_distributed``, and the
+    process group destroyed on leaving (also after an error) when torchrun started one."""
+    import torch.distributed as dist
+    rank, world, dev = init_distributed(device)
+    try:
+        yield rank, world, dev
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class _CurrentStderr(logging.StreamHandler):
