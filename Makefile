@@ -20,6 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	grep -v '^torch\b' requirements.txt > $(VENV)/requirements-no-torch.txt
 	$(VENV)/bin/python -m pip install --quiet -r $(VENV)/requirements-no-torch.txt -r requirements-dev.txt
+	$(VENV)/bin/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "balancing_act.pth").write_text("$(CURDIR)\n")'
 	touch $(STAMP)
 
 test: venv

@@ -33,14 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from utils.app.cli import guarded  # noqa: E402
-from utils.data.adp_train import train_adp_stream  # noqa: E402
-from utils.data.extract import _save_shard, _write_meta, open_h_dataset  # noqa: E402
+from utils.app.cli import guarded
+from utils.data.adp_train import train_adp_stream
+from utils.data.extract import _save_shard, _write_meta, open_h_dataset
 
 ACCEPTANCE = {"dims": "512x8x8:49,1280x8x8:50", "n": "200,2000"}
 QUICK = {"dims": "64x4x4:10", "n": "100,1000"}

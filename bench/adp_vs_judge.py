@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference  # noqa: E402
-from utils.guidance import build_guide, build_plan  # noqa: E402
-from utils.guidance.settings import parse_guide_steps  # noqa: E402
-from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from utils.app.config import load_config
+from utils.app.runtime import pick_device, setup_logging
+from utils.evaluation.evaluate import evaluate_images, judge_from_config, real_reference
+from utils.guidance import build_guide, build_plan
+from utils.guidance.settings import parse_guide_steps
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches
+from utils.app.cli import guarded
 
 
 class LastStepProbe:

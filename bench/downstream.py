@@ -43,21 +43,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
-from models.labellers import load_labeller  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import setup_logging  # noqa: E402
-from utils.evaluation.evaluate import judge_from_config  # noqa: E402
-from utils.guidance.targets import parse_fraction_vector  # noqa: E402
-from utils.sampling.images import read_images  # noqa: E402
+from models.digits import ATTRIBUTES, attribute_labels, load_split
+from models.labellers import load_labeller
+from utils.app.cli import guarded
+from utils.app.config import load_config
+from utils.app.runtime import setup_logging
+from utils.evaluation.evaluate import judge_from_config
+from utils.guidance.targets import parse_fraction_vector
+from utils.sampling.images import read_images
 
 log = logging.getLogger("downstream")
 TASKS = ("digit", "parity")

@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import init_distributed, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,  # noqa: E402
+from utils.app.config import load_config
+from utils.app.runtime import init_distributed, setup_logging
+from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,
                                        real_reference, real_reference_labels)
-from utils.guidance import build_guide, build_plan  # noqa: E402
-from utils.guidance.settings import parse_guide_steps  # noqa: E402
-from utils.guidance.targets import joint_classes, parse_fraction_vector  # noqa: E402
-from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from utils.guidance import build_guide, build_plan
+from utils.guidance.settings import parse_guide_steps
+from utils.guidance.targets import joint_classes, parse_fraction_vector
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches
+from utils.app.cli import guarded
 
 
 def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:

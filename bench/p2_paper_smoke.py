@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-import multi_classifier  # noqa: E402
-from main import main as run_main  # noqa: E402
-from models.files import resolve_path  # noqa: E402
-from models.loader import build_model  # noqa: E402
+import multi_classifier
+from main import main as run_main
+from models.files import resolve_path
+from models.loader import build_model
 
 
 def smoke(work: Path, size: int, n: int, steps: int, device: str) -> dict:

@@ -29,22 +29,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from bench.common import random_adp  # noqa: E402
-from models.adp import ADP  # noqa: E402
-from models.files import resolve_path  # noqa: E402
-from models.loader import build_model  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.runtime import pick_device  # noqa: E402
-from utils.guidance import build_plan  # noqa: E402
-from utils.guidance.guide import Guide  # noqa: E402
-from utils.sampling.diffusion import DDIMSampler, Schedule  # noqa: E402
-from utils.sampling.pipeline import Pipeline  # noqa: E402
-from utils.sampling.seeds import SeededNoise  # noqa: E402
+from bench.common import random_adp
+from models.adp import ADP
+from models.files import resolve_path
+from models.loader import build_model
+from utils.app.cli import guarded
+from utils.app.runtime import pick_device
+from utils.guidance import build_plan
+from utils.guidance.guide import Guide
+from utils.sampling.diffusion import DDIMSampler, Schedule
+from utils.sampling.pipeline import Pipeline
+from utils.sampling.seeds import SeededNoise
 
 MODES = ("vanilla", "paper", "ours", "sample")
 

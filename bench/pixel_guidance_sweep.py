@@ -17,20 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils.sampling.pipeline import load_pipeline  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,  # noqa: E402
+from utils.sampling.pipeline import load_pipeline
+from utils.app.config import load_config
+from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,
                                        real_reference)
-from utils.sampling.pipeline import plan_batches, sample_batches  # noqa: E402
-from utils.baselines.pixel_guidance import load_pixel_classifier, pixel_guidance_factory  # noqa: E402
-from utils.baselines.rejection import rejection_sample, uint8_to_tensor  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from utils.sampling.pipeline import plan_batches, sample_batches
+from utils.baselines.pixel_guidance import load_pixel_classifier, pixel_guidance_factory
+from utils.baselines.rejection import rejection_sample, uint8_to_tensor
+from utils.app.runtime import pick_device, setup_logging
+from utils.app.cli import guarded
 
 
 def timed_run(pipe, seeds, bs, make_guide, desc):

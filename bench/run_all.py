@@ -28,26 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.adp import ADP  # noqa: E402
-from models.labellers import load_labeller  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import evaluate_images, fd_cell, judge_from_config, real_reference  # noqa: E402
-from utils.evaluation.plots import line_plot  # noqa: E402
-from utils.guidance import build_guide, build_plan  # noqa: E402
-from utils.guidance.settings import parse_guide_steps  # noqa: E402
-from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from models.adp import ADP
+from models.labellers import load_labeller
+from utils.app.config import load_config
+from utils.app.runtime import pick_device, setup_logging
+from utils.evaluation.evaluate import evaluate_images, fd_cell, judge_from_config, real_reference
+from utils.evaluation.plots import line_plot
+from utils.guidance import build_guide, build_plan
+from utils.guidance.settings import parse_guide_steps
+from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches
+from utils.app.cli import guarded
 
 TARGET = {"parity": [0.5, 0.5]}
 OURS = dict(preset="ours")

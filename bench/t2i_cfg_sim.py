@@ -49,19 +49,16 @@ The guided prediction is combined as x0 (equal to combining eps or v, and define
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.digits import load_split  # noqa: E402
-from models.digits_t2i import parse_prompts, training_images  # noqa: E402
-from models.files import resolve_path  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
+from models.digits import load_split
+from models.digits_t2i import parse_prompts, training_images
+from models.files import resolve_path
+from utils.app.cli import guarded
+from utils.app.config import load_config
 
 
 def image_weights(fractions: dict[int, float], labels: np.ndarray) -> torch.Tensor:

@@ -20,25 +20,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.guidance_eval import run_one  # noqa: E402
-from models.digits_t2i import parse_prompts  # noqa: E402
-from models.files import load_tensors  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.evaluation.evaluate import (fd_cell, fractions_cell, judge_from_config,  # noqa: E402
+from bench.guidance_eval import run_one
+from models.digits_t2i import parse_prompts
+from models.files import load_tensors
+from utils.app.cli import guarded
+from utils.app.config import load_config
+from utils.app.runtime import pick_device, setup_logging
+from utils.evaluation.evaluate import (fd_cell, fractions_cell, judge_from_config,
                                        real_reference, real_reference_labels)
-from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches  # noqa: E402
-from utils.sampling.text2image import load_t2i  # noqa: E402
+from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches
+from utils.sampling.text2image import load_t2i
 
 VANILLA_SCALES = (3.0, 7.5)                                # --preset vanilla unless --cfg
 BIASED = ["a digit", "a small digit", "a large digit"]      # the order of every table

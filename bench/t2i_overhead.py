@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import random_adp  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.runtime import pick_device  # noqa: E402
-from utils.guidance import build_plan  # noqa: E402
-from utils.guidance.guide import Guide  # noqa: E402
+from bench.common import random_adp
+from utils.app.cli import guarded
+from utils.app.runtime import pick_device
+from utils.guidance import build_plan
+from utils.guidance.guide import Guide
 
 
 def build(args, folder: Path):

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.files import resolve_path  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
+from models.files import resolve_path
+from utils.app.cli import guarded
+from utils.app.config import load_config
 
 HOLDS = ("a small digit", "a large digit")
 

@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from models.files import resolve_path  # noqa: E402
-from models.judge import confusion_record, load_judge, store_confusion  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.evaluation.calibration import (check_correction, confusion_counts, default_mixes,  # noqa: E402
+from models.files import resolve_path
+from models.judge import confusion_record, load_judge, store_confusion
+from utils.app.cli import guarded
+from utils.app.config import load_config
+from utils.evaluation.calibration import (check_correction, confusion_counts, default_mixes,
                                           judge_labels, read_labelled_folder, stratified_halves)
-from utils.evaluation.evaluate import real_reference, real_reference_labels  # noqa: E402
-from utils.evaluation.metrics import joint_labels  # noqa: E402
+from utils.evaluation.evaluate import real_reference, real_reference_labels
+from utils.evaluation.metrics import joint_labels
 
 
 def labelled_set(args, cfg: dict, judge):

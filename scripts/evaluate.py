@@ -20,25 +20,22 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils.guidance.targets import joint_attributes, joint_classes, parse_fraction_vector, parse_target_spec  # noqa: E402
-from utils.app.config import load_config, with_overrides  # noqa: E402
-from utils.evaluation.evaluate import (RunRecordError, check_evaluable, evaluate_images, fd_cell,  # noqa: E402
+from utils.guidance.targets import joint_attributes, joint_classes, parse_fraction_vector, parse_target_spec
+from utils.app.config import load_config, with_overrides
+from utils.evaluation.evaluate import (RunRecordError, check_evaluable, evaluate_images, fd_cell,
                                        fractions_cell, image_size, judge_from_config, real_reference,
                                        record_seeds, recorded_targets, run_record)
-from utils.sampling.images import grid_array, read_images, to_uint8  # noqa: E402
-from PIL import Image  # noqa: E402
-from utils.evaluation.metrics import frechet_distance  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from models.files import check_writable  # noqa: E402
-from utils.app.cli import guarded, input_path, output_path  # noqa: E402
+from utils.sampling.images import grid_array, read_images, to_uint8
+from PIL import Image
+from utils.evaluation.metrics import frechet_distance
+from utils.app.runtime import pick_device, setup_logging
+from models.files import check_writable
+from utils.app.cli import guarded, input_path, output_path
 
 log = logging.getLogger("evaluate")
 

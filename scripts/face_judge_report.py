@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.labellers import load_labeller  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from models.labellers import load_labeller
+from utils.app.cli import guarded
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

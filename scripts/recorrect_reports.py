@@ -28,20 +28,17 @@ import copy
 import json
 import logging
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import setup_logging  # noqa: E402
-from utils.evaluation.correction import corrected_attributes  # noqa: E402
-from utils.evaluation.evaluate import fd_cell, fractions_cell, judge_from_config  # noqa: E402
-from utils.evaluation.metrics import bootstrap_fd  # noqa: E402
+from utils.app.cli import guarded
+from utils.app.config import load_config
+from utils.app.runtime import setup_logging
+from utils.evaluation.correction import corrected_attributes
+from utils.evaluation.evaluate import fd_cell, fractions_cell, judge_from_config
+from utils.evaluation.metrics import bootstrap_fd
 
 log = logging.getLogger("recorrect")
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.loader import build_model, resolve_path  # noqa: E402
-from utils.app.config import load_config, with_overrides  # noqa: E402
-from utils.sampling.diffusion import Schedule  # noqa: E402
-from models.digits import load_split  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.data.train_ddpm import train_ddpm  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from models.loader import build_model, resolve_path
+from utils.app.config import load_config, with_overrides
+from utils.sampling.diffusion import Schedule
+from models.digits import load_split
+from utils.app.runtime import pick_device, setup_logging
+from utils.data.train_ddpm import train_ddpm
+from utils.app.cli import guarded
 
 
 @guarded

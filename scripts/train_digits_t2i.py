@@ -19,17 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.digits import load_split  # noqa: E402
+from models.digits import load_split
 from models.digits_t2i import build_components, parse_prompts, prompt_data, training_images, vocabulary, \
-    write_word_tokenizer  # noqa: E402
-from models.files import REPO_ROOT, resolve_path  # noqa: E402
-from models.t2i import h_shape, resolve_model  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.app.runtime import pick_device, setup_logging  # noqa: E402
-from utils.data.train_t2i import T2ITrainSettings, save_pipeline, train_t2i, use_bf16  # noqa: E402
+    write_word_tokenizer
+from models.files import REPO_ROOT, resolve_path
+from models.t2i import h_shape, resolve_model
+from utils.app.cli import guarded
+from utils.app.config import load_config
+from utils.app.runtime import pick_device, setup_logging
+from utils.data.train_t2i import T2ITrainSettings, save_pipeline, train_t2i, use_bf16
 
 
 @guarded

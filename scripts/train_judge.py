@@ -12,17 +12,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.digits_judge import DigitsJudge, train_digits_judge  # noqa: E402
-from models.loader import resolve_path  # noqa: E402
-from models.digits import ATTRIBUTES, attribute_labels, load_split  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from models.digits_judge import DigitsJudge, train_digits_judge
+from models.loader import resolve_path
+from models.digits import ATTRIBUTES, attribute_labels, load_split
+from utils.app.cli import guarded
 
 
 def judge_accuracy(judge, x: torch.Tensor, digits: np.ndarray) -> dict[str, float]:

@@ -12,21 +12,18 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models.digits_judge import augment  # noqa: E402
-from models.loader import resolve_path  # noqa: E402
-from models.pixel_classifier import (NoisyPixelClassifier, PixelClassifierConfig,  # noqa: E402
+from models.digits_judge import augment
+from models.loader import resolve_path
+from models.pixel_classifier import (NoisyPixelClassifier, PixelClassifierConfig,
                                      noisy_accuracy, train_pixel_classifier)
-from utils.app.config import load_config  # noqa: E402
-from utils.sampling.diffusion import Schedule  # noqa: E402
-from models.digits import attribute_labels, load_split  # noqa: E402
-from utils.app.cli import guarded  # noqa: E402
+from utils.app.config import load_config
+from utils.sampling.diffusion import Schedule
+from models.digits import attribute_labels, load_split
+from utils.app.cli import guarded
 
 
 @guarded

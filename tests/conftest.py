@@ -1,13 +1,8 @@
-"""Shared pytest setup: the repository root is importable and nothing is ever downloaded."""
+"""Shared pytest setup: nothing is ever downloaded (the repository root and tests/ are importable
+through pyproject.toml's pytest pythonpath)."""
 import os
-import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"      # diffusers / huggingface_hub must never reach the Hub
-
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

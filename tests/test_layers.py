@@ -100,3 +100,17 @@ def test_layers_point_down():
     assert not bad, bad
     assert all(layer(m) is not None for m in graph() if m not in ("utils",)), \
         [m for m in graph() if layer(m) is None]
+
+
+def test_only_the_entry_points_edit_sys_path():
+    """models/, utils/, bench/ and scripts/ import the project as installed by ``make venv`` (a .pth
+    file) or run with ``python -m``: none of them changes sys.path."""
+    edits = []
+    for d in ("models", "utils", "bench", "scripts"):
+        for p in (ROOT / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend")
+                        and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                        and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"):
+                    edits.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not edits, edits

@@ -4,13 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from pathlib import Path
 
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def pick_device(name: str = "auto") -> torch.device:
