@@ -154,3 +154,21 @@ def test_an_adp_folder_round_trips_with_identical_logits(tmp_path):
     (tmp_path / "adp" / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(ClassifierMismatchError, match="cannot be read"):
         ADP.load(tmp_path / "adp")
+
+
+def test_an_adp_folder_loads_from_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
+    """``ADP.load("org/name")``: the snapshot of a cached hub repository, offline."""
+    import huggingface_hub.constants
+    torch.manual_seed(1)
+    adp = ADP((2, 1, 1), [5, 0], {"a": ["x", "y"]})
+    commit = "0" * 40
+    snapshot = tmp_path / "models--someone--digits-adp" / "snapshots" / commit
+    adp.save(snapshot, {"config": "c"}, {"source": "pseudo"}, {})
+    (tmp_path / "models--someone--digits-adp" / "refs").mkdir()
+    (tmp_path / "models--someone--digits-adp" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = ADP.load("someone/digits-adp")
+    assert torch.equal(loaded.state_dict()["mean"], adp.state_dict()["mean"]) and loaded.timesteps == [5, 0]
+    with pytest.raises(FileNotFoundError, match="cached hub id"):
+        ADP.load("someone/not-cached")
