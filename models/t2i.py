@@ -203,14 +203,19 @@ class HSpec:
                 "t_scale": self.t_scale}
 
 
+def default_module(denoiser, family: str) -> str:
+    """A family's h module when the config names none: mid_block, or the middle block of its list."""
+    blocks = FAMILIES[family].blocks
+    return "mid_block" if blocks is None else f"{blocks}.{len(getattr(denoiser, blocks)) // 2}"
+
+
 def h_spec(pipe, family: str, resolution: int, module: str | None = None, pool="default", stream: int = -1) -> HSpec:
     """The h of ``pipe`` (a ``family`` pipeline) at ``resolution`` px: the module (default: the
     family's mid_block or middle block), its output grid and width, the pooling (``default``: 8
     for a transformer, none for a U-Net; a grid already that small is kept) and h's shape."""
     fam = FAMILIES[family]
     net = getattr(pipe, fam.denoiser)
-    if module is None:
-        module = "mid_block" if fam.blocks is None else f"{fam.blocks}.{len(getattr(net, fam.blocks)) // 2}"
+    module = module or default_module(net, family)
     find_module(net, module)
     c = net.config
     latent = resolution // pipe.vae_scale_factor

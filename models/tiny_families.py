@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 from models.sd_tiny import SD15_UNET, save_tiny_sd, tiny_sd_pipeline, write_char_tokenizer
+from models.t2i import FAMILIES as T2I_FAMILIES
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart_sigma", "sana")
-PIPELINE_CLASS = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
-                  "pixart_sigma": "PixArtSigmaPipeline", "sana": "SanaPipeline"}
+FAMILIES = tuple(T2I_FAMILIES)
+PIPELINE_CLASS = {f: T2I_FAMILIES[f].pipeline for f in FAMILIES}
 #: the pipeline attribute that holds the denoiser
-DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer",
-            "pixart_sigma": "transformer", "sana": "transformer"}
+DENOISER = {f: T2I_FAMILIES[f].denoiser for f in FAMILIES}
 #: image side (px) of the tiny pipelines: also their default height/width
 TINY_RESOLUTION = {"sd": 16, "sdxl": 32, "sd3": 32, "flux": 32, "pixart_sigma": 32, "sana": 32}
 #: keyword arguments each family's call takes besides prompt/steps/size/generator/output_type:

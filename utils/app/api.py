@@ -25,7 +25,7 @@ import torch
 from models.adp import ADP
 from models.files import resolve_path
 from models.hspace import HSpaceHook, Step
-from models.t2i import DEFAULT_POOL, FAMILIES, schedule_betas
+from models.t2i import DEFAULT_POOL, FAMILIES, default_module, schedule_betas
 from utils.guidance import build_guide, build_plan
 from utils.guidance.guide import Guide
 
@@ -75,9 +75,7 @@ class Balance:
         self.denoiser = getattr(pipe, self.fam.denoiser)
         self.adp = _adp(adp).to(self.denoiser.device)
         trained = (self.adp.meta or {}).get("model") or {}
-        default_module = ("mid_block" if self.fam.blocks is None else
-                          f"{self.fam.blocks}.{len(getattr(self.denoiser, self.fam.blocks)) // 2}")
-        self.module = h_module or trained.get("h_module") or default_module
+        self.module = h_module or trained.get("h_module") or default_module(self.denoiser, self.family)
         if h_pool == "adp":
             h_pool = trained.get("h_pool", DEFAULT_POOL if self.fam.patch else None)
         self.pool = h_pool
