@@ -15,10 +15,11 @@ import time
 import torch
 
 from models.files import file_sha256, resolve_path
-from utils.app.cli import DEFAULT_N_IMAGES, guidance_overrides, n_images, output_path, read_prompts
+from utils.app.cli import guidance_overrides, n_images, output_path, read_prompts
 from utils.app.api import balance, load  # noqa: F401 (the Python API: utils/app/api.py)
 from utils.app.rundir import RunFolder, RunFolderError
 from utils.app.runtime import process_group
+from utils.config import RunConfig
 from utils.guidance import build_guide, build_plan
 from utils.guidance.targets import attribute_list_targets, check_target_keys, parse_target_spec
 from utils.sampling.images import read_images, save_grid, save_images  # noqa: F401 (read_images: API)
@@ -104,8 +105,8 @@ def run_scheduler(cfg: dict, args, mode: str) -> str | None:
         return args.scheduler
     from utils.guidance.settings import resolve_settings
     from models.t2i import OWN_SCHEDULER
-    family = (cfg.get("model") or {}).get("family")
-    preset = resolve_settings(cfg.get("guidance"), guidance_overrides(args), family).preset
+    rc = RunConfig.of(cfg)
+    preset = resolve_settings(rc.guidance, guidance_overrides(args), rc.family).preset
     return OWN_SCHEDULER if preset == "paper" else None
 
 
@@ -119,13 +120,12 @@ def load_for_run(cfg: dict, args, device, mode: str = "vanilla"):
     given = [f"--{k}" for k in T2I_FLAGS if getattr(args, k, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: text-to-image flag(s) (a config of a text-to-image family); "
-                         f"config {cfg.get('name')} is an unconditional {cfg['model'].get('family')} model")
+                         f"config {RunConfig.of(cfg).name} is an unconditional {RunConfig.of(cfg).family} model")
     return load_pipeline(cfg, device, args.steps, args.eta)
 
 
 def is_text_to_image(cfg: dict) -> bool:
-    from models.t2i import is_text_to_image as family_is_t2i
-    return family_is_t2i((cfg.get("model") or {}).get("family"))
+    return RunConfig.of(cfg).text_to_image
 
 
 def check_prompt_root(root, n_prompts: int) -> None:
@@ -146,7 +146,8 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         raise ValueError(f"guidance settings {given} apply to --mode sample or distribution, not vanilla")
     if mode == "vanilla" and args.scale is not None:
         raise ValueError("--scale applies to --mode sample or distribution, not vanilla")
-    t2i = is_text_to_image(cfg)
+    rc = RunConfig.of(cfg)
+    t2i = rc.text_to_image
     prompts = read_prompts(cfg, args) if t2i else [None]
     root = output_path(args.exp)
     check_prompt_root(root, len(prompts))
@@ -154,10 +155,10 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
     pipe = load_for_run(cfg, args, device, mode)
     plan, adp, adp_sha, heads = None, None, None, None
     if mode != "vanilla":
-        if not cfg.get("adp"):
+        if not rc.adp:
             raise ValueError(f"{mode} guidance needs an ADP checkpoint: --adp PATH or 'adp' in the config")
-        adp = load_adp_for(pipe, cfg["adp"], check_grid=False)
-        adp_sha = file_sha256(resolve_path(cfg["adp"]))
+        adp = load_adp_for(pipe, rc.adp, check_grid=False)
+        adp_sha = file_sha256(resolve_path(rc.adp))
         # text-to-image: each prompt's plan refines within that prompt's own class fractions
         plans = {q: build_plan(cfg, mode, raw_targets(args, mode, adp.attributes), adp.attributes,
                                overrides, args.scale, adp.priors(q)) for q in prompts}
@@ -175,11 +176,11 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
         from utils.evaluation.evaluate import check_evaluable, judge_from_config
         judge = judge_from_config(cfg)
         check_evaluable(cfg, judge, plan.requested if plan else None)
-    negative = (args.negative_prompt if args.negative_prompt is not None else cfg.get("negative_prompt")) or None
+    negative = (args.negative_prompt if args.negative_prompt is not None else rc.negative_prompt) or None
     labeller = None
-    if plan is not None and plan.needs_labeller() and cfg.get("labeller"):
+    if plan is not None and plan.needs_labeller() and rc.labeller:
         from models.labellers import load_labeller
-        labeller = load_labeller(cfg["labeller"])              # loaded once for every prompt
+        labeller = load_labeller(rc.labeller)                  # loaded once for every prompt
     runs = []
     for k, prompt in enumerate(prompts):
         out = root if len(prompts) == 1 else root / f"p{k:03d}"
@@ -192,8 +193,8 @@ def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, w
                                      "scheduler": type(pipe.pipe.scheduler).__name__,
                                      "resolution": pipe.image_shape[1]}
         folder = RunFolder(out, run_pipe.image_shape)
-        identity = {"mode": mode, "config": cfg.get("name"), "model_sha256": pipe.model_id["checkpoint_sha256"],
-                    "adp": str(resolve_path(cfg["adp"])) if plan else None, "adp_sha256": adp_sha,
+        identity = {"mode": mode, "config": rc.name, "model_sha256": pipe.model_id["checkpoint_sha256"],
+                    "adp": str(resolve_path(rc.adp)) if plan else None, "adp_sha256": adp_sha,
                     "steps": len(pipe.timesteps), "timesteps": pipe.timesteps,
                     "eta": pipe.eta, "asymmetric": args.asymmetric, "batch_size": args.bs_test,
                     "world_size": world, "guidance": plan.to_dict() if plan else None, "text": text}
@@ -224,9 +225,10 @@ def _agree(rank: int, world: int, check) -> None:
 def _run_one(cfg, args, mode, seeds, pipe, guide, plan, heads, identity, text, folder, judge, rank, world):
     """One run folder (checked): locked, generated, (optionally) judged."""
     _agree(rank, world, lambda: folder.open(args.overwrite))
-    resolved = {"mode": mode, "config": cfg.get("name"), "batch_size": args.bs_test, "world_size": world,
+    rc = RunConfig.of(cfg)
+    resolved = {"mode": mode, "config": rc.name, "batch_size": args.bs_test, "world_size": world,
                 "steps": len(pipe.timesteps), "eta": pipe.eta,
-                "asymmetric": args.asymmetric, "adp": cfg.get("adp") if plan else None,
+                "asymmetric": args.asymmetric, "adp": rc.adp if plan else None,
                 "guidance": plan.to_dict() if plan else None, "heads": heads, "text": text,
                 "identity": identity, "command": "python main.py " + " ".join(getattr(args, "_argv", []))}
     try:
@@ -284,17 +286,18 @@ def demo(cfg: dict, args) -> int:
     anything is written."""
     from utils.evaluation.evaluate import evaluate_folder, fd_cell, format_table, judge_from_config
     from utils.guidance.targets import joint_classes, parse_fraction_vector
-    spec = cfg.get("demo") or {}
-    target = args.target or spec.get("target")
+    rc = RunConfig.of(cfg)
+    spec = rc.demo
+    target = args.target or spec.target
     if not target:
-        raise ValueError(f"config {cfg.get('name')} has no demo: target; pass --target (e.g. parity=0.5)")
+        raise ValueError(f"config {rc.name} has no demo: target; pass --target (e.g. parity=0.5)")
     root = output_path(args.exp if args.exp != "runs/generate" else "runs/demo")
     check_demo_root(root, args.overwrite, args.resume)
-    n = n_images(args, int(spec.get("n", DEFAULT_N_IMAGES)))
+    n = n_images(args, spec.n)
     seeds = parse_seeds(args.seeds, n, args.seed)
     prompts = [None]
     if is_text_to_image(cfg):
-        prompts = read_prompts(cfg, type(args)(**{**vars(args), "prompt_list": spec.get("prompts")}))
+        prompts = read_prompts(cfg, type(args)(**{**vars(args), "prompt_list": spec.prompts}))
     judge, rows = judge_from_config(cfg), []
     fractions = {k: parse_fraction_vector(k, v, joint_classes(k, judge.attributes)).tolist()
                  for k, v in parse_target_spec(target).items()}

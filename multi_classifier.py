@@ -39,6 +39,7 @@ from models.t2i import is_text_to_image  # noqa: E402
 from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
 from utils.app.runtime import setup_logging  # noqa: E402
+from utils.config import RunConfig  # noqa: E402
 from utils.data.adp_train import train_adp_stream  # noqa: E402
 from utils.data.extract import load_h_dataset, open_h_dataset  # noqa: E402
 from utils.evaluation.plots import accuracy_plot, accuracy_table  # noqa: E402
@@ -197,13 +198,13 @@ def import_original(args, out: Path) -> int:
     cfg = load_config(input_path(args.config))
     if is_text_to_image(cfg["model"].get("family")):
         return _import_original_sd(args, cfg, files, names, classes, out)
-    s = cfg.get("sampling", {})
-    if s.get("skip_type", "uniform") != "original":
-        raise ValueError(f"config {cfg['name']} samples on the '{s.get('skip_type', 'uniform')}' grid; the "
+    s = RunConfig.of(cfg).sampling
+    if s.skip_type != "original":
+        raise ValueError(f"config {cfg['name']} samples on the '{s.skip_type}' grid; the "
                          f"original's classifiers belong to its grid int(linspace(0, 1, S) * 999): set "
                          f"sampling.skip_type: original in the config")
     grid = ddim_timesteps(int(cfg["diffusion"].get("num_diffusion_timesteps", 1000)),
-                          int(s.get("steps", 50)), "original")
+                          s.steps, "original")
     timesteps = sorted(grid[1:])               # head i <-> the i-th step of the ascending grid
     heads = {a: (read_original(f), c) for a, f, c in zip(names, files, classes)}   # read first: cheap
     h_shape = tuple(cfg["model"].get("h_shape") or build_model(cfg["model"], cfg["name"]).h_shape)

@@ -59,6 +59,7 @@ from models.digits_t2i import parse_prompts, training_images
 from models.files import resolve_path
 from utils.app.cli import guarded
 from utils.app.config import load_config
+from utils.config import RunConfig
 
 
 def image_weights(fractions: dict[int, float], labels: np.ndarray) -> torch.Tensor:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split(cfg["model"]["resolution"])
     labels = np.asarray(split.train_y)
     checkpoint = resolve_path(cfg["model"]["checkpoint"])
-    means, variances = _latents(checkpoint, training_images(cfg, split), args.space)
+    means, variances = _latents(checkpoint, training_images(RunConfig.of(cfg).tint, split), args.space)
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler.from_pretrained(checkpoint / "scheduler")
     scheduler.set_timesteps(cfg["sampling"]["steps"])

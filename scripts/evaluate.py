@@ -27,6 +27,7 @@ import torch
 
 from utils.guidance.targets import joint_attributes, joint_classes, parse_fraction_vector, parse_target_spec
 from utils.app.config import load_config, with_overrides
+from utils.config import RunConfig
 from utils.evaluation.evaluate import (RunRecordError, check_evaluable, evaluate_images, fd_cell,
                                        fractions_cell, image_size, judge_from_config, real_reference,
                                        record_seeds, recorded_targets, run_record)
@@ -100,7 +101,7 @@ def choose_targets(spec: str | None, cfg: dict, judge,
         return parse_targets(spec, judge.attributes), "--target"
     if recorded:
         return recorded
-    demo = (cfg.get("demo") or {}).get("target")
+    demo = RunConfig.of(cfg).demo.target
     pairs = parse_target_spec(demo) if demo else {}
     judged = {k: v for k, v in pairs.items() if all(a in judge.attributes for a in joint_attributes(k))}
     source = "the config's demo target"
@@ -112,10 +113,10 @@ def choose_targets(spec: str | None, cfg: dict, judge,
 
 def sample_vanilla(cfg: dict, n: int, bs: int, device: str) -> torch.Tensor:
     """n vanilla samples (seeds 0..n-1) of the config's unconditional model, [n,C,H,W] in [-1,1]."""
-    from models.t2i import is_text_to_image
-    if is_text_to_image((cfg.get("model") or {}).get("family")):
-        raise ValueError(f"--vanilla samples an unconditional model; config {cfg.get('name')} is text-to-image: "
-                         f"generate with main.py --config {cfg.get('name')} --prompt ... --exp DIR, then --folder DIR")
+    rc = RunConfig.of(cfg)
+    if rc.text_to_image:
+        raise ValueError(f"--vanilla samples an unconditional model; config {rc.name} is text-to-image: "
+                         f"generate with main.py --config {rc.name} --prompt ... --exp DIR, then --folder DIR")
     from utils.sampling.pipeline import load_pipeline, plan_batches, sample_batches
     pipe = load_pipeline(cfg, pick_device(device))
     imgs = [im for _, im, _ in sample_batches(pipe, plan_batches(list(range(n)), bs), desc="vanilla")]
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     check_flags(args)
     cfg = with_overrides(load_config(input_path(args.config)), {"judge": input_path(args.judge)})
     judge = judge_from_config(cfg)
-    digits = cfg.get("reference") == "digits"
+    digits = RunConfig.of(cfg).reference == "digits"
     grid = output_file(args.grid, "--grid") if digits and args.vanilla else None
     folder = Path(args.folder) if args.folder else None
     seeds, recorded = folder_record(folder, bool(args.target)) if folder is not None else (None, None)

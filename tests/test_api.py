@@ -80,6 +80,7 @@ def test_the_hook_is_removed_after_an_exception_and_bad_input_is_named(monkeypat
         with guide:
             pipe(["a digit"] * 2, height=16, width=16, num_inference_steps=2, callback_on_step_end=_boom)
     assert not pipe.unet.mid_block._forward_hooks and not pipe.unet._forward_pre_hooks
+    assert "set_timesteps" not in vars(pipe.scheduler)
     with pytest.raises(ValueError, match="not a pipeline of a supported family"):
         diffusion_latent.balance(object(), "pretrained/digits16_t2i_adp.pt", {"parity": 0.5})
     with pytest.raises(ValueError, match="give a dict"):
@@ -88,3 +89,28 @@ def test_the_hook_is_removed_after_an_exception_and_bad_input_is_named(monkeypat
 
 def _boom(pipe, i, t, kwargs):
     raise ValueError("stop")
+
+
+def test_each_pipeline_call_is_one_batch_also_when_the_scheduler_repeats_a_timestep(monkeypatch):
+    # PNDM (SD 1.5's own scheduler) repeats its second timestep: calls are told apart by
+    # set_timesteps, not by the timestep values
+    monkeypatch.chdir(ROOT)
+    from diffusers import DiffusionPipeline, PNDMScheduler
+    pipe = DiffusionPipeline.from_pretrained("pretrained/digits16_t2i")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.scheduler.set_timesteps(5)
+    ts = [int(t) for t in pipe.scheduler.timesteps]
+    assert len(ts) == 6 and len(set(ts)) == 5                  # the repeat this test is about
+    guide = diffusion_latent.balance(pipe, "pretrained/digits16_t2i_adp.pt", {"parity": 0.5},
+                                     config="configs/digits16_t2i.yml")
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with guide:
+        for n in (4, 3):
+            pipe(["a digit"] * n, height=16, width=16, num_inference_steps=5, guidance_scale=3.0,
+                 generator=[torch.Generator().manual_seed(s) for s in range(n)])
+    batches = guide.report()["batches"]
+    assert [b["images"] for b in batches] == [4, 3]
+    assert len(calls) == 12 and all(0 < b["guided_steps"] <= 6 for b in batches)
+    assert all(set(b["estimate"]) for b in batches)

@@ -1,13 +1,13 @@
 """Layering: no import cycles among the project's modules (imports inside functions count), no
 module under utils/ or models/ imports a top-level script, and each layer imports only layers
-below it (models < utils.sampling < utils.guidance, utils.data < utils.baselines,
+below it (models < utils.config, utils.sampling < utils.guidance, utils.data < utils.baselines,
 utils.evaluation < utils.app < the entry points)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"main", "diffusion_latent", "multi_classifier", "h_classification"}
-LAYERS = [("models", 0), ("utils.sampling", 1), ("utils.guidance", 2), ("utils.data", 2),
+LAYERS = [("models", 0), ("utils.config", 1), ("utils.sampling", 1), ("utils.guidance", 2), ("utils.data", 2),
           ("utils.baselines", 3), ("utils.evaluation", 3), ("utils.app", 4)]
 
 

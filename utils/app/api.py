@@ -10,11 +10,12 @@ model of a config, without the command line.
     sampler = diffusion_latent.load("configs/digits16.yml")
     images = sampler.sample(range(8), target={"parity": 0.5})       # [8, C, H, W] in [-1, 1]
 
-``balance`` leaves the pipeline, its scheduler and the call's arguments as they are: one forward
-hook on the h module (``models.hspace``) is added on entering the block and removed on leaving it,
-also after an exception. Each pipeline call inside the block is one batch of the guide (a new
-call is seen when the scheduler's step index starts again); with the preset's running balance,
-later calls make up what earlier ones left.
+``balance`` leaves the pipeline and the call's arguments as they are: on entering the block the
+h module gets one forward hook (``models.hspace``) and the scheduler's ``set_timesteps`` a wrapper
+that marks where each call begins; both are removed on leaving it, also after an exception
+(``utils.sampling.text2image.GuidedCalls``, the same attachment the command line draws through).
+Each pipeline call inside the block is one batch of the guide; with the preset's running
+balance, later calls make up what earlier ones left.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import torch
 
 from models.adp import ADP
 from models.files import resolve_path
-from models.hspace import HSpaceHook, Step
 from models.t2i import DEFAULT_POOL, FAMILIES, default_module, schedule_betas
+from utils.config import RunConfig
 from utils.guidance import build_guide, build_plan
 from utils.guidance.guide import Guide
+from utils.sampling.text2image import GuidedCalls
 
 
 def family_of_pipeline(pipe) -> str:
@@ -54,9 +56,8 @@ def _config(config, family: str) -> dict:
     if config is None:
         return {"model": {"family": family}, "guidance": {"preset": "ours"}}
     from utils.app.config import load_config
-    cfg = config if isinstance(config, dict) else load_config(resolve_path(str(config)))
-    return {"model": {"family": family}, "guidance": cfg.get("guidance") or {"preset": "ours"},
-            "refine": cfg.get("refine")}
+    rc = RunConfig.of(config if isinstance(config, dict) else load_config(resolve_path(str(config))))
+    return {"model": {"family": family}, "guidance": rc.guidance or {"preset": "ours"}, "refine": rc.refine}
 
 
 def _adp(adp) -> ADP:
@@ -87,45 +88,26 @@ class Balance:
                                None if scale is None else str(scale), self.adp.priors(prompt))
         self.guide: Guide = build_guide(cfg, self.plan, self.adp, schedule_betas(pipe.scheduler).to(self.denoiser.device))
         self.batches: list[dict] = []
-        self._batch, self._last, self._hook = None, -1, None
+        halves = lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))   # noqa: E731
+        hook = {"module": self.module, "pool": self.pool, "t_scale": self.fam.t_scale,
+                "patch": self.fam.patch or 1, "halves": halves}
+        self._calls = GuidedCalls(pipe, self.fam.denoiser, hook, self._start, self._finish)
 
     def __enter__(self) -> "Balance":
-        pipe = self.pipe
-        self._hook = HSpaceHook(self.denoiser, self._edit, self.module, self.pool, t_scale=self.fam.t_scale,
-                                patch=self.fam.patch or 1,
-                                halves=lambda: bool(getattr(pipe, "do_classifier_free_guidance", False)))
-        self._hook.__enter__()
+        self._calls.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self._finish()
-        finally:
-            self._hook.__exit__(*exc)
+        self._calls.__exit__(*exc)
 
-    def _index(self, t: float) -> int:
-        """The step index of timestep t in the scheduler's current timesteps."""
-        ts = torch.as_tensor(self.pipe.scheduler.timesteps, dtype=torch.float64).cpu()
-        return int((ts - float(t)).abs().argmin())
+    def _start(self, n: int):
+        """A pipeline call of n images: a new batch of the guide, counted in the report."""
+        self.batches.append({"images": n, "guided_steps": 0})
+        return _Counted(self.guide.start(list(range(n))), self.batches[-1])
 
-    def _edit(self, h: torch.Tensor, step: Step):
-        i = self._index(step.t)
-        if self._batch is None or i <= self._last:          # a new pipeline call: a new batch
-            self._finish()
-            n = len(h) - step.n_uncond
-            self._batch = self.guide.start(list(range(n)))
-            self.batches.append({"images": n, "guided_steps": 0})
-        self._last = i
-        new = self._batch.edit(h, Step(i, step.t, step.n_uncond))
-        if new is not h:
-            self.batches[-1]["guided_steps"] += 1
-        return new
-
-    def _finish(self) -> None:
-        """The current batch is done: its last estimate is recorded and it joins the running balance."""
-        if self._batch is not None:
-            self.batches[-1]["estimate"] = self._batch.after_batch(None).estimate
-            self._batch, self._last = None, -1
+    def _finish(self, batch: "_Counted") -> None:
+        """A call is over: its last estimate is recorded and it joins the running balance."""
+        batch.record["estimate"] = batch.batch.after_batch(None).estimate
 
     def report(self) -> dict:
         """What was guided: the plan, per pipeline call its images, guided steps and the ADP's
@@ -133,6 +115,19 @@ class Balance:
         return {"family": self.family, "h_module": self.module, "h_pool": self.pool, "mode": self.plan.mode,
                 "targets": self.plan.requested, "settings": self.plan.settings.to_dict(),
                 "batches": self.batches, **self.guide.summary()}
+
+
+class _Counted:
+    """A batch guide that counts, in ``record``, the steps at which it changed h."""
+
+    def __init__(self, batch, record: dict):
+        self.batch, self.record = batch, record
+
+    def edit(self, h, step):
+        new = self.batch.edit(h, step)
+        if new is not None and new is not h:
+            self.record["guided_steps"] += 1
+        return new
 
 
 def balance(pipe, adp, target: dict, **kwargs) -> Balance:
@@ -166,9 +161,9 @@ class Sampler:
         seeds = [int(s) for s in seeds]
         guide = None
         if target is not None:
-            path = adp or self.cfg.get("adp")
+            path = adp or RunConfig.of(self.cfg).adp
             if not path:
-                raise ValueError(f"config {self.cfg.get('name')} names no ADP: pass adp=PATH")
+                raise ValueError(f"config {RunConfig.of(self.cfg).name} names no ADP: pass adp=PATH")
             model = load_adp_for(self.pipe, path, check_grid=False)
             plan = build_plan(self.cfg, mode, _targets(target), model.attributes, {"check": False, **settings},
                               None, model.class_prior)

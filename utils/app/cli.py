@@ -16,6 +16,7 @@ from models.adp import ClassifierMismatchError
 from models.files import CheckpointError, resolve_path
 from models.t2i import SCHEDULER_CHOICES
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
+from utils.config import DEFAULT_N_IMAGES, RunConfig
 from utils.app.runtime import pick_device, setup_logging
 from utils.guidance.settings import CHOICES, PRESETS, SettingsError, parse_guide_steps
 from utils.sampling.seeds import MAX_IMAGES
@@ -130,7 +131,6 @@ def finite_float(text: str) -> float:
 
 
 #: --n_test_img when it is not given
-DEFAULT_N_IMAGES = 100
 
 
 def output_path(path: str) -> Path:
@@ -166,7 +166,7 @@ def read_prompts(cfg: dict, args) -> list[str]:
         if not prompts:
             raise ValueError(f"--prompts {args.prompts} holds no prompt (one prompt a line)")
         return prompts
-    prompt = args.prompt if args.prompt is not None else cfg.get("prompt")   # "" is a prompt (the empty one)
+    prompt = args.prompt if args.prompt is not None else RunConfig.of(cfg).prompt   # "" is a prompt (the empty one)
     if prompt is None:
         raise ValueError("text-to-image needs --prompt \"...\" or --prompts FILE")
     return [str(prompt)]
@@ -221,7 +221,7 @@ def load_run_config(args) -> dict:
     on a config whose labeller is a clip spec: that spec with its CLIP model replaced)."""
     cfg = load_config(input_path(args.config))
     labeller = {"labeller": input_path(args.labeller)}
-    if isinstance(cfg.get("labeller"), dict) and args.labeller and Path(resolve_path(input_path(args.labeller))).is_dir():
+    if isinstance(RunConfig.of(cfg).labeller, dict) and args.labeller and Path(resolve_path(input_path(args.labeller))).is_dir():
         labeller = {"labeller.model": input_path(args.labeller)}
     return with_overrides(cfg, {"model.checkpoint": input_path(args.model or args.checkpoint),
                                 "adp": input_path(args.adp), "judge": input_path(args.judge), **labeller})

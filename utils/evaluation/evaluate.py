@@ -14,6 +14,7 @@ import torch
 
 from models.judge import Judge, is_named_judge, load_judge
 from models.files import resolve_path
+from utils.config import RunConfig
 from utils.sampling.images import read_images
 from utils.evaluation.correction import corrected_attributes
 from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_attributes, frechet_distance,
@@ -21,18 +22,20 @@ from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_at
 
 
 def judge_from_config(cfg: dict) -> Judge:
-    if not cfg.get("judge"):
-        raise ValueError(f"config {cfg.get('name')} names no judge; pass one with --judge")
-    spec = cfg["judge"]
+    rc = RunConfig.of(cfg)
+    if not rc.judge:
+        raise ValueError(f"config {rc.name} names no judge; pass one with --judge")
+    spec = rc.judge
     return load_judge(spec if is_named_judge(spec) or isinstance(spec, dict) else str(resolve_path(spec)))
 
 
 def image_size(cfg: dict) -> int:
     """The side of a config's images: ``model.image_size`` (unconditional U-Nets) or
     ``model.resolution`` (text-to-image pipelines)."""
-    m = cfg.get("model") or {}
+    rc = RunConfig.of(cfg)
+    m = rc.model
     if "image_size" not in m and "resolution" not in m:
-        raise ValueError(f"config {cfg.get('name')}: model has neither image_size nor resolution")
+        raise ValueError(f"config {rc.name}: model has neither image_size nor resolution")
     return int(m.get("image_size", m.get("resolution")))
 
 
@@ -47,11 +50,11 @@ REFERENCES = {"digits": _digits_reference}
 
 
 def _reference(cfg: dict):
-    name = cfg.get("reference")
+    name = RunConfig.of(cfg).reference
     if name is None:
         return None
     if name not in REFERENCES:
-        raise ValueError(f"config {cfg.get('name')}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
+        raise ValueError(f"config {RunConfig.of(cfg).name}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
     return REFERENCES[name](cfg)
 
 
@@ -102,10 +105,10 @@ def check_evaluable(cfg: dict, judge: Judge, targets: dict[str, list[float]] | N
     image size, a judge with no attributes, a target whose number of fractions is not the
     judge's number of classes. A judge without features is no error: the Frechet distance is
     then reported as not available, and targets of attributes the judge lacks as not judged."""
-    name = cfg.get("reference")
+    name = RunConfig.of(cfg).reference
     if name is not None:
         if name not in REFERENCES:
-            raise ValueError(f"config {cfg.get('name')}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
+            raise ValueError(f"config {RunConfig.of(cfg).name}: unknown reference set {name!r}; known: {sorted(REFERENCES)}")
         image_size(cfg)
     if not judge.attributes:
         raise ValueError(f"the judge ({type(judge).__name__}) measures no attribute; give another with --judge")

@@ -3,6 +3,7 @@
 (``guide``). ``build_guide`` ties them together from a config, as every entry point does."""
 from __future__ import annotations
 
+from utils.config import RunConfig
 from utils.guidance.guide import Guide
 from utils.guidance.settings import GuidanceSettings, resolve_settings
 from utils.guidance.targets import GuidancePlan, plan_guidance
@@ -13,9 +14,9 @@ def build_plan(cfg: dict, mode: str, raw: dict[str, str], attributes: dict[str, 
                priors: dict[str, list[float]] | None = None) -> GuidancePlan:
     """Settings from ``cfg['guidance']`` + overrides, resolved for raw targets {key: value};
     ``priors``: the ADP's class fractions (``ADP.class_prior``)."""
-    family = (cfg.get("model") or {}).get("family")
-    settings: GuidanceSettings = resolve_settings(cfg.get("guidance"), overrides, family)
-    return plan_guidance(settings, mode, raw, attributes, cfg.get("refine"), scale_spec, priors)
+    rc = RunConfig.of(cfg, require_model=False)
+    settings: GuidanceSettings = resolve_settings(rc.guidance, overrides, rc.family)
+    return plan_guidance(settings, mode, raw, attributes, rc.refine, scale_spec, priors)
 
 
 def build_guide(cfg: dict, plan: GuidancePlan, adp, betas, distributed: bool = False,
@@ -23,9 +24,10 @@ def build_guide(cfg: dict, plan: GuidancePlan, adp, betas, distributed: bool = F
     """The run's Guide; the check's labeller is the config's ``labeller`` (loaded here unless
     given)."""
     if labeller is None and plan.needs_labeller():
-        if not cfg.get("labeller"):
+        rc = RunConfig.of(cfg, require_model=False)
+        if not rc.labeller:
             raise ValueError(f"the guidance settings ask for a finished-image check but config "
-                             f"{cfg.get('name')} names no labeller: set 'labeller:' or pass --no-check")
+                             f"{rc.name} names no labeller: set 'labeller:' or pass --no-check")
         from models.labellers import load_labeller
-        labeller = load_labeller(cfg["labeller"])
+        labeller = load_labeller(rc.labeller)
     return Guide(plan, adp, betas, labeller if plan.needs_labeller() else None, distributed)

@@ -16,6 +16,7 @@ from models.adp import ADP
 from models.base import HSpaceUNet
 from models.files import file_sha256, resolve_path
 from models.loader import load_model
+from utils.config import RunConfig
 from utils.sampling.diffusion import DDIMSampler, Schedule
 from utils.sampling.images import to_uint8
 from utils.sampling.seeds import SeededNoise
@@ -58,14 +59,12 @@ class Pipeline:
 def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
                   eta: float | None = None) -> Pipeline:
     """Build the U-Net from ``cfg['model']`` (strict load) and a DDIM sampler from ``cfg``."""
-    net = load_model(cfg["model"], cfg.get("name", "<config>"), device)
-    s = cfg.get("sampling", {})
-    sampler = DDIMSampler(net, Schedule.from_config(cfg["diffusion"]),
-                          steps if steps is not None else int(s.get("steps", 50)),
-                          float(s.get("eta", 1.0) if eta is None else eta),
-                          s.get("skip_type", "uniform"))
-    ckpt = resolve_path(cfg["model"]["checkpoint"])
-    model_id = {"config": cfg.get("name"), "checkpoint": cfg["model"]["checkpoint"],
+    rc = RunConfig.of(cfg)
+    net = load_model(rc.model, rc.name or "<config>", device)
+    sampler = DDIMSampler(net, Schedule.from_config(rc.diffusion), steps if steps is not None else rc.sampling.steps,
+                          float(rc.eta if eta is None else eta), rc.sampling.skip_type)
+    ckpt = resolve_path(rc.model["checkpoint"])
+    model_id = {"config": rc.name, "checkpoint": rc.model["checkpoint"],
                 "checkpoint_sha256": cfg["model"].get("sha256") or file_sha256(ckpt)}
     return Pipeline(net, sampler, model_id, net.image_shape, device)
 

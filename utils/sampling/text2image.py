@@ -10,17 +10,77 @@ decide which rows it reads and edits (``utils.guidance.guide``). Flux has no CFG
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from models.hspace import HSpaceHook
+from models.hspace import HSpaceHook, Step
 from models.t2i import Family, HSpec
+from utils.config import RunConfig
 
 #: what every call passes where the pipeline takes it: images at exactly the asked size (no
 #: aspect-ratio binning), captions as given (no cleaning, which needs extra packages)
 FIXED_KWARGS = {"use_resolution_binning": False, "clean_caption": False}
+
+
+class GuidedCalls:
+    """Guidance of a diffusers pipeline's calls through h: the one attachment that the command line
+    (``T2IPipeline.draw``) and the Python API (``utils.app.api.Balance``) both use.
+
+    While the block is active, a hook (``models.hspace.HSpaceHook``, built from ``hook_kwargs``)
+    hands each denoiser call's h to the batch guide of the pipeline call it belongs to. A pipeline
+    call begins where it sets its scheduler's timesteps (``set_timesteps`` is wrapped for the block),
+    so any number of calls may run inside one block and a scheduler that repeats a timestep (PNDM)
+    is counted right. ``start(n)`` gives a call's batch guide (n: its conditional images; None:
+    leave h as it is) at its first denoiser step, and ``finish(batch)`` is called when the call is
+    over (at the next call's start, or on leaving the block, also after an exception); ``record``:
+    a list that gets the conditional rows' h (float16, CPU) of every step.
+    """
+
+    def __init__(self, pipe, denoiser: str, hook_kwargs: dict, start: Callable[[int], object],
+                 finish: Callable[[object], None] | None = None, record: list | None = None):
+        self.pipe, self.start, self.finish, self.record = pipe, start, finish, record
+        self.hook = HSpaceHook(getattr(pipe, denoiser), self._edit, **hook_kwargs)
+        self._batch, self._i, self._open = None, -1, False
+
+    def __enter__(self) -> "GuidedCalls":
+        sched = self.pipe.scheduler
+        stock = sched.set_timesteps
+
+        @functools.wraps(stock)                       # keeps the signature the pipelines inspect
+        def set_timesteps(*args, **kwargs):
+            self._end_call()
+            self._open, self._i = True, -1
+            return stock(*args, **kwargs)
+        self._scheduler = sched
+        sched.set_timesteps = set_timesteps
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._end_call()
+        finally:
+            self.hook.__exit__(*exc)
+            vars(self._scheduler).pop("set_timesteps", None)
+
+    def _edit(self, h, step: Step):
+        if not self._open:                # denoiser calls before any set_timesteps: one call
+            self._open = True
+        if self._i < 0:
+            self._batch = self.start(len(h) - step.n_uncond)
+        self._i += 1
+        if self.record is not None:
+            self.record.append(h[step.n_uncond:].detach().to("cpu", torch.float16))
+        return None if self._batch is None else self._batch.edit(h, Step(self._i, step.t, step.n_uncond))
+
+    def _end_call(self) -> None:
+        if self._open and self._i >= 0 and self._batch is not None and self.finish is not None:
+            self.finish(self._batch)
+        self._batch, self._i, self._open = None, -1, False
 
 
 class _Probe(Exception):
@@ -100,7 +160,17 @@ class T2IPipeline:
         elif self.eta:
             raise ValueError(f"--eta {self.eta}: the {self.family} pipeline samples deterministically (no eta)")
         kwargs.update({k: v for k, v in FIXED_KWARGS.items() if k in takes})
+        if self.family in ("pixart_sigma", "sana"):
+            kwargs.update(self._sequence_length())
         return kwargs
+
+    def _sequence_length(self) -> dict:
+        """PixArt and SANA: ``max_sequence_length`` (the prompt's padded length in ``tokenizer``)
+        when the stock default, 300, is longer than the tokenizer holds (a CLIP text encoder, as in
+        the digits transformer default); else nothing: the stock default."""
+        default = inspect.signature(type(self.pipe).__call__).parameters["max_sequence_length"].default
+        limit = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
+        return {"max_sequence_length": limit} if isinstance(default, int) and limit and limit < default else {}
 
     def call_parameters(self) -> set[str]:
         """The keyword arguments the pipeline's ``__call__`` takes."""
@@ -116,13 +186,8 @@ class T2IPipeline:
         if asymmetric:
             raise ValueError("--asymmetric applies to the unconditional DDIM sampler, not to text-to-image")
         n = len(seeds)
-
-        def edit(h, step):
-            if record is not None:
-                record.append(h[-n:].detach().to("cpu", torch.float16))
-            return None if batch is None else batch.edit(h, step)
-        hook = HSpaceHook(self.denoiser, edit, images=n if self.cfg_active else None, **self.hspec.hook_kwargs())
-        with hook:
+        hook = {**self.hspec.hook_kwargs(), "images": n if self.cfg_active else None}
+        with GuidedCalls(self.pipe, self.fam.denoiser, hook, lambda rows: batch, record=record):
             out = self.pipe(**self._kwargs([self.prompt] * n, seeds))
         return out.images.float().cpu() * 2 - 1
 
@@ -201,12 +266,12 @@ def load_t2i(cfg: dict, device: torch.device, steps: int | None = None, eta: flo
     FOLDER_OR_HUB_ID, resolution, scheduler, dtype, h_module, h_pool, h_stream, h_shape}``,
     ``sampling: {steps, eta, cfg}``; the arguments override the config."""
     from models.t2i import default_dtype, family_of, h_spec, load_pipeline, model_sha256, resolve_model
-    m, s = cfg.get("model") or {}, cfg.get("sampling") or {}
-    family = m.get("family")
+    rc = RunConfig.of(cfg)
+    m, family = rc.model, rc.family
     fam = family_of(family)
     unknown = sorted(set(m) - MODEL_KEYS)
     if unknown:
-        raise ValueError(f"config {cfg.get('name')}: unknown model key(s) {unknown} for the {family} family; "
+        raise ValueError(f"config {rc.name}: unknown model key(s) {unknown} for the {family} family; "
                          f"allowed: {sorted(MODEL_KEYS)}")
     if not m.get("checkpoint"):
         raise ValueError(f"the {family} family needs a model: --model FOLDER_OR_HUB_ID (or model.checkpoint)")
@@ -219,13 +284,13 @@ def load_t2i(cfg: dict, device: torch.device, steps: int | None = None, eta: flo
     pool = _pool_setting(m["h_pool"]) if "h_pool" in m else "default"
     spec = h_spec(pipe, family, res, m.get("h_module"), pool, int(m.get("h_stream", -1)))
     if m.get("h_shape") and tuple(m["h_shape"]) != spec.shape:
-        raise ValueError(f"model.h_shape {m['h_shape']} of config {cfg.get('name')} but {folder} gives "
+        raise ValueError(f"model.h_shape {m['h_shape']} of config {rc.name} but {folder} gives "
                          f"{list(spec.shape)} at {spec.module} at {res} px: another model, module or resolution; "
                          f"fix or drop h_shape")
-    cfg_scale = float(s.get("cfg", 7.5) if cfg_scale is None else cfg_scale)
-    model_id = {"config": cfg.get("name"), "checkpoint": str(m["checkpoint"]),
+    cfg_scale = float(rc.sampling.cfg if cfg_scale is None else cfg_scale)
+    model_id = {"config": rc.name, "checkpoint": str(m["checkpoint"]),
                 "checkpoint_sha256": model_sha256(folder, family), "family": family,
                 "h_module": spec.module, "h_pool": spec.pool}
     return T2IPipeline(pipe, family, fam, spec, model_id, (3, res, res), device,
-                       int(steps if steps is not None else s.get("steps", 50)), cfg_scale,
-                       float(s.get("eta", 0.0) if eta is None else eta))
+                       int(steps if steps is not None else rc.sampling.steps), cfg_scale,
+                       float(rc.eta if eta is None else eta))
