@@ -3,13 +3,14 @@
 #   make TORCH_SPEC=torch test   the same with another torch (e.g. a CUDA build on a GPU machine)
 #   make test | demo | bench     run the tests / the embedded demo / the benchmark (bench-quick: < 5 min)
 #   make demo-t2i                the text-conditional default: per prompt, vanilla vs balanced
+#   make demo-dit                the same for the text-conditional transformer (DiT) default
 #   make clean                   remove .venv and caches (outputs/ and runs/ are kept)
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv test demo demo-t2i bench bench-quick clean
+.PHONY: venv test demo demo-t2i demo-dit bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ demo: venv
 
 demo-t2i: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_t2i.yml --demo --overwrite --exp runs/demo_t2i
+
+demo-dit: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_dit.yml --demo --overwrite --exp runs/demo_dit
 
 bench: venv
 	$(VENV)/bin/python bench/run_all.py

@@ -37,6 +37,13 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64],
             layers_per_block=2, cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+#: PixArtTransformer2DModel on the same latents (the text-conditional transformer default,
+#: configs/digits16_dit.yml): patch 2, so its tokens lie on the U-Net h's 4x4 grid; 6 blocks of
+#: width 128 (4 heads of 32), cross-attention to the text encoder's 64-wide states through the
+#: caption projection, adaLN-single timestep conditioning, no learned variance: 1.76M parameters
+DIT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6, num_attention_heads=4,
+           attention_head_dim=32, cross_attention_dim=128, norm_type="ada_norm_single",
+           norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
 #: AutoencoderKL, 3x16x16 <-> 4x8x8 (vae_scale_factor 2); scaling_factor is set after training
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32],
            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
@@ -154,10 +161,10 @@ def tinted(grey, labels, strength: float):
     return torch.cat([grey + sign * chroma, grey, grey - sign * chroma], dim=1)
 
 
-def training_images(cfg: dict, split):
-    """The RGB images a config's model trains on (and the simulator reads): the split's training
-    digits with the config's ``tint`` (0, grey, when absent)."""
-    return tinted(split.train_x, split.train_y, float(cfg.get("tint", 0.0)))
+def training_images(tint: float, split):
+    """The RGB images a model trains on (and the simulator reads): the split's training digits
+    with the config's ``tint`` (0: grey)."""
+    return tinted(split.train_x, split.train_y, float(tint))
 
 
 def parse_prompts(section: dict) -> list[PromptSpec]:
@@ -346,25 +353,36 @@ def check_tokenizer(tokenizer, words: list[str]) -> None:
 
 
 def build_components(tokenizer_folder: Path, prompts: list[PromptSpec], max_length: int, seed: int,
-                     zero_snr: bool = False):
-    """(tokenizer, text encoder, U-Net, VAE, scheduler) with random weights drawn from ``seed``;
+                     zero_snr: bool = False, denoiser: str = "unet", init_from: Path | None = None):
+    """(tokenizer, text encoder, denoiser, VAE, scheduler) with random weights drawn from ``seed``;
     the tokenizer is written to ``tokenizer_folder`` first; ``zero_snr``: the scheduler of
-    ``ZERO_SNR``."""
+    ``ZERO_SNR``; ``denoiser``: ``unet`` (``UNET``) or ``dit`` (``DIT``). ``init_from``: a trained
+    digits pipeline folder whose tokenizer, VAE (frozen, with its scaling_factor) and text
+    encoder (the starting weights) are taken instead; it must know every prompt word."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    if denoiser not in ("unet", "dit"):
+        raise ValueError(f"train.denoiser {denoiser!r}: expected unet or dit")
     torch.manual_seed(seed)
     longest = max(len(p.text.split()) for p in prompts) + 2          # + BOS, EOS
     if longest > max_length:
         raise ValueError(f"max_length {max_length} is shorter than the longest prompt ({longest} tokens)")
     words = vocabulary(prompts)
-    write_word_tokenizer(tokenizer_folder, words, max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-    check_tokenizer(tokenizer, words)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **dict(TEXT_ENCODER)))
-    unet = UNet2DConditionModel(**dict(UNET, cross_attention_dim=TEXT_ENCODER["hidden_size"]))
-    return tokenizer, text, unet, AutoencoderKL(**VAE), \
-        DDIMScheduler(**{**SCHEDULER, **(ZERO_SNR if zero_snr else {})})
+    if init_from is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(str(init_from / "tokenizer"))
+        check_tokenizer(tokenizer, words)
+        text = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"))
+    else:
+        write_word_tokenizer(tokenizer_folder, words, max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+        check_tokenizer(tokenizer, words)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **dict(TEXT_ENCODER)))
+    width = text.config.hidden_size
+    net = UNet2DConditionModel(**dict(UNET, cross_attention_dim=width)) if denoiser == "unet" else \
+        PixArtTransformer2DModel(**dict(DIT, caption_channels=width))
+    vae = AutoencoderKL.from_pretrained(str(init_from / "vae")) if init_from is not None else AutoencoderKL(**VAE)
+    return tokenizer, text, net, vae, DDIMScheduler(**{**SCHEDULER, **(ZERO_SNR if zero_snr else {})})

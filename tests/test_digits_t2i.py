@@ -2,6 +2,7 @@
 scripts/train_digits_t2i.py): exact per-prompt fractions, one token per word, and a tiny
 training run whose folder loads through the sd family like Stable Diffusion."""
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +428,48 @@ def test_zero_snr_is_a_true_or_false_setting():
     assert T2ITrainSettings.from_config({**section, "zero_snr": False}).zero_snr is False
     with pytest.raises(ValueError, match="train.zero_snr = 1: expected true or false"):
         T2ITrainSettings.from_config({**section, "zero_snr": 1})
+
+
+DIT_CONFIG = "configs/digits16_dit.yml"
+UNET_FOLDER = Path(__file__).resolve().parent.parent / "pretrained" / "digits16_t2i"
+
+
+def test_the_transformer_settings_take_the_vae_from_init_from_or_train_one():
+    from utils.data.train_t2i import T2ITrainSettings
+    section = load_config(DIT_CONFIG)["train"]
+    s = T2ITrainSettings.from_config(section)
+    assert (s.denoiser, s.init_from, s.vae_steps) == ("dit", "pretrained/digits16_t2i", 0)
+    with pytest.raises(ValueError, match="either trained .* or taken from init_from"):
+        T2ITrainSettings.from_config({**section, "vae_steps": 100})
+    with pytest.raises(ValueError, match="either trained .* or taken from init_from"):
+        T2ITrainSettings.from_config({**section, "init_from": None})
+    with pytest.raises(ValueError, match="train.denoiser 'vit': expected unet or dit"):
+        T2ITrainSettings.from_config({**section, "denoiser": "vit"})
+    with pytest.raises(ValueError, match="train.init_from = 3: expected a folder or null"):
+        T2ITrainSettings.from_config({**section, "init_from": 3})
+
+
+def test_a_two_step_transformer_run_keeps_the_unet_defaults_vae_and_tokenizer_and_loads_as_pixart(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+    from diffusers import AutoencoderKL
+    from scripts.train_digits_t2i import main
+    from utils.sampling.text2image import load_t2i
+    out, state = tmp_path / "dit", tmp_path / "state.pt"
+    assert main(["--config", DIT_CONFIG, "--steps", "2", "--batch_size", "4", "--out", str(out),
+                 "--state", str(state)]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["model"]["h_shape"] == [128, 4, 4] and record["training"]["vae_steps"] == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
+    mine, theirs = AutoencoderKL.from_pretrained(out / "vae"), AutoencoderKL.from_pretrained(UNET_FOLDER / "vae")
+    assert mine.config.scaling_factor == theirs.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    assert (out / "tokenizer" / "vocab.json").read_text() == (UNET_FOLDER / "tokenizer" / "vocab.json").read_text()
+    cfg = load_config(DIT_CONFIG)
+    cfg["model"]["checkpoint"] = str(out)
+    pipe = load_t2i(cfg, torch.device("cpu"), steps=2)
+    assert pipe.family == "pixart_sigma" and pipe.h_shape == (128, 4, 4)
+    assert pipe._kwargs(["a digit"], [0])["max_sequence_length"] == 8          # the CLIP tokenizer's length
+    record_h: list = []
+    x = pipe.with_prompt("a small digit").draw([0, 1], record=record_h)
+    assert x.shape == (2, 3, 16, 16) and len(record_h) == 2 and record_h[0].shape == (2, 128, 4, 4)

@@ -75,6 +75,8 @@ class T2ITrainSettings:
     colour_weight: float = 0.0   # the VAE's colour channel (module docstring, 1.); 0: none
     colour_scale: float = 1.5    # its target: +colour_scale warm, -colour_scale cool
     zero_snr: bool = False       # v-prediction on betas rescaled to zero terminal SNR (module docstring, 2.)
+    denoiser: str = "unet"       # unet (UNet2DConditionModel) or dit (PixArtTransformer2DModel)
+    init_from: str | None = None  # a trained digits pipeline: its tokenizer, VAE (kept) and text encoder (start)
 
     @classmethod
     def defaults(cls) -> dict:
@@ -94,13 +96,20 @@ class T2ITrainSettings:
         values = {**defaults, **values}
         for name, kind in fields.items():
             v = values[name]
-            ok = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool)}.get(
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool),
+                  "str": isinstance(v, str), "str | None": v is None or isinstance(v, str)}.get(
                 kind, isinstance(v, (int, float)) and not isinstance(v, bool))
             if not ok:
-                want = {"int": "an integer", "bool": "true or false"}.get(kind, "a number")
+                want = {"int": "an integer", "bool": "true or false", "str": "a string",
+                        "str | None": "a folder or null"}.get(kind, "a number")
                 raise ValueError(f"train.{name} = {v!r}: expected {want}")
         s = cls(**{k: (float(v) if fields[k] == "float" else v) for k, v in values.items()})
-        for name in ("steps", "vae_steps", "batch_size", "vae_batch_size", "save_every", "subset_min", "max_length"):
+        if s.denoiser not in ("unet", "dit"):
+            raise ValueError(f"train.denoiser {s.denoiser!r}: expected unet or dit")
+        if s.vae_steps < 0 or (s.vae_steps == 0) != (s.init_from is not None):
+            raise ValueError(f"train.vae_steps {s.vae_steps} with train.init_from {s.init_from!r}: a VAE is "
+                             f"either trained (vae_steps >= 1, no init_from) or taken from init_from (vae_steps 0)")
+        for name in ("steps", "batch_size", "vae_batch_size", "save_every", "subset_min", "max_length"):
             if getattr(s, name) < 1:
                 raise ValueError(f"train.{name} = {getattr(s, name)}: must be >= 1")
         if not 0 <= s.cfg_dropout < 1 or not 0 <= s.ema_decay < 1:
@@ -183,13 +192,17 @@ def train_t2i(parts: tuple, images: torch.Tensor, data: PromptData, s: T2ITrainS
     _train_vae(vae, vae_opt, images, s, state, device, bf16)
     vae.eval().requires_grad_(False)
     mean, std = vae_posterior(vae, images)
+    if state.info["scaling_factor"] is None and s.vae_steps == 0:
+        state.info["scaling_factor"] = float(vae.config.scaling_factor)       # the init_from VAE's own
     if state.info["scaling_factor"] is None:
         z = mean + std * torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(s.seed)).to(device)
         state.info["scaling_factor"] = float(1 / z.float().std())
     sf = state.info["scaling_factor"]
-    ids = tokenizer([p.text for p in data.prompts] + [""], padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    _train_denoiser(text, unet, ema_text, ema_unet, opt, (mean * sf, std * sf), ids.to(device), data,
+    tokens = tokenizer([p.text for p in data.prompts] + [""], padding="max_length",
+                       max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(device) if is_transformer(unet) else None
+    _train_denoiser(text, unet, ema_text, ema_unet, opt, (mean * sf, std * sf),
+                    (tokens.input_ids.to(device), mask), data,
                     scheduler.alphas_cumprod.float().to(device), s, state, device, bf16,
                     scheduler.config.prediction_type)
     text.load_state_dict(ema_text.state_dict())
@@ -260,14 +273,17 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
                     alphas_cumprod: torch.Tensor, s: T2ITrainSettings, state: _State, device, bf16: bool,
                     prediction: str = "epsilon") -> None:
     """Phase 2 (module docstring): ``latents`` = (mean, std) of q(z|x) already scaled;
-    ``ids`` [P+1, L]: the prompts' token ids, the empty prompt last; ``prediction``: the
-    scheduler's prediction_type, epsilon or v_prediction."""
+    ``ids`` = (token ids [P+1, L], the prompts' then the empty prompt's, and their attention mask
+    [P+1, L] or None): the transformer's pipeline (PixArt) masks the padding in the text encoder
+    and in cross-attention, the U-Net's does not; ``prediction``: the scheduler's
+    prediction_type, epsilon or v_prediction."""
     denoiser_target(torch.zeros(()), torch.zeros(()), torch.ones(()), prediction)     # refuse an unknown type now
     if state.info["step"] >= s.steps:
         return
     text.train()
     unet.train()
     mean, std = latents
+    ids, mask = ids
     pair_image = torch.as_tensor(data.image, device=device)
     pair_prompt = torch.as_tensor(data.prompt, device=device)
     empty, gen, losses, params = len(data.prompts), state.gen, [], [*unet.parameters(), *text.parameters()]
@@ -285,9 +301,10 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise                # q(z_t | z_0)
         prompt = torch.where(drop, torch.full_like(k, empty), pair_prompt[k])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            emb = text(ids)[0][prompt]                              # the pipeline's prompt_embeds
+            emb = text(ids, attention_mask=mask)[0][prompt]         # the pipeline's prompt_embeds
             target = denoiser_target(z0, noise, a, prediction)
-            loss = (unet(z_t, t, encoder_hidden_states=emb).sample.float() - target).pow(2).mean()
+            out = denoise(unet, z_t, t, emb, None if mask is None else mask[prompt])
+            loss = (out.float() - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,6 +315,20 @@ def _train_denoiser(text, unet, ema_text, ema_unet, opt, latents, ids: torch.Ten
         losses.append(loss.detach())
         state.info["step"] = step + 1
         losses = _bookkeep(state, bar, losses, "losses", step + 1, s.steps, 50, s.save_every)
+
+
+def is_transformer(model) -> bool:
+    """Is the denoiser the PixArt transformer (else the U-Net)?"""
+    return type(model).__name__ == "PixArtTransformer2DModel"
+
+
+def denoise(model, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The denoiser's output for z_t at t under the prompt states ``emb``, called as its stock
+    pipeline calls it (PixArt: the padding mask and no resolution conditions)."""
+    if is_transformer(model):
+        return model(z_t, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return model(z_t, t, encoder_hidden_states=emb).sample
 
 
 def denoiser_target(z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
@@ -347,9 +378,14 @@ def _count(module) -> int:
 
 
 def save_pipeline(parts: tuple, folder: Path) -> None:
-    """The stock ``StableDiffusionPipeline`` of ``parts`` (no safety checker) in ``folder``."""
-    from diffusers import StableDiffusionPipeline
+    """The stock pipeline of ``parts`` in ``folder``: ``StableDiffusionPipeline`` (no safety
+    checker) for the U-Net, ``PixArtSigmaPipeline`` for the transformer."""
+    from diffusers import PixArtSigmaPipeline, StableDiffusionPipeline
     tokenizer, text, unet, vae, scheduler = parts
+    if is_transformer(unet):
+        PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text.cpu(), vae=vae.cpu(), transformer=unet.cpu(),
+                            scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+        return
     pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
