@@ -1,7 +1,7 @@
 """Which block of the digits transformer default is h, and how it is pooled.
 
-    python bench/dit_sweep.py                          # blocks 1 3 5 x pools none 2 1 (~45 min, one core)
-    python bench/dit_sweep.py --blocks 3 --pools none  # one cell
+    python bench/dit_sweep.py --pools none             # the blocks 1, 3, 5 (early, middle, late), every token
+    python bench/dit_sweep.py --blocks 3 --pools 2 1   # then the pooling at the best block
 
 For each block (early / middle / late of ``configs/digits16_dit.yml``'s six) the h of ``--n``
 samples over the five training prompts is extracted once, as the README extracts it (``main.py
@@ -12,7 +12,8 @@ the mean token; 8x8, 4x4 and none are all the 4x4 grid itself here). An ADP is t
 used for ``ours`` parity 50/50 at batch 100 on ``--seed``... (``bench/t2i_eval.py --preset fresh``:
 vanilla and guided per prompt, the independent judge). The seeds here (extraction 200000 on,
 guidance 40000 on) are not those of the final figures (0-999, extraction 100000 on).
-Writes ``sweep.md`` and ``sweep.json`` to --out; every step is skipped when its output exists.
+Writes ``sweep.md`` and ``sweep.json`` to --out, with the cells of earlier calls kept; every step
+is skipped when its output exists.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ CONFIG = "configs/digits16_dit.yml"
 PROMPTS = ["a digit", "a small digit", "a large digit", "a handwritten digit", "a number"]
 BIASED = ["a digit", "a small digit", "a large digit"]
 ATTRIBUTES = "parity,magnitude,digit"
+#: the guidance sections tried per cell (--guidance): the config's (the U-Net default's, for
+#: v-prediction: the cap grows at the noisy steps), ours as it is, ours with smaller caps
+GUIDANCE = {"config": None, "ours": {"preset": "ours"}, "ours-cap1": {"preset": "ours", "max_step": 1.0},
+            "ours-cap0.5": {"preset": "ours", "max_step": 0.5}}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -44,15 +49,18 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"step failed ({rc}): {' '.join(cmd)}; see {log}")
 
 
-def cell_config(base: dict, block: int, pool, adp: Path, out: Path) -> Path:
+def cell_config(base: dict, block: int, pool, adp: Path, out: Path, guidance: str = "config") -> Path:
     """The config of one cell: the default's with h at ``transformer_blocks.{block}`` pooled to
-    ``pool`` and the cell's ADP."""
+    ``pool``, the cell's ADP and the ``guidance`` variant's section."""
     cfg = json.loads(json.dumps(base))
+    if GUIDANCE[guidance] is not None:
+        cfg["guidance"] = GUIDANCE[guidance]
     width, side = cfg["model"]["h_shape"][0], cfg["model"]["h_shape"][1]
     g = side if pool == "none" else min(int(pool), side)
-    cfg["model"].update(h_module=f"transformer_blocks.{block}", h_pool=pool, h_shape=[width, g, g])
+    cfg["model"].update(h_module=f"transformer_blocks.{block}", h_pool=pool if pool == "none" else int(pool),
+                        h_shape=[width, g, g])
     cfg["adp"] = str(adp)
-    path = out / f"b{block}_p{pool}.yml"
+    path = out / (f"b{block}_p{pool}.yml" if guidance == "config" else f"b{block}_p{pool}_{guidance}.yml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -81,10 +89,16 @@ def accuracy(adp: Path) -> dict[str, float]:
     return {a: sum(v) / len(v) for a, v in per.items() if v}
 
 
+def _mean_or_dash(values: list[float]) -> str:
+    """The mean to 3 places, or - when a value is missing (a cell evaluated before it was recorded)."""
+    return "-" if any(v != v for v in values) else f"{sum(values) / len(values):.3f}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--pools", nargs="+", default=["none", "2", "1"])
+    p.add_argument("--guidance", nargs="+", default=["config"], choices=sorted(GUIDANCE))
     p.add_argument("--n", type=int, default=1000, help="extracted samples per block (over the five prompts)")
     p.add_argument("--n_eval", type=int, default=200, help="guided images per prompt")
     p.add_argument("--seed", type=int, default=40000, help="first guidance seed")
@@ -97,7 +111,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((REPO_ROOT / CONFIG).read_text())
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    rows = []
+    done = out / "sweep.json"
+    rows = [r for r in (json.loads(done.read_text()) if done.exists() else [])
+            if not (r["block"] in args.blocks and r["pool"] in args.pools and r.get("guidance", "config")
+                    in args.guidance)]
     for block in args.blocks:
         h_full = work / f"h_b{block}"
         full_cfg = cell_config(base, block, "none", work / f"adp_b{block}_pnone", work)
@@ -117,27 +134,39 @@ def main(argv=None) -> int:
             if not (adp / "config.json").exists():
                 run(["multi_classifier.py", "--data", str(data), "--attributes", ATTRIBUTES, "--out", str(adp)],
                     work / f"adp_b{block}_p{pool}.log")
-            ev = work / f"eval_b{block}_p{pool}"
-            if not (ev / "fresh.json").exists():
-                run(["bench/t2i_eval.py", "--config", str(cfg_path), "--preset", "fresh", "--seed", str(args.seed),
-                     "--n", str(args.n_eval), "--out", str(ev)], work / f"eval_b{block}_p{pool}.log")
-            reports = json.loads((ev / "fresh.json").read_text())
-            fd = {r["prompt"]: r["attributes"]["parity"]["fd"] for r in reports if r["spec"]["mode"] != "vanilla"}
-            rows.append({"block": block, "pool": pool, "accuracy": accuracy(adp), "parity_fd": fd,
-                         "confident": {r["prompt"]: r["confident_share"] for r in reports
-                                       if r["spec"]["mode"] != "vanilla"}})
-            print(json.dumps(rows[-1]), flush=True)
+            for variant in args.guidance:
+                name = f"b{block}_p{pool}" + ("" if variant == "config" else f"_{variant}")
+                ev = work / f"eval_{name}"
+                if not (ev / "fresh.json").exists():
+                    run(["bench/t2i_eval.py", "--config", str(cell_config(base, block, pool, adp, work, variant)),
+                         "--preset", "fresh", "--seed", str(args.seed), "--n", str(args.n_eval), "--out", str(ev)],
+                        work / f"eval_{name}.log")
+                reports = json.loads((ev / "fresh.json").read_text())
+                guided = [r for r in reports if r["spec"]["mode"] != "vanilla"]
+                vanilla = {r["prompt"]: r for r in reports if r["spec"]["mode"] == "vanilla"}
+                rows.append({"block": block, "pool": pool, "guidance": variant, "accuracy": accuracy(adp),
+                             "parity_fd": {r["prompt"]: r["attributes"]["parity"]["fd"] for r in guided},
+                             "confident": {r["prompt"]: r["confident_share"] for r in guided},
+                             "confident_vanilla": {q: r["confident_share"] for q, r in vanilla.items()},
+                             "frechet": {r["prompt"]: r["frechet"] for r in guided},
+                             "frechet_vanilla": {q: r["frechet"] for q, r in vanilla.items()}})
+                print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda r: (r["block"], ["none", "2", "1"].index(r["pool"]) if r["pool"] in ("none", "2", "1") else 9,
+                             list(GUIDANCE).index(r.get("guidance", "config"))))
     lines = [f"h block / pooling sweep of {CONFIG}: ADP from {args.n} samples (seeds {args.extract_seed}+), "
              f"ours parity 50/50 at batch 100 on seeds {args.seed}-{args.seed + args.n_eval - 1} per prompt, "
              f"the independent judge", "",
-             "| h | pooling | ADP val. accuracy parity / magnitude / digit | parity FD: " + " / ".join(BIASED)
-             + " | mean FD |", "|---|---|---|---|---|"]
+             "| h | pooling | guidance | ADP val. accuracy parity / magnitude / digit | parity FD: "
+             + " / ".join(BIASED) + " | mean FD | confident (vanilla), mean over prompts |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = " / ".join(f"{r['accuracy'].get(a, float('nan')):.3f}" for a in ATTRIBUTES.split(","))
         fds = [r["parity_fd"].get(q, float("nan")) for q in BIASED]
         pool = {"none": "none (4x4 grid)", "2": "2x2", "1": "mean"}.get(r["pool"], r["pool"])
-        lines.append(f"| transformer_blocks.{r['block']} | {pool} | {acc} | "
-                     + " / ".join(f"{v:.3f}" for v in fds) + f" | {sum(fds) / len(fds):.3f} |")
+        conf = [r["confident"].get(q, float("nan")) for q in BIASED]
+        conf_v = [r.get("confident_vanilla", {}).get(q, float("nan")) for q in BIASED]
+        lines.append(f"| transformer_blocks.{r['block']} | {pool} | {r.get('guidance', 'config')} | {acc} | "
+                     + " / ".join(f"{v:.3f}" for v in fds) + f" | {sum(fds) / len(fds):.3f} | "
+                     f"{sum(conf) / 3:.3f} ({_mean_or_dash(conf_v)}) |")
     md = "\n".join(lines)
     (out / "sweep.md").write_text(md + "\n")
     (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -38,7 +38,7 @@ def labelled_set(args, cfg: dict, judge):
         return x, {attr: y}, f"labelled folder {args.folder}"
     x, labels = real_reference(cfg), real_reference_labels(cfg)
     if x is None:
-        raise ValueError(f"config {cfg.get('name')} has no reference set; pass --folder")
+        raise ValueError(f"config {cfg['name']} has no reference set; pass --folder")
     labels = {a: np.asarray(v) for a, v in labels.items() if a in judge.attributes}
     return x, labels, f"reference set {cfg['reference']!r} of {args.config}"
 

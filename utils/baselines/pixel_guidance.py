@@ -26,6 +26,7 @@ import torch
 
 from models.loader import resolve_path
 from models.pixel_classifier import NoisyPixelClassifier
+from utils.config import RunConfig
 from utils.guidance.estimators import chi_square
 from utils.guidance.guide import BatchReport
 
@@ -47,8 +48,9 @@ DEFAULT_SCALES = {"xt": 10.0, "x0": 3.0}
 def load_pixel_classifier(cfg: dict, device: torch.device | str = "cpu",
                           path: str | Path | None = None) -> NoisyPixelClassifier:
     """The noise-aware classifier for the model of ``cfg`` (checks it was trained on its schedule)."""
-    return NoisyPixelClassifier.load(resolve_path(path or cfg.get("pixel_classifier", DEFAULT_CHECKPOINT)),
-                                     expect_diffusion=cfg["diffusion"], device=device)
+    rc = RunConfig.of(cfg)
+    return NoisyPixelClassifier.load(resolve_path(path or rc.pixel_classifier or DEFAULT_CHECKPOINT),
+                                     expect_diffusion=rc.diffusion, device=device)
 
 
 class PixelGuidance:
