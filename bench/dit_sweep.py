@@ -13,7 +13,9 @@ used for ``ours`` parity 50/50 at batch 100 on ``--seed``... (``bench/t2i_eval.p
 vanilla and guided per prompt, the independent judge). The seeds here (extraction 200000 on,
 guidance 40000 on) are not those of the final figures (0-999, extraction 100000 on).
 Writes ``sweep.md`` and ``sweep.json`` to --out, with the cells of earlier calls kept; every step
-is skipped when its output exists.
+is skipped when its output exists. The U-Net default's row (its shipped ADP, the same seeds) is
+added when ``--work``/eval_unet holds its run: ``python bench/t2i_eval.py --preset fresh --seed 40000
+--n 200 --out runs/dit_sweep/eval_unet``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ CONFIG = "configs/digits16_dit.yml"
 PROMPTS = ["a digit", "a small digit", "a large digit", "a handwritten digit", "a number"]
 BIASED = ["a digit", "a small digit", "a large digit"]
 ATTRIBUTES = "parity,magnitude,digit"
+UNET_ADP = "pretrained/digits16_t2i_adp.pt"
 #: the guidance sections tried per cell (--guidance): the config's (the U-Net default's, for
 #: v-prediction: the cap grows at the noisy steps), ours as it is, ours with smaller caps
 GUIDANCE = {"config": None, "ours": {"preset": "ours"}, "ours-cap1": {"preset": "ours", "max_step": 1.0},
@@ -167,6 +170,18 @@ def main(argv=None) -> int:
         lines.append(f"| transformer_blocks.{r['block']} | {pool} | {r.get('guidance', 'config')} | {acc} | "
                      + " / ".join(f"{v:.3f}" for v in fds) + f" | {sum(fds) / len(fds):.3f} | "
                      f"{sum(conf) / 3:.3f} ({_mean_or_dash(conf_v)}) |")
+    unet = work / "eval_unet" / "fresh.json"      # the U-Net default on the same seeds, its shipped ADP
+    if unet.exists():
+        reports = json.loads(unet.read_text())
+        guided = {r["prompt"]: r for r in reports if r["spec"]["mode"] != "vanilla"}
+        vanilla = {r["prompt"]: r for r in reports if r["spec"]["mode"] == "vanilla"}
+        acc = accuracy(REPO_ROOT / UNET_ADP)
+        fds = [guided[q]["attributes"]["parity"]["fd"] for q in BIASED]
+        lines.append(f"| U-Net default: mid_block (64x4x4; its ADP from 2,500 samples) | none | config | "
+                     + " / ".join(f"{acc[a]:.3f}" for a in ATTRIBUTES.split(",")) + " | "
+                     + " / ".join(f"{v:.3f}" for v in fds) + f" | {sum(fds) / 3:.3f} | "
+                     f"{sum(guided[q]['confident_share'] for q in BIASED) / 3:.3f} "
+                     f"({sum(vanilla[q]['confident_share'] for q in BIASED) / 3:.3f}) |")
     md = "\n".join(lines)
     (out / "sweep.md").write_text(md + "\n")
     (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
