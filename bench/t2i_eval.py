@@ -7,6 +7,7 @@
     python bench/t2i_eval.py --preset compare --n 200         # CFG rows (cond / both) and CFG 3 / 7.5, paper
     python bench/t2i_eval.py --preset fresh --seed 20000      # the default on unseen seeds
     python bench/t2i_eval.py --preset speed --n 400           # guided / vanilla wall time, alternating batches
+    python bench/t2i_eval.py --preset cfg --n 1000            # vanilla and ours at CFG 1.5, 3, 5, 7.5, 10
 
 The model is ``configs/digits16_t2i.yml`` (``pretrained/digits16_t2i``, a stock diffusers
 pipeline folder) with its ADP; the judge is the independent digits judge. For each prompt the
@@ -38,6 +39,7 @@ from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches
 from utils.sampling.text2image import load_t2i
 
 VANILLA_SCALES = (3.0, 7.5)                                # --preset vanilla unless --cfg
+CFG_SCALES = (1.5, 3.0, 5.0, 7.5, 10.0)                    # --preset cfg unless --cfg
 BIASED = ["a digit", "a small digit", "a large digit"]      # the order of every table
 GENERIC = ["a handwritten digit", "a number"]    # "a digit"'s distribution
 
@@ -54,6 +56,9 @@ def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, .
     if preset == "vanilla":
         return [dict(van, name=f"vanilla, CFG {w:g}", cfg=float(w)) for w in scales]
     par = dict(mode="distribution", targets={"parity": "0.5"}, cfg=3.0)
+    if preset == "cfg":           # balance at every CFG scale: vanilla and ours per scale
+        return [run for w in scales for run in (dict(van, name=f"vanilla, CFG {w:g}", cfg=float(w)),
+                                                 dict(par, name=f"ours parity 50/50, CFG {w:g}", cfg=float(w)))]
     if preset == "acceptance":
         return [dict(van, name="vanilla, CFG 3", cfg=3.0),
                 dict(par, name="ours parity 50/50, batch 100"),
@@ -138,12 +143,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16_t2i.yml")
     p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    p.add_argument("--preset", default="acceptance", choices=["vanilla", "acceptance", "rows", "compare", "fresh", "speed"])
+    p.add_argument("--preset", default="acceptance", choices=["vanilla", "acceptance", "rows", "compare", "fresh", "speed", "cfg"])
     p.add_argument("--prompts", help="prompts separated by '|' (default: the three biased ones; "
                    "--preset vanilla: all five)")
     p.add_argument("--n", type=int, default=1000, help="images per run and prompt")
     p.add_argument("--cfg", type=float, nargs="+",
-                   help="--preset vanilla only: the CFG scales (default 3 7.5; 1 is the conditional branch alone)")
+                   help="--preset vanilla and cfg only: the CFG scales (default 3 7.5, cfg: 1.5 3 5 7.5 10; "
+                        "1 is the conditional branch alone)")
     p.add_argument("--bs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="first seed (image k of every row uses seed + k)")
     p.add_argument("--device", default="auto")
@@ -152,8 +158,8 @@ def main(argv=None) -> int:
                    help="the vanilla rows' judgements, reused by later presets on the same model, prompt, "
                         "CFG and seeds")
     args = p.parse_args(argv)
-    if args.cfg and args.preset != "vanilla":
-        p.error(f"--cfg sets the vanilla preset's scales; --preset {args.preset} has its own (drop --cfg)")
+    if args.cfg and args.preset not in ("vanilla", "cfg"):
+        p.error(f"--cfg sets the vanilla and cfg presets' scales; --preset {args.preset} has its own (drop --cfg)")
     setup_logging()
     cfg = load_config(args.config)
     pipe = load_t2i(cfg, pick_device(args.device))
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
         labels = {a: v[keep] for a, v in labels_all.items()}
         qpipe = pipe.with_prompt(q)
         vanilla = {}                       # CFG scale -> (judge probs, Frechet) of its vanilla row
-        for run in runs_for(args.preset, q, allowed[q], tuple(args.cfg or VANILLA_SCALES)):
+        scales = tuple(args.cfg or (CFG_SCALES if args.preset == "cfg" else VANILLA_SCALES))
+        for run in runs_for(args.preset, q, allowed[q], scales):
             ref = vanilla.get(run["cfg"], (None, None))
             cache = Path(args.cache) / (f"{pipe.model_id['checkpoint_sha256'][:12]}_{q.replace(' ', '_')}_"
                                         f"cfg{run['cfg']:g}_{seeds[0]}-{seeds[-1]}.pt")     # model, prompt, CFG, seeds

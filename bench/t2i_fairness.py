@@ -15,7 +15,7 @@ the run says why and goes on with the other methods. --prompts takes a file (one
 ``#`` lines skipped) or the name of a set in data/prompts/. The CLIP score column (100 * cos of
 image and prompt embeddings, mean over images; augment's images against the prompt as listed) is
 filled when the config's judge or labeller is a CLIP model. Writes fairness.md, fairness.json
-and, with matplotlib, fairness.png to --out.
+and fairness.png (mean FD against the CFG scale, a line per method) to --out.
 """
 from __future__ import annotations
 
@@ -250,24 +250,19 @@ def means_table(means: list[dict]) -> str:
 
 
 def plot(means: list[dict], path: Path) -> str:
-    """Mean FD, KL and parity gap (raw) against the CFG scale, a line per method; a note of what was done."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
-    for ax, metric in zip(axes, METRICS):
-        for method in dict.fromkeys(m["method"] for m in means):
-            pts = sorted((m["cfg"], m["raw"][metric]) for m in means if m["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_xlabel("CFG scale")
-        ax.set_ylabel(f"mean {LABELS[metric]} (raw)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Mean FD (raw) against the CFG scale, a line per method (Pillow); a note of what was done."""
+    from utils.evaluation.plots import line_plot
+    scales = sorted({m["cfg"] for m in means})
+    series = {}
+    for method in dict.fromkeys(m["method"] for m in means):
+        got = {m["cfg"]: m["raw"]["fd"] for m in means if m["method"] == method and m["raw"]}
+        if set(got) == set(scales):
+            series[method] = [got[w] for w in scales]
+    if not series:
+        return "no plot: no method has an FD at every CFG scale"
+    line_plot(path, scales, series, "mean FD over prompts", "CFG scale", "FD, raw",
+              (0.0, max(0.05, max(v for s in series.values() for v in s))),
+              x_format=lambda x: f"{x:g}", x_ticks=scales)
     return f"plot: {path}"
 
 

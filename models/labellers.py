@@ -7,7 +7,9 @@ A labeller has the judge interface (``attributes``, ``predict(images [-1,1]) -> 
     gender and age from the PyPI package's ONNX networks, models/face_judges.py);
   - CLIP zero-shot through transformers, from a local CLIP folder or cached hub id:
     ``{kind: clip, model: PATH_OR_ID, attributes: {gender: {female: "a photo of a woman",
-    male: "a photo of a man"}}}`` (or ``attribute: gender, classes: {...}`` for one attribute).
+    male: "a photo of a man"}}}`` (or ``attribute: gender, classes: {...}`` for one attribute);
+    as a judge the same spec, with ``calibration: FILE.json`` (a confusion record, see
+    ``models.judge.confusion_record``) for the judge-corrected columns.
 """
 from __future__ import annotations
 
@@ -31,11 +33,9 @@ def load_labeller(spec) -> Judge:
     if is_named_judge(spec):
         return load_judge(spec)
     if isinstance(spec, dict):
-        if spec.get("kind") != "clip":
-            raise ValueError(f"labeller spec {spec}: the mapping kinds are 'clip' "
-                             f"({{kind: clip, model: PATH, attributes: {{attr: {{class: prompt}}}}}}) "
-                             f"and {sorted(NAMED_JUDGES)}")
-        return ClipLabeller.from_spec(spec)
+        raise ValueError(f"labeller spec {spec}: the mapping kinds are 'clip' "
+                         f"({{kind: clip, model: PATH, attributes: {{attr: {{class: prompt}}}}}}) "
+                         f"and {sorted(set(NAMED_JUDGES) - {'clip'})}")
     if spec in BUILTIN:
         import importlib
         module, cls = BUILTIN[spec]
@@ -46,6 +46,22 @@ def load_labeller(spec) -> Judge:
                                 f"classifier file (.pt / .onnx) or a clip spec; or turn the check off "
                                 f"with --no-check")
     return load_judge(str(path))
+
+
+def clip_judge(**spec) -> "ClipLabeller":
+    """The CLIP zero-shot judge / labeller of ``{kind: clip, ...}`` (module docstring); its
+    ``calibration`` file, when given, is the confusion record the corrected columns use."""
+    calibration = spec.pop("calibration", None)
+    judge = ClipLabeller.from_spec({"kind": "clip", **spec})
+    if calibration is not None:
+        path = resolve_path(calibration)
+        if not path.is_file():
+            raise FileNotFoundError(f"clip judge: calibration file {calibration!r} not found ({path}); "
+                                    f"write one with scripts/calibrate_judge.py or drop calibration:")
+        record = json.loads(path.read_text())
+        judge.calibration = record.get("confusion", record)
+        judge.confusion_counts()                     # checked against the judge's classes now
+    return judge
 
 
 def _model_folder(spec: str) -> Path:

@@ -1,6 +1,7 @@
 """The text-to-image sd family on tiny random components built here (offline): the stock
 diffusers pipeline with h read and edited at mid_block by the h-space hook."""
 import json
+import numpy as np
 
 import pytest
 import torch
@@ -225,6 +226,30 @@ def test_clip_labeller_equals_clips_own_zero_shot(clip_folder):
     assert torch.allclose(probs, want, atol=1e-5)
     swapped = load_labeller({**spec, "classes": {"male": "a photo of a man", "female": "a photo of a woman"}})
     assert torch.allclose(swapped.predict(x)["gender"], probs.flip(1), atol=1e-5)
+
+
+def test_clip_judge_from_a_config_with_its_calibration(tmp_path, clip_folder):
+    import json
+    from models.judge import confusion_record
+    from models.labellers import load_labeller
+    from utils.evaluation.evaluate import judge_from_config
+    classes = {"female": "a photo of a woman", "male": "a photo of a man"}
+    record = confusion_record({"gender": np.array([[9, 1], [2, 8]])}, {"gender": ["female", "male"]}, data="test")
+    (tmp_path / "cal.json").write_text(json.dumps(record))
+    spec = {"kind": "clip", "model": str(clip_folder), "attribute": "gender", "classes": classes}
+    judge = judge_from_config({"judge": {**spec, "calibration": str(tmp_path / "cal.json")}})
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(judge.predict(x)["gender"], load_labeller(spec).predict(x)["gender"])
+    assert judge.confusion_counts()["gender"].tolist() == [[9, 1], [2, 8]]
+    assert judge_from_config({"judge": spec}).confusion_counts() == {}
+    wrong = confusion_record({"gender": np.eye(2)}, {"gender": ["male", "female"]})
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="recalibrate"):
+        judge_from_config({"judge": {**spec, "calibration": str(tmp_path / "wrong.json")}})
+    with pytest.raises(FileNotFoundError, match="calibration file"):
+        judge_from_config({"judge": {**spec, "calibration": str(tmp_path / "none.json")}})
+    with pytest.raises(ValueError, match="mapping kinds"):
+        load_labeller({"kind": "blip", "model": str(clip_folder)})
 
 
 def _run(capsys, *argv):

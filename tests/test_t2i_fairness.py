@@ -240,6 +240,8 @@ def test_the_harness_end_to_end_on_the_digits_default(tmp_path, capsys):
         line = next(x for x in md.splitlines() if x.startswith(f"| a small digit | {method} | 3 |"))
         assert line.rstrip().endswith("| - |")                     # no CLIP model: no CLIP score
     assert "not run: augment" in md and "'even'" in md
+    from PIL import Image
+    assert Image.open(out / "fairness.png").size == (640, 400)    # the FD-per-CFG plot, drawn with Pillow
     report = json.loads((out / "fairness.json").read_text())
     assert [(r["method"], r["cfg"]) for r in report["rows"]] == [("vanilla", 3.0), ("ours", 3.0)]
     for r in report["rows"]:

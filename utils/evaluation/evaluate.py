@@ -22,7 +22,7 @@ from utils.evaluation.metrics import (bootstrap_fd, confident_share, evaluate_at
 
 
 def judge_from_config(cfg: dict) -> Judge:
-    rc = RunConfig.of(cfg)
+    rc = RunConfig.of(cfg, require_model=False)
     if not rc.judge:
         raise ValueError(f"config {rc.name} names no judge; pass one with --judge")
     spec = rc.judge

@@ -45,7 +45,10 @@ def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], title
         d.text((px(x, lo)[0] - 10, h - bottom + 5), x_format(x) if x_format else f"{x:.0f}", fill="black")
     for n, (name, ys) in enumerate(series.items()):
         c = COLOURS[n % len(COLOURS)]
-        d.line([px(x, y) for x, y in zip(xs, ys)], fill=c, width=2)
+        pts = [px(x, y) for x, y in zip(xs, ys)]
+        d.line(pts, fill=c, width=2)
+        for x, y in pts:                      # a dot per point (a series of one point shows too)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
         d.text((left + 10 + 110 * n, top + 5), name, fill=c)
     d.text((w // 2 - 60, h - 20), xlabel, fill="black")
     d.text((left, 8), f"{title} ({ylabel})", fill="black")
