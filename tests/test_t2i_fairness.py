@@ -273,3 +273,11 @@ def test_images_without_a_face_are_left_out_and_counted():
     assert prompt_fairness(probs, [0.5, 0.5], n_boot=10)["n"] == 2
     with pytest.raises(ValueError, match="no face in any of the 1 images"):
         judged(Detector([[nan, nan]]), torch.zeros(1, 3, 8, 8), "gender", "a test")
+
+
+def test_the_judge_flag_takes_a_yaml_mapping():
+    from bench.t2i_fairness import judge_spec
+    assert judge_spec("pretrained/digits16_judge.pt") == "pretrained/digits16_judge.pt"
+    assert judge_spec("{kind: age_and_gender, detect: true}") == {"kind": "age_and_gender", "detect": True}
+    with pytest.raises(ValueError, match="not a YAML mapping"):
+        judge_spec("{kind: [")
