@@ -328,3 +328,24 @@ def test_import_of_the_original_sd_heads(tmp_path):
     assert adp.timesteps[s] == 501
     want = h.flatten(1) @ sd[f"linears.{s}.weight"].T + sd[f"linears.{s}.bias"]
     assert torch.allclose(adp.logits_at(h, s)["gender"], want, atol=1e-4)
+
+
+def test_the_fairness_harness_on_the_tiny_pipeline_with_the_clip_judge(tmp_path, sd_folder, clip_folder):
+    import yaml
+    from bench.t2i_fairness import main as fairness
+    spec = {"kind": "clip", "model": str(clip_folder),
+            "attributes": {"gender": {"female": "a photo of a woman", "male": "a photo of a man"}}}
+    cfg = cfg_for(sd_folder, clip_folder, judge=spec)
+    (tmp_path / "tiny.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "p.txt").write_text("# source: a test\na photo of a doctor\n")
+    out = tmp_path / "out"
+    assert fairness(["--config", str(tmp_path / "tiny.yml"), "--prompts", str(tmp_path / "p.txt"),
+                     "--attribute", "gender", "--target", "0.5", "--method", "vanilla,augment",
+                     "--n", "4", "--bs", "2", "--n_boot", "50", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "fairness.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["vanilla", "augment"]
+    vanilla, augment = report["rows"]
+    assert vanilla["prompts_used"] == ["a photo of a doctor"]
+    assert augment["prompts_used"] == ["a photo of a doctor, female", "a photo of a doctor, male"]
+    assert all(r["n"] == 4 and r["no_face"] == 0 and 0 <= r["clip_score"] <= 100 for r in report["rows"])
+    assert (out / "fairness.png").is_file()
