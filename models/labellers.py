@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.files import resolve_path
-from models.judge import NAMED_JUDGES, Judge, is_named_judge, load_judge
+from models.judge import NAMED_JUDGES, Judge, is_named_judge, load_calibration, load_judge
 
 #: built-in labellers by name -> (module, class)
 BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller")}
@@ -54,12 +54,7 @@ def clip_judge(**spec) -> "ClipLabeller":
     calibration = spec.pop("calibration", None)
     judge = ClipLabeller.from_spec({"kind": "clip", **spec})
     if calibration is not None:
-        path = resolve_path(calibration)
-        if not path.is_file():
-            raise FileNotFoundError(f"clip judge: calibration file {calibration!r} not found ({path}); "
-                                    f"write one with scripts/calibrate_judge.py or drop calibration:")
-        record = json.loads(path.read_text())
-        judge.calibration = record.get("confusion", record)
+        judge.calibration = load_calibration(calibration, "clip judge")
         judge.confusion_counts()                     # checked against the judge's classes now
     return judge
 
