@@ -274,7 +274,7 @@ def judge_spec(text: str):
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--judge {text!r} is not a YAML mapping: {e}") from None
+        raise ValueError(f"--judge {text!r} is not a YAML mapping ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"--judge {text!r}: expected a mapping such as '{{kind: age_and_gender, detect: true}}'")
     return spec
