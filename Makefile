@@ -2,6 +2,7 @@
 #   make venv                    .venv with the CPU torch 2.13.0 and requirements(-dev).txt
 #   make TORCH_SPEC=torch test   the same with another torch (e.g. a CUDA build on a GPU machine)
 #   make test | demo | bench     run the tests / the embedded demo / the benchmark (bench-quick: < 5 min)
+#   make test-all                every test, the slow ones too (make test leaves out -m slow)
 #   make demo-t2i                the text-conditional default: per prompt, vanilla vs balanced
 #   make demo-dit                the same for the text-conditional transformer (DiT) default
 #   make clean                   remove .venv and caches (outputs/ and runs/ are kept)
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv test demo demo-t2i demo-dit bench bench-quick clean
+.PHONY: venv test test-all demo demo-t2i demo-dit bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -25,6 +26,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 test: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-all: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 demo: venv
@@ -36,11 +40,14 @@ demo-t2i: venv
 demo-dit: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python main.py --config configs/digits16_dit.yml --demo --overwrite --exp runs/demo_dit
 
+# bench: every run-list under bench/lists/ (every table the docs quote, the full-size ones too: many
+# hours on a CPU). Entries whose output exists are skipped, so an interrupted run resumes; rerun one
+# with `.venv/bin/python bench/run.py LIST --only ENTRY --overwrite`. bench-quick: bench/lists/quick.yml.
 bench: venv
-	$(VENV)/bin/python bench/run_all.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/run.py bench/lists/*.yml
 
 bench-quick: venv
-	$(VENV)/bin/python bench/run_all.py --quick
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/run.py bench/lists/quick.yml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

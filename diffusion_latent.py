@@ -15,12 +15,13 @@ import time
 import torch
 
 from models.files import file_sha256, resolve_path
-from utils.app.cli import guidance_overrides, n_images, output_path, read_prompts
+from utils.app.cli import n_images, output_path, read_prompts
 from utils.app.api import balance, load  # noqa: F401 (the Python API: utils/app/api.py)
 from utils.app.rundir import RunFolder, RunFolderError
 from utils.app.runtime import process_group
 from utils.config import RunConfig
 from utils.guidance import build_guide, build_plan
+from utils.guidance.settings import FLAG_NAMES, overrides_from_args, resolve_settings
 from utils.guidance.targets import attribute_list_targets, check_target_keys, parse_target_spec
 from utils.sampling.images import read_images, save_grid, save_images  # noqa: F401 (read_images: API)
 from utils.sampling.pipeline import (Pipeline, guided_head_map, load_adp_for, load_pipeline, plan_batches,
@@ -103,10 +104,9 @@ def run_scheduler(cfg: dict, args, mode: str) -> str | None:
     folder's own (the original's SD code samples with it); else None (the config's)."""
     if args.scheduler or mode == "vanilla":
         return args.scheduler
-    from utils.guidance.settings import resolve_settings
     from models.t2i import OWN_SCHEDULER
     rc = RunConfig.of(cfg)
-    preset = resolve_settings(rc.guidance, guidance_overrides(args), rc.family).preset
+    preset = resolve_settings(rc.guidance, overrides_from_args(args), rc.family).preset
     return OWN_SCHEDULER if preset == "paper" else None
 
 
@@ -140,7 +140,7 @@ def check_prompt_root(root, n_prompts: int) -> None:
 
 
 def _generate(cfg: dict, args, mode: str, seeds: list[int], device, rank: int, world: int) -> int:
-    overrides = guidance_overrides(args)
+    overrides = overrides_from_args(args)
     given = [k for k, v in overrides.items() if v is not None]
     if mode == "vanilla" and given:
         raise ValueError(f"guidance settings {given} apply to --mode sample or distribution, not vanilla")
@@ -254,8 +254,7 @@ def _run_one(cfg, args, mode, seeds, pipe, guide, plan, heads, identity, text, f
 #: what a demo writes into its --exp folder
 DEMO_ENTRIES = ("distribution", "vanilla", "results.md", "side_by_side.png")
 #: the guidance flags a demo's vanilla run leaves out (they are the guided run's)
-GUIDED_ONLY = ("preset", "estimator", "running_balance", "refine", "refine_within", "check", "guide_steps",
-               "cfg_edit", "cfg_estimate", "scale")
+GUIDED_ONLY = (*FLAG_NAMES, "scale")
 
 
 def check_demo_root(root, overwrite: bool, resume: bool) -> None:
@@ -291,7 +290,7 @@ def demo(cfg: dict, args) -> int:
     target = args.target or spec.target
     if not target:
         raise ValueError(f"config {rc.name} has no demo: target; pass --target (e.g. parity=0.5)")
-    root = output_path(args.exp if args.exp != "runs/generate" else "runs/demo")
+    root = output_path(args.exp)
     check_demo_root(root, args.overwrite, args.resume)
     n = n_images(args, spec.n)
     seeds = parse_seeds(args.seeds, n, args.seed)

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from models.adp import ADP, ClassifierMismatchError  # noqa: E402
-from models.files import check_writable, file_sha256, load_tensors, resolve_path  # noqa: E402
+from models.files import (check_writable, checkpoint_sha256, load_tensors, model_identity,  # noqa: E402
+                          resolve_path)
 from models.t2i import is_text_to_image  # noqa: E402
 from utils.app.cli import guarded, input_path, output_path  # noqa: E402
 from utils.app.config import load_config  # noqa: E402
@@ -209,9 +210,8 @@ def import_original(args, out: Path) -> int:
     heads = {a: (read_original(f), c) for a, f, c in zip(names, files, classes)}   # read first: cheap
     h_shape = tuple(cfg["model"].get("h_shape") or build_model(cfg["model"], cfg["name"]).h_shape)
     adp = ADP.from_original(heads, timesteps, h_shape)
-    ckpt = resolve_path(cfg["model"]["checkpoint"])
-    model_id = {"config": cfg["name"], "checkpoint": cfg["model"]["checkpoint"],
-                "checkpoint_sha256": file_sha256(ckpt) if ckpt.exists() else None}
+    model_id = model_identity(cfg["name"], cfg["model"]["checkpoint"],
+                              checkpoint_sha256(cfg["model"], missing_ok=True))
     imported = {"files": [f.name for f in files], "layout": "linears.{i} (Balancing Act original code)",
                 "grid": "original", "temperature": 8.0}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def _import_original_sd(args, cfg: dict, files, names, classes, out: Path) -> in
         sha = model_sha256(resolve_model(str(cfg["model"]["checkpoint"])))
     except ValueError:
         sha = None
-    model_id = {"config": cfg["name"], "checkpoint": str(cfg["model"]["checkpoint"]), "checkpoint_sha256": sha}
+    model_id = model_identity(cfg["name"], cfg["model"]["checkpoint"], sha)
     imported = {"files": [f.name for f in files], "layout": "linears.{i} (Balancing Act original SD code)",
                 "grid": "1 + 20 i", "temperature": 8.0}
     out.parent.mkdir(parents=True, exist_ok=True)

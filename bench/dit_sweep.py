@@ -1,7 +1,9 @@
 """Which block of the digits transformer default is h, and how it is pooled.
 
+    python bench/run.py dit --only sweep               # docs/results_dit/sweep.md (its cells: bench/lists/dit.yml)
     python bench/dit_sweep.py --pools none             # the blocks 1, 3, 5 (early, middle, late), every token
     python bench/dit_sweep.py --blocks 3 --pools 2 1   # then the pooling at the best block
+    python bench/dit_sweep.py --cells 5:2:ours-cap1    # one cell (block:pool:guidance variant)
 
 For each block (early / middle / late of ``configs/digits16_dit.yml``'s six) the h of ``--n``
 samples over the five training prompts is extracted once, as the README extracts it (``main.py
@@ -9,13 +11,14 @@ samples over the five training prompts is extracted once, as the README extracts
 the 4x4 grid kept; each pooling is that h average-pooled as the hook pools it (2: 2x2 cells, 1:
 the mean token; 8x8, 4x4 and none are all the 4x4 grid itself here). An ADP is trained on each
 (``multi_classifier.py``), its validation accuracy per attribute read from its card, and each is
-used for ``ours`` parity 50/50 at batch 100 on ``--seed``... (``bench/t2i_eval.py --preset fresh``:
-vanilla and guided per prompt, the independent judge). The seeds here (extraction 200000 on,
+used for ``ours`` parity 50/50 at batch 100 on ``--seed``... (the ``fresh`` entry of
+bench/lists/t2i.yml, ``bench/t2i_eval.py --preset fresh``: vanilla and guided per prompt, the
+independent judge). The seeds here (extraction 200000 on,
 guidance 40000 on) are not those of the final figures (0-999, extraction 100000 on).
 Writes ``sweep.md`` and ``sweep.json`` to --out, with the cells of earlier calls kept; every step
 is skipped when its output exists. The U-Net default's row (its shipped ADP, the same seeds) is
-added when ``--work``/eval_unet holds its run: ``python bench/t2i_eval.py --preset fresh --seed 40000
---n 200 --out runs/dit_sweep/eval_unet``.
+added when ``--work``/eval_unet holds its run (the ``unet_fresh`` entry of bench/lists/dit.yml, run
+before the sweep by ``python bench/run.py dit``).
 """
 from __future__ import annotations
 
@@ -93,8 +96,22 @@ def accuracy(adp: Path) -> dict[str, float]:
 
 
 def _mean_or_dash(values: list[float]) -> str:
-    """The mean to 3 places, or - when a value is missing (a cell evaluated before it was recorded)."""
+    """The mean to 3 places, or - when a value is missing (a row of a sweep.json that lacks it)."""
     return "-" if any(v != v for v in values) else f"{sum(values) / len(values):.3f}"
+
+
+def parse_cells(specs: list[str]) -> list[tuple[int, str, str]]:
+    """'5:2:ours-cap1' -> (5, '2', 'ours-cap1'); the guidance part may be left out (config)."""
+    cells = []
+    for spec in specs:
+        block, _, rest = spec.partition(":")
+        pool, _, variant = rest.partition(":")
+        variant = variant or "config"
+        if not block.isdigit() or not pool or variant not in GUIDANCE:
+            raise SystemExit(f"--cells {spec!r}: expected BLOCK:POOL[:GUIDANCE], e.g. 5:2:ours-cap1 "
+                             f"(GUIDANCE one of {sorted(GUIDANCE)})")
+        cells.append((int(block), pool, variant))
+    return cells
 
 
 def main(argv=None) -> int:
@@ -102,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--pools", nargs="+", default=["none", "2", "1"])
     p.add_argument("--guidance", nargs="+", default=["config"], choices=sorted(GUIDANCE))
+    p.add_argument("--cells", nargs="+", metavar="BLOCK:POOL:GUIDANCE",
+                   help="the cells to run instead of the grid --blocks x --pools x --guidance, e.g. 5:2:ours-cap1")
     p.add_argument("--n", type=int, default=1000, help="extracted samples per block (over the five prompts)")
     p.add_argument("--n_eval", type=int, default=200, help="guided images per prompt")
     p.add_argument("--seed", type=int, default=40000, help="first guidance seed")
@@ -109,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/dit_sweep")
     p.add_argument("--out", default="docs/results_dit")
     args = p.parse_args(argv)
+    cells = parse_cells(args.cells) if args.cells else [
+        (b, pool, g) for b in args.blocks for pool in args.pools for g in args.guidance]
     work, out = REPO_ROOT / args.work, REPO_ROOT / args.out
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,9 +137,8 @@ def main(argv=None) -> int:
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     done = out / "sweep.json"
     rows = [r for r in (json.loads(done.read_text()) if done.exists() else [])
-            if not (r["block"] in args.blocks and r["pool"] in args.pools and r.get("guidance", "config")
-                    in args.guidance)]
-    for block in args.blocks:
+            if (r["block"], r["pool"], r.get("guidance", "config")) not in cells]
+    for block, pool, variant in cells:
         h_full = work / f"h_b{block}"
         full_cfg = cell_config(base, block, "none", work / f"adp_b{block}_pnone", work)
         if not (h_full / "done").exists():
@@ -126,34 +146,31 @@ def main(argv=None) -> int:
                  str(args.extract_seed), "--prompts", str(work / "prompts.txt"), "--bs_test", "100",
                  "--savepath", str(h_full)], work / f"extract_b{block}.log")
             (h_full / "done").write_text("")
-        for pool in args.pools:
-            adp = work / f"adp_b{block}_p{pool}"
-            cfg_path = cell_config(base, block, pool, adp, work)
-            data = h_full
-            if pool != "none":
-                data = work / f"h_b{block}_p{pool}"
-                if not (data / "meta.json").exists():
-                    pooled_copy(h_full, data, int(pool))
-            if not (adp / "config.json").exists():
-                run(["multi_classifier.py", "--data", str(data), "--attributes", ATTRIBUTES, "--out", str(adp)],
-                    work / f"adp_b{block}_p{pool}.log")
-            for variant in args.guidance:
-                name = f"b{block}_p{pool}" + ("" if variant == "config" else f"_{variant}")
-                ev = work / f"eval_{name}"
-                if not (ev / "fresh.json").exists():
-                    run(["bench/t2i_eval.py", "--config", str(cell_config(base, block, pool, adp, work, variant)),
-                         "--preset", "fresh", "--seed", str(args.seed), "--n", str(args.n_eval), "--out", str(ev)],
-                        work / f"eval_{name}.log")
-                reports = json.loads((ev / "fresh.json").read_text())
-                guided = [r for r in reports if r["spec"]["mode"] != "vanilla"]
-                vanilla = {r["prompt"]: r for r in reports if r["spec"]["mode"] == "vanilla"}
-                rows.append({"block": block, "pool": pool, "guidance": variant, "accuracy": accuracy(adp),
-                             "parity_fd": {r["prompt"]: r["attributes"]["parity"]["fd"] for r in guided},
-                             "confident": {r["prompt"]: r["confident_share"] for r in guided},
-                             "confident_vanilla": {q: r["confident_share"] for q, r in vanilla.items()},
-                             "frechet": {r["prompt"]: r["frechet"] for r in guided},
-                             "frechet_vanilla": {q: r["frechet"] for q, r in vanilla.items()}})
-                print(json.dumps(rows[-1]), flush=True)
+        adp = work / f"adp_b{block}_p{pool}"
+        data = h_full
+        if pool != "none":
+            data = work / f"h_b{block}_p{pool}"
+            if not (data / "meta.json").exists():
+                pooled_copy(h_full, data, int(pool))
+        if not (adp / "config.json").exists():
+            run(["multi_classifier.py", "--data", str(data), "--attributes", ATTRIBUTES, "--out", str(adp)],
+                work / f"adp_b{block}_p{pool}.log")
+        name = f"b{block}_p{pool}" + ("" if variant == "config" else f"_{variant}")
+        ev = work / f"eval_{name}"
+        if not (ev / "fresh.json").exists():
+            run(["bench/t2i_eval.py", "--config", str(cell_config(base, block, pool, adp, work, variant)),
+                 "--preset", "fresh", "--seed", str(args.seed), "--n", str(args.n_eval), "--out", str(ev)],
+                work / f"eval_{name}.log")
+        reports = json.loads((ev / "fresh.json").read_text())
+        guided = [r for r in reports if r["spec"]["mode"] != "vanilla"]
+        vanilla = {r["prompt"]: r for r in reports if r["spec"]["mode"] == "vanilla"}
+        rows.append({"block": block, "pool": pool, "guidance": variant, "accuracy": accuracy(adp),
+                     "parity_fd": {r["prompt"]: r["attributes"]["parity"]["fd"] for r in guided},
+                     "confident": {r["prompt"]: r["confident_share"] for r in guided},
+                     "confident_vanilla": {q: r["confident_share"] for q, r in vanilla.items()},
+                     "frechet": {r["prompt"]: r["frechet"] for r in guided},
+                     "frechet_vanilla": {q: r["frechet"] for q, r in vanilla.items()}})
+        print(json.dumps(rows[-1]), flush=True)
     rows.sort(key=lambda r: (r["block"], ["none", "2", "1"].index(r["pool"]) if r["pool"] in ("none", "2", "1") else 9,
                              list(GUIDANCE).index(r.get("guidance", "config"))))
     lines = [f"h block / pooling sweep of {CONFIG}: ADP from {args.n} samples (seeds {args.extract_seed}+), "
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
         vanilla = {r["prompt"]: r for r in reports if r["spec"]["mode"] == "vanilla"}
         acc = accuracy(REPO_ROOT / UNET_ADP)
         fds = [guided[q]["attributes"]["parity"]["fd"] for q in BIASED]
-        lines.append(f"| U-Net default: mid_block (64x4x4; its ADP from 2,500 samples) | none | config | "
+        lines.append("| U-Net default: mid_block (64x4x4; its ADP from 2,500 samples) | none | config | "
                      + " / ".join(f"{acc[a]:.3f}" for a in ATTRIBUTES.split(",")) + " | "
                      + " / ".join(f"{v:.3f}" for v in fds) + f" | {sum(fds) / 3:.3f} | "
                      f"{sum(guided[q]['confident_share'] for q in BIASED) / 3:.3f} "

@@ -1,19 +1,19 @@
-"""Judge-measured comparison of sampling modes on the embedded default (same seeds for all runs).
+"""Judge-measured comparison of sampling modes on an unconditional config (benchmark kind ``guidance``).
 
-    python bench/guidance_eval.py --preset acceptance --n 1000 --bs 100     # the issue's figures
-    python bench/guidance_eval.py --preset preservation --n 1000 --seed 5000   # drift (seeds 5000-5999)
-    python bench/guidance_eval.py --preset sweep --n 500                     # scale / step grid
-    python bench/guidance_eval.py --preset speed --n 200                     # guided / vanilla time
-    python bench/guidance_eval.py --preset balance --n 1000                  # batch 4, joint target
-    torchrun --nproc_per_node 2 bench/guidance_eval.py --preset distributed --images 1000 --bs 50
+    python bench/run.py guidance --only acceptance            # docs/results_acceptance (bench/lists/guidance.yml)
+    python bench/guidance_eval.py --preset acceptance --n 100 --out runs/acc   # one entry, sizes overridden
 
-Prints a Markdown table (FD per attribute with bootstrap CI, raw and corrected for the judge's
-confusion, joint FD, feature-space Frechet distance to held-out real digits,
-confident-recognition share, seconds) and writes it, with the raw numbers as JSON, to --out.
+An entry lists run specs (vanilla, distribution- or sample-guided; their keys: bench/runlist.py)
+sampled on the same seeds. The table (FD per attribute with bootstrap CI, raw and corrected for
+the judge's confusion, joint FD, drift of what was not targeted, feature-space Frechet distance
+to held-out real digits, confident-recognition share, seconds per image) goes to the entry's
+output, every number to the .json beside it. Under torchrun the ranks split each batch's seeds
+and the judge runs on rank 0.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,94 +21,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.runlist import RUN_KEYS, guidance_overrides
+from utils.app.cli import guarded
 from utils.app.config import load_config
-from utils.app.runtime import init_distributed, setup_logging
+from utils.app.runtime import process_group, setup_logging
 from utils.evaluation.evaluate import (evaluate_images, fd_cell, fractions_cell, judge_from_config,
                                        real_reference, real_reference_labels)
 from utils.guidance import build_guide, build_plan
-from utils.guidance.settings import parse_guide_steps
 from utils.guidance.targets import joint_classes, parse_fraction_vector
 from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches
-from utils.app.cli import guarded
-
-
-def presets(name: str, cfg: dict, scales=(0.5, 1, 2, 4, 8, 16), max_steps=(0.25, 0.5, 1.0)) -> list[dict]:
-    """Run specs: name, mode, targets {attr: spec}, optional scale / max_step / first_step."""
-    if name == "acceptance":
-        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5", "magnitude": "0.5", "digit": "uniform"},
-                     match={"parity*magnitude": "0.6:0.2:0.1:0.1"}),   # Frechet (matched): the training mix
-                dict(name="dist parity 50/50, paper preset (the original's method)", mode="distribution",
-                     targets={"parity": "0.5"}, preset="paper"),
-                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
-                dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
-                dict(name="dist parity+magnitude 50/50", mode="distribution",
-                     targets={"parity": "0.5", "magnitude": "0.5"}),
-                dict(name="dist digit uniform", mode="distribution", targets={"digit": "uniform"}),
-                dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
-                dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
-    if name == "preservation":     # what the targets leave out: drift from each cell's own mix
-        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
-                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
-                dict(name="dist parity 50/50, no refine", mode="distribution", targets={"parity": "0.5"},
-                     refine=False),
-                dict(name="dist parity 50/50, paper preset", mode="distribution", targets={"parity": "0.5"},
-                     preset="paper"),
-                dict(name="dist parity 20/80 (even/odd)", mode="distribution", targets={"parity": "0.8"}),
-                dict(name="dist magnitude 50/50", mode="distribution", targets={"magnitude": "0.5"})]
-    if name == "sweep":
-        runs = [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"})]
-        for ms in max_steps:
-            for sc in scales:
-                runs.append(dict(name=f"dist s={sc} max={ms}", mode="distribution",
-                                 targets={"parity": "0.5"}, scale=sc, max_step=ms))
-        return runs
-    if name == "sample":
-        return [dict(name="sample parity=odd", mode="sample", targets={"parity": "1"}),
-                dict(name="sample parity=even", mode="sample", targets={"parity": "0"})]
-    if name == "balance":      # beyond the paper: small batches, joint targets (issue #6)
-        return [dict(name="dist parity 50/50, batch 4, paper preset", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, preset="paper"),
-                dict(name="dist parity 50/50, batch 4, ours (quota, per batch)", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, estimator="quota", running=False),
-                dict(name="dist parity 50/50, batch 4, ours (quota + running balance)", mode="distribution",
-                     targets={"parity": "0.5"}, bs=4, estimator="quota", running=True),
-                dict(name="dist parity+magnitude 50/50 (marginals)", mode="distribution",
-                     targets={"parity": "0.5", "magnitude": "0.5"}),
-                dict(name="dist parity*magnitude uniform (joint)", mode="distribution",
-                     targets={"parity*magnitude": "uniform"})]
-    if name == "distributed":  # run under torchrun; compare with 1 process x 100 (preset speed)
-        return [dict(name="dist parity 50/50, global batch all-reduced", mode="distribution",
-                     targets={"parity": "0.5"}),
-                dict(name="dist parity 50/50, each rank on its own (no all-reduce)", mode="distribution",
-                     targets={"parity": "0.5"}, local=True)]
-    if name == "speed":
-        return [dict(name="vanilla", mode="vanilla", eval={"parity": "0.5"}),
-                dict(name="dist parity 50/50, paper preset", mode="distribution",
-                     targets={"parity": "0.5"}, preset="paper"),
-                dict(name="dist parity 50/50", mode="distribution", targets={"parity": "0.5"}),
-                dict(name="vanilla (again)", mode="vanilla", eval={"parity": "0.5"})]
-    raise ValueError(f"unknown preset {name!r}")
-
-
-#: run-spec keys -> guidance settings (utils/guidance/settings.py)
-SETTING_KEYS = {"preset": "preset", "estimator": "estimator", "running": "running_balance",
-                "refine": "refine", "within": "refine_within", "check": "check", "max_step": "max_step",
-                "temperature": "temperature", "retries": "sample_retries", "boost": "retry_boost",
-                "cfg_edit": "cfg_edit", "cfg_estimate": "cfg_estimate"}      # the last two: text-to-image
-RUN_KEYS = {"name", "mode", "targets", "eval", "match", "scale", "guide_steps", "bs", "local"} | set(SETTING_KEYS)
 
 
 def make_plan(run: dict, cfg: dict, adp, prompt: str | None = None):
-    """The run spec's guidance plan: the config's settings with the spec's overrides (a
-    text-to-image ``prompt``: refined within that prompt's class fractions)."""
+    """The run spec's guidance plan: the config's settings with the spec's ``guidance:`` over them
+    (a text-to-image ``prompt``: refined within that prompt's class fractions)."""
     unknown = sorted(set(run) - RUN_KEYS)
     if unknown:
         raise ValueError(f"run {run.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(RUN_KEYS)}")
-    over = {v: run.get(k) for k, v in SETTING_KEYS.items()}
-    if run.get("guide_steps"):
-        over.update(parse_guide_steps(run["guide_steps"]))
-    return build_plan(cfg, run["mode"], run["targets"], adp.attributes, over,
-                      None if "scale" not in run else str(run["scale"]), adp.priors(prompt))
+    return build_plan(cfg, run["mode"], run["targets"], adp.attributes, run.get("guidance"), None,
+                      adp.priors(prompt))
 
 
 def run_one(pipe, adp, cfg, run, seeds, bs, judge, real, asymmetric=False, rank=0, world=1,
@@ -210,76 +141,84 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def wall_ratio_lines(reports: list[dict], ratios: list[dict]) -> list[str]:
+    """'LABEL: mean wall time of the runs ``over`` / that of the runs ``under``' per ratio."""
+    wall = {r["name"]: r["wall_s"] for r in reports}
+    lines = []
+    for spec in ratios:
+        missing = [n for n in spec["over"] + spec["under"] if n not in wall]
+        if missing:
+            raise ValueError(f"wall_ratios {spec['label']!r}: no run named {missing}; runs: {list(wall)}")
+        over, under = ([wall[n] for n in spec[k]] for k in ("over", "under"))
+        ratio = (sum(over) / len(over)) / (sum(under) / len(under))
+        walls = ", ".join(f"{n} {wall[n]} s" for n in spec["over"] + spec["under"])
+        lines.append(f"{spec['label']}: {ratio:.3f} ({walls})")
+    return lines
+
+
+def run_entry(entry, ctx) -> None:
+    """Sample and judge every run of a ``guidance`` entry; write its table and JSON (rank 0)."""
+    cfg = load_config(entry["config"])
+    with process_group(ctx.device) as (rank, world, device):
+        pipe = load_pipeline(cfg, device)
+        adp = load_adp_for(pipe, entry["adp"] or cfg["adp"])
+        judge, real, real_labels = judge_from_config(cfg), real_reference(cfg), real_reference_labels(cfg)
+        labeller = None
+        if cfg.get("labeller"):              # loaded once, shared by the runs that check their images
+            from models.labellers import load_labeller
+            labeller = load_labeller(cfg["labeller"])
+        seeds = list(range(entry["seed"], entry["seed"] + entry["n"]))
+        reports, vanilla_probs = [], None
+        for run in entry["runs"]:
+            if run["mode"] != "vanilla":
+                run = dict(run, guidance=guidance_overrides(entry, run))
+            rep = run_one(pipe, adp, cfg, run, seeds, entry["bs"], judge, real, entry["asymmetric"], rank, world,
+                          real_labels, labeller, vanilla_probs)
+            if rep is not None and "_probs" in rep:
+                vanilla_probs = rep.pop("_probs")
+            if rep is not None:
+                reports.append(rep)
+                print(table(reports[-1:]).splitlines()[-1], flush=True)
+    if rank != 0:
+        return
+    out = ctx.out(entry.output)
+    md = (f"{out.stem}: n={entry['n']} (seeds {seeds[0]}-{seeds[-1]}), batch={entry['bs']} per process, "
+          f"processes={world}, device={device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
+    md += "".join(f"\n\n{line}" for line in wall_ratio_lines(reports, entry["wall_ratios"]))
+    out.with_suffix(".json").write_text(json.dumps(reports, indent=1) + "\n")
+    out.write_text(md + "\n")
+    print(md)
+
+
 @guarded
 def main(argv=None) -> int:
+    """One entry of bench/lists/guidance.yml by name, its sizes and paths overridden by flags."""
+    from bench.run import Context, run_entry as run_any
+    from bench.runlist import load_list, list_path
+    entries = {e.name: e for e in load_list("guidance") if e.kind == "guidance"}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/digits16.yml")
-    p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    p.add_argument("--preset", default="acceptance",
-                   choices=["acceptance", "preservation", "sweep", "speed", "sample", "balance", "distributed"])
-    p.add_argument("--n", "--images", dest="n", type=int, default=1000, help="images per run (--images under torchrun)")
-    p.add_argument("--bs", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="first seed (run k of every row uses seed + k)")
+    p.add_argument("--entry", "--preset", dest="preset", default="acceptance", choices=sorted(entries),
+                   help="the entry of bench/lists/guidance.yml (--preset: the same; not a guidance preset)")
+    p.add_argument("--config", help="config (default: the entry's)")
+    p.add_argument("--adp", help="ADP checkpoint (default: the entry's, else the config's adp)")
+    p.add_argument("--n", "--images", dest="n", type=int, help="images per run (default: the entry's)")
+    p.add_argument("--bs", type=int, help="batch size per process (default: the entry's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (image k of every row uses seed + k; default 0, not the entry's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--asymmetric", action="store_true")
-    p.add_argument("--out", default="runs/bench_guidance")
-    p.add_argument("--scales", default="0.5,1,2,4,8,16", help="(sweep) guidance scales")
-    p.add_argument("--max_steps", default="0.25,0.5,1.0", help="(sweep) step caps")
-    p.add_argument("--temperature", type=float, help="override the config's ADP softmax temperature")
-    p.add_argument("--runs", help="JSON list of run specs replacing the preset's, e.g. "
-                   "'[{\"name\": \"q\", \"mode\": \"distribution\", \"targets\": {\"parity\": \"0.5\"}, "
-                   "\"estimator\": \"quota\", \"running\": true}]' (keys: bs, scale, guide_steps, local, and the "
-                   "guidance settings preset, estimator, running, refine, check, max_step, temperature, retries, boost)")
+    p.add_argument("--asymmetric", action="store_true", help="the asymmetric reverse process")
+    p.add_argument("--out", default="runs/bench_guidance", help="folder for <preset>.md and <preset>.json")
     args = p.parse_args(argv)
     setup_logging()
-    cfg = load_config(args.config)
-    rank, world, device = init_distributed(args.device)   # torchrun: one rank per process
-    pipe = load_pipeline(cfg, device)
-    adp = load_adp_for(pipe, args.adp or cfg["adp"])
-    judge, real, real_labels = judge_from_config(cfg), real_reference(cfg), real_reference_labels(cfg)
-    labeller = None
-    if cfg.get("labeller"):              # loaded once, shared by the runs that check their images
-        from models.labellers import load_labeller
-        labeller = load_labeller(cfg["labeller"])
-    seeds = list(range(args.seed, args.seed + args.n))
-    reports = []
-    runs = presets(args.preset, cfg, [float(v) for v in args.scales.split(",")],
-                   [float(v) for v in args.max_steps.split(",")])
-    if args.runs:
-        runs = json.loads(args.runs)
-    vanilla_probs = None
-    for run in runs:
-        run.setdefault("temperature", args.temperature)
-        rep = run_one(pipe, adp, cfg, run, seeds, args.bs, judge, real, args.asymmetric, rank, world,
-                      real_labels, labeller, vanilla_probs)
-        if rep is not None and "_probs" in rep:
-            vanilla_probs = rep.pop("_probs")
-        if rep is not None:
-            reports.append(rep)
-            print(table(reports[-1:]).splitlines()[-1], flush=True)
-    if rank != 0:
-        torch.distributed.destroy_process_group()
-        return 0
-    md = (f"{args.preset}: n={args.n} (seeds {seeds[0]}-{seeds[-1]}), batch={args.bs} per process, processes={world}, device={device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}\n\n" + table(reports))
-    if args.preset == "speed" and not args.runs:
-        van = [r["wall_s"] for r in reports if r["spec"]["mode"] == "vanilla"]
-        guided = [r["wall_s"] for r in reports if r["spec"]["mode"] != "vanilla"][0]
-        md += f"\n\nguided / vanilla wall time: {guided / (sum(van) / len(van)):.3f} (vanilla runs: {van})"
-    if args.preset == "balance" and not args.runs:
-        wall = {r["name"]: r["wall_s"] for r in reports}
-        md += ("\n\nrunning balance / per batch (quota, batch 4), wall time: "
-               f"{wall[runs[2]['name']] / wall[runs[1]['name']]:.3f}")
-    if args.preset == "distributed" and not args.runs:
-        md += (f"\n\nall-reduced / per-rank guidance wall time ({world} processes): "
-               f"{reports[0]['wall_s'] / reports[1]['wall_s']:.3f}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.preset}.md").write_text(md + "\n")
-    (out / f"{args.preset}.json").write_text(json.dumps(reports, indent=1) + "\n")
-    print(md)
+    over = {k: v for k, v in (("config", args.config), ("adp", args.adp), ("n", args.n), ("bs", args.bs),
+                              ("seed", args.seed)) if v is not None}
+    if args.asymmetric:
+        over["asymmetric"] = True
+    over["processes"] = 1              # under torchrun the processes are this command's own
+    out = Path(args.out).resolve() / f"{args.preset}.md"       # the flag's folder, not the list's path
+    entry = dataclasses.replace(entries[args.preset].with_fields(over), output=str(out))
+    run_any(entry, Context(list_path("guidance"), args.device))
     return 0
 
 

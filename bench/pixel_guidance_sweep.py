@@ -7,7 +7,8 @@ rejection sampling with the judge, against vanilla on the same seeds.
 Distribution guidance of one attribute to --fractions (chi2, scaled by the batch size);
 prints a Markdown row per run (judge fractions, FD with bootstrap CI, Frechet to held-out real
 digits in judge features, confident share, s/img and its ratio to vanilla) and writes the
-table and the raw reports to --out.
+table and the raw reports to --out as <name>.md and <name>.json (benchmark kind ``pixel_sweep``,
+bench/lists/guidance.yml).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--rejection", action="store_true", help="also run rejection sampling with the judge")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/pixel_guidance_sweep")
+    p.add_argument("--name", default="sweep", help="file stem of the table and the JSON in --out")
     args = p.parse_args(argv)
     setup_logging()
     cfg, device = load_config(args.config), pick_device(args.device)
@@ -103,9 +105,9 @@ def main(argv=None) -> int:
           + head + "\n" + "\n".join(row(r, args.attr, van_s) for r in reports))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(md + "\n")
-    (out / "sweep.json").write_text(json.dumps({"command": "python bench/pixel_guidance_sweep.py " + " ".join(
+    (out / f"{args.name}.json").write_text(json.dumps({"command": "python bench/pixel_guidance_sweep.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "reports": reports}, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text(md + "\n")
     print(md)
     return 0
 

@@ -1,20 +1,18 @@
-"""Judge-measured debiasing of the text-conditional default, per prompt (same seeds for every run).
+"""Judge-measured debiasing of a text-conditional config, per prompt (benchmark kinds ``t2i`` and
+``t2i_speed``; the same seeds for every run).
 
-    python bench/t2i_eval.py --preset vanilla --n 1000        # the bias per prompt at CFG 3 and 7.5
-    python bench/t2i_eval.py --preset vanilla --cfg 1 2 3     # ... at other scales
-    python bench/t2i_eval.py --preset acceptance --n 1000     # parity 50/50 (batch 100 / 8), 20/80, digit
-    python bench/t2i_eval.py --preset rows --n 1000           # edit on the conditional rows only; paper preset
-    python bench/t2i_eval.py --preset compare --n 200         # CFG rows (cond / both) and CFG 3 / 7.5, paper
-    python bench/t2i_eval.py --preset fresh --seed 20000      # the default on unseen seeds
-    python bench/t2i_eval.py --preset speed --n 400           # guided / vanilla wall time, alternating batches
-    python bench/t2i_eval.py --preset cfg --n 1000            # vanilla and ours at CFG 1.5, 3, 5, 7.5, 10
+    python bench/run.py t2i --only acceptance                 # docs/results_t2i/acceptance.md
+    python bench/t2i_eval.py --preset vanilla --cfg 1 2 3 --out runs/t2i   # one entry of bench/lists/t2i.yml
 
-The model is ``configs/digits16_t2i.yml`` (``pretrained/digits16_t2i``, a stock diffusers
-pipeline folder) with its ADP; the judge is the independent digits judge. For each prompt the
+The model is the entry's config (``configs/digits16_t2i.yml``: ``pretrained/digits16_t2i``, a
+stock diffusers pipeline folder) with its ADP; the judge is the config's. For each prompt the
 Frechet distance (judge features) is to the held-out real digits the prompt allows (a small
 digit: 0-4), and ``in prompt`` is the share of images the judge reads as one of those digits.
-Rows: the vanilla run of a prompt at the row's CFG scale is the reference of its drift column.
-Writes ``<preset>.md`` (the table) and ``<preset>.json`` (every number) to --out.
+Each run samples at its CFG scale (``cfg:``, else the entry's); with ``cfg_scales:`` the entry's
+runs repeat at each scale (``{cfg}`` in a name is the scale). The vanilla run of a prompt at a
+run's CFG scale is the reference of its drift column; its judgement is cached (``cache:``) under
+the model's hash, the prompt, the scale and the seeds, and reused by later entries.
+Writes the table to the entry's output and every number to the .json beside it.
 """
 from __future__ import annotations
 
@@ -27,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.guidance_eval import run_one
+from bench.guidance_eval import make_plan, run_one
+from bench.runlist import guidance_overrides, load_list
 from models.digits_t2i import parse_prompts
-from models.files import load_tensors
+from models.files import load_tensors, resolve_path
 from utils.app.cli import guarded
 from utils.app.config import load_config
 from utils.app.runtime import pick_device, setup_logging
@@ -38,50 +37,42 @@ from utils.evaluation.evaluate import (fd_cell, fractions_cell, judge_from_confi
 from utils.sampling.pipeline import load_adp_for, plan_batches, sample_batches
 from utils.sampling.text2image import load_t2i
 
-VANILLA_SCALES = (3.0, 7.5)                                # --preset vanilla unless --cfg
-CFG_SCALES = (1.5, 3.0, 5.0, 7.5, 10.0)                    # --preset cfg unless --cfg
-BIASED = ["a digit", "a small digit", "a large digit"]      # the order of every table
-GENERIC = ["a handwritten digit", "a number"]    # "a digit"'s distribution
-
 
 def digit_target(digits: list[int]) -> str:
     """Uniform over the prompt's digits (a zero share elsewhere), as a --target value."""
     return ":".join(f"{1 / len(digits):.6g}" if d in digits else "0" for d in range(10))
 
 
-def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, ...] = VANILLA_SCALES) -> list[dict]:
-    """Run specs (bench.guidance_eval keys) plus ``cfg`` (the CFG scale) for one prompt; ``scales``
-    are the vanilla preset's CFG scales."""
-    van = dict(mode="vanilla", eval={"parity": "0.5", "digit": digit_target(digits)})
-    if preset == "vanilla":
-        return [dict(van, name=f"vanilla, CFG {w:g}", cfg=float(w)) for w in scales]
-    par = dict(mode="distribution", targets={"parity": "0.5"}, cfg=3.0)
-    if preset == "cfg":           # balance at every CFG scale: vanilla and ours per scale
-        return [run for w in scales for run in (dict(van, name=f"vanilla, CFG {w:g}", cfg=float(w)),
-                                                 dict(par, name=f"ours parity 50/50, CFG {w:g}", cfg=float(w)))]
-    if preset == "acceptance":
-        return [dict(van, name="vanilla, CFG 3", cfg=3.0),
-                dict(par, name="ours parity 50/50, batch 100"),
-                dict(par, name="ours parity 50/50, batch 8, running balance", bs=8, running=True),
-                dict(par, name="ours parity 20/80 (even/odd)", targets={"parity": "0.8"}),
-                dict(par, name="ours digit uniform over the prompt's digits",
-                     targets={"digit": digit_target(digits)})]
-    if preset == "fresh":         # the default on seeds no choice was made on (--seed 20000)
-        return [dict(van, name="vanilla, CFG 3", cfg=3.0), dict(par, name="ours parity 50/50, batch 100")]
-    if preset == "rows":          # the CFG-row choice and the paper preset at the acceptance's size
-        return [dict(van, name="vanilla, CFG 3", cfg=3.0),
-                dict(par, name="ours, CFG 3, estimate cond, edit cond", cfg_edit="cond"),
-                dict(par, name="paper preset, CFG 3 (both halves, KL, tau 8)", preset="paper")]
-    if preset == "compare":
-        return [dict(van, name="vanilla, CFG 3", cfg=3.0),
-                dict(par, name="ours, CFG 3, estimate cond, edit both (default)"),
-                dict(par, name="ours, CFG 3, estimate cond, edit cond", cfg_edit="cond"),
-                dict(par, name="ours, CFG 3, estimate both, edit both", cfg_estimate="both"),
-                dict(par, name="paper preset, CFG 3 (both halves, KL, tau 8)", preset="paper"),
-                dict(van, name="vanilla, CFG 7.5", cfg=7.5),
-                dict(par, name="ours, CFG 7.5 (default rows)", cfg=7.5),
-                dict(par, name="paper preset, CFG 7.5", cfg=7.5, preset="paper")]
-    raise ValueError(f"unknown preset {preset!r}")
+def _for_prompt(spec: dict, digits: list[int]) -> dict:
+    """Targets with ``prompt`` (the digit attribute: uniform over the prompt's digits) filled in."""
+    out = {}
+    for a, v in spec.items():
+        if v == "prompt" and a != "digit":
+            raise ValueError(f"target {a}: prompt: only the digit attribute can be 'uniform over the prompt's digits'")
+        out[a] = digit_target(digits) if v == "prompt" else v
+    return out
+
+
+def expand_runs(runs: list[dict], cfg: float, scales: list[float] | None, digits: list[int]) -> list[dict]:
+    """The concrete runs for one prompt: each with its CFG scale, once per scale of ``scales``
+    ('{cfg}' in a name: the scale as %g), the prompt's digit targets filled in."""
+    out = []
+    for w in (scales or [None]):
+        for run in runs:
+            r = dict(run, cfg=float(w if w is not None else run.get("cfg", cfg)))
+            r["name"] = run["name"].replace("{cfg}", f"{r['cfg']:g}")
+            for key in ("targets", "eval"):
+                if key in r:
+                    r[key] = _for_prompt(r[key], digits)
+            out.append(r)
+    return out
+
+
+def runs_for(preset: str, prompt: str, digits: list[int], scales: tuple[float, ...] | None = None) -> list[dict]:
+    """The runs of entry ``preset`` of bench/lists/t2i.yml for one prompt; ``scales`` replace the
+    entry's ``cfg_scales``."""
+    entry = next(e for e in load_list("t2i") if e.name == preset)
+    return expand_runs(entry["runs"], entry["cfg"], list(scales) if scales else entry["cfg_scales"], digits)
 
 
 def evaluate_run(pipe, adp, cfg, run, seeds, bs, judge, real, real_labels, labeller, digits, vanilla_probs):
@@ -117,13 +108,12 @@ def table(reports: list[dict], record: dict) -> str:
     return "\n".join(lines)
 
 
-def speed(pipe, adp, cfg, prompt: str, n: int, bs: int, labeller) -> dict:
+def speed(pipe, adp, cfg, prompt: str, n: int, bs: int, labeller, targets: dict, settings: dict) -> dict:
     """guided / vanilla wall time in one process: vanilla and guided batches alternate (the same
     seeds), after a warm-up pair; medians of seconds per batch."""
     from utils.guidance import build_guide
-    from bench.guidance_eval import make_plan
     pipe = pipe.with_prompt(prompt)
-    plan = make_plan(dict(name="ours", mode="distribution", targets={"parity": "0.5"}), cfg, adp, prompt)
+    plan = make_plan(dict(name="ours", mode="distribution", targets=targets, guidance=settings), cfg, adp, prompt)
     guide = build_guide(cfg, plan, adp, pipe.betas, labeller=labeller)
     times = {"vanilla": [], "guided": []}
     for k, b in enumerate([list(range(bs))] + plan_batches(list(range(n)), bs)):
@@ -138,77 +128,65 @@ def speed(pipe, adp, cfg, prompt: str, n: int, bs: int, labeller) -> dict:
             "median_s": med, "ratio": med["guided"] / med["vanilla"], "settings": plan.to_dict()}
 
 
-@guarded
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/digits16_t2i.yml")
-    p.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    p.add_argument("--preset", default="acceptance", choices=["vanilla", "acceptance", "rows", "compare", "fresh", "speed", "cfg"])
-    p.add_argument("--prompts", help="prompts separated by '|' (default: the three biased ones; "
-                   "--preset vanilla: all five)")
-    p.add_argument("--n", type=int, default=1000, help="images per run and prompt")
-    p.add_argument("--cfg", type=float, nargs="+",
-                   help="--preset vanilla and cfg only: the CFG scales (default 3 7.5, cfg: 1.5 3 5 7.5 10; "
-                        "1 is the conditional branch alone)")
-    p.add_argument("--bs", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="first seed (image k of every row uses seed + k)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="docs/results_t2i")
-    p.add_argument("--cache", default="runs/t2i_vanilla_cache",
-                   help="the vanilla rows' judgements, reused by later presets on the same model, prompt, "
-                        "CFG and seeds")
-    args = p.parse_args(argv)
-    if args.cfg and args.preset not in ("vanilla", "cfg"):
-        p.error(f"--cfg sets the vanilla and cfg presets' scales; --preset {args.preset} has its own (drop --cfg)")
-    setup_logging()
-    cfg = load_config(args.config)
-    pipe = load_t2i(cfg, pick_device(args.device))
-    prompts = args.prompts.split("|") if args.prompts else (BIASED + GENERIC if args.preset == "vanilla" else BIASED)
+def _setup(entry, ctx, guided: bool):
+    """(config, pipeline, prompts with their digits, ADP, labeller) of a t2i entry."""
+    cfg = load_config(entry["config"])
+    pipe = load_t2i(cfg, pick_device(ctx.device))
     allowed = {p.text: list(p.digits) for p in parse_prompts(cfg.get("prompts") or {})}
-    unknown = [q for q in prompts if q not in allowed]
+    unknown = [q for q in entry["prompts"] if q not in allowed]
     if unknown:
-        raise ValueError(f"prompt(s) {unknown} are not in {args.config}'s prompts: {sorted(allowed)}")
-    record_path = Path(pipe.model_id["checkpoint"]) / "record.json"
-    from models.files import resolve_path
-    record = json.loads(resolve_path(record_path).read_text()).get("prompts", {})
-    adp = None if args.preset == "vanilla" else load_adp_for(pipe, args.adp or cfg["adp"], check_grid=False)
+        raise ValueError(f"{entry.where}: prompt(s) {unknown} are not in {entry['config']}'s prompts: {sorted(allowed)}")
+    adp = load_adp_for(pipe, entry["adp"] or cfg["adp"], check_grid=False) if guided else None
     labeller = None
-    if cfg.get("labeller") and args.preset != "vanilla":
+    if cfg.get("labeller") and guided:
         from models.labellers import load_labeller
         labeller = load_labeller(cfg["labeller"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.preset == "speed":
-        rows = [speed(pipe, adp, cfg, q, args.n, args.bs, labeller) for q in prompts]
-        md = (f"speed: {args.n} images per prompt, batch {args.bs}, vanilla and guided (ours, parity 50/50) "
-              f"batches alternating, device {pipe.device}, torch threads {torch.get_num_threads()}\n\n"
-              "| prompt | vanilla s/batch (median) | guided s/batch (median) | guided / vanilla |\n|---|---|---|---|\n"
-              + "\n".join(f"| {r['prompt']} | {r['median_s']['vanilla']:.2f} | {r['median_s']['guided']:.2f} | "
-                          f"{r['ratio']:.3f} |" for r in rows))
-        (out / "speed.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "speed.md").write_text(md + "\n")
-        print(md)
-        return 0
+    return cfg, pipe, allowed, adp, labeller
+
+
+def run_speed_entry(entry, ctx) -> None:
+    """Kind t2i_speed: the wall-time ratio per prompt; writes the table and the JSON beside it."""
+    cfg, pipe, _, adp, labeller = _setup(entry, ctx, guided=True)
+    rows = [speed(pipe, adp, cfg, q, entry["n"], entry["bs"], labeller, entry["targets"], entry["guidance"])
+            for q in entry["prompts"]]
+    md = (f"speed: {entry['n']} images per prompt, batch {entry['bs']}, vanilla and guided (ours, parity 50/50) "
+          f"batches alternating, device {pipe.device}, torch threads {torch.get_num_threads()}\n\n"
+          "| prompt | vanilla s/batch (median) | guided s/batch (median) | guided / vanilla |\n|---|---|---|---|\n"
+          + "\n".join(f"| {r['prompt']} | {r['median_s']['vanilla']:.2f} | {r['median_s']['guided']:.2f} | "
+                      f"{r['ratio']:.3f} |" for r in rows))
+    out = ctx.out(entry.output)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    out.write_text(md + "\n")
+    print(md)
+
+
+def run_entry(entry, ctx) -> None:
+    """Kind t2i: every run for every prompt; writes the table and the JSON beside it."""
+    guided = any(r["mode"] != "vanilla" for r in entry["runs"])
+    cfg, pipe, allowed, adp, labeller = _setup(entry, ctx, guided)
+    record = json.loads(resolve_path(Path(pipe.model_id["checkpoint"]) / "record.json").read_text()).get("prompts", {})
     judge = judge_from_config(cfg)
     real_all, labels_all = real_reference(cfg), real_reference_labels(cfg)
-    seeds = list(range(args.seed, args.seed + args.n))
+    seeds = list(range(entry["seed"], entry["seed"] + entry["n"]))
+    cache_dir = resolve_path(entry["cache"])     # shared: keyed by model, prompt, CFG and seeds
     reports = []
-    for q in prompts:
+    for q in entry["prompts"]:
         keep = np.isin(labels_all["digit"], allowed[q])
         real = real_all[torch.from_numpy(keep)]
         labels = {a: v[keep] for a, v in labels_all.items()}
         qpipe = pipe.with_prompt(q)
         vanilla = {}                       # CFG scale -> (judge probs, Frechet) of its vanilla row
-        scales = tuple(args.cfg or (CFG_SCALES if args.preset == "cfg" else VANILLA_SCALES))
-        for run in runs_for(args.preset, q, allowed[q], scales):
+        for run in expand_runs(entry["runs"], entry["cfg"], entry["cfg_scales"], allowed[q]):
+            if run["mode"] != "vanilla":
+                run = dict(run, guidance=guidance_overrides(entry, run))
             ref = vanilla.get(run["cfg"], (None, None))
-            cache = Path(args.cache) / (f"{pipe.model_id['checkpoint_sha256'][:12]}_{q.replace(' ', '_')}_"
-                                        f"cfg{run['cfg']:g}_{seeds[0]}-{seeds[-1]}.pt")     # model, prompt, CFG, seeds
+            cache = cache_dir / (f"{pipe.model_id['checkpoint_sha256'][:12]}_{q.replace(' ', '_')}_"
+                                 f"cfg{run['cfg']:g}_{seeds[0]}-{seeds[-1]}.pt")     # model, prompt, CFG, seeds
             if run["mode"] == "vanilla" and cache.exists():      # the same images: judged once
                 got = load_tensors(cache, "a vanilla run's cached judgement", ValueError)
                 rep, probs = got["report"], got["probs"]
             else:
-                rep = evaluate_run(qpipe, adp, cfg, run, seeds, args.bs, judge, real, labels, labeller,
+                rep = evaluate_run(qpipe, adp, cfg, run, seeds, entry["bs"], judge, real, labels, labeller,
                                    allowed[q], ref[0])
                 probs = rep.pop("_probs", None)
                 if run["mode"] == "vanilla":
@@ -220,11 +198,53 @@ def main(argv=None) -> int:
             print(table([rep], record).splitlines()[-1], flush=True)
             if run["mode"] == "vanilla":
                 vanilla[run["cfg"]] = (probs, rep["frechet"])
-    md = (f"{args.preset}: n={args.n} per prompt and run (seeds {seeds[0]}-{seeds[-1]}), batch {args.bs} "
+    out = ctx.out(entry.output)
+    md = (f"{out.stem}: n={entry['n']} per prompt and run (seeds {seeds[0]}-{seeds[-1]}), batch {entry['bs']} "
           f"unless the run says, device {pipe.device}, judge {cfg['judge']}\n\n" + table(reports, record))
-    (out / f"{args.preset}.md").write_text(md + "\n")
-    (out / f"{args.preset}.json").write_text(json.dumps(reports, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(reports, indent=1) + "\n")
+    out.write_text(md + "\n")
     print(md)
+
+
+@guarded
+def main(argv=None) -> int:
+    """One entry of bench/lists/t2i.yml by name, its sizes and paths overridden by flags."""
+    from bench.run import Context, run_entry as run_any
+    from bench.runlist import list_path
+    entries = {e.name: e for e in load_list("t2i") if e.kind in ("t2i", "t2i_speed")}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entry", "--preset", dest="preset", default="acceptance", choices=sorted(entries),
+                   help="the entry of bench/lists/t2i.yml (--preset: the same; not a guidance preset)")
+    p.add_argument("--config", help="config (default: the entry's)")
+    p.add_argument("--adp", help="ADP checkpoint (default: the entry's, else the config's adp)")
+    p.add_argument("--prompts", help="prompts separated by '|' (default: the entry's)")
+    p.add_argument("--n", type=int, help="images per run and prompt (default: the entry's)")
+    p.add_argument("--cfg", type=float, nargs="+",
+                   help="the CFG scales of an entry that repeats its runs per scale (vanilla, cfg); "
+                        "1 is the conditional branch alone")
+    p.add_argument("--bs", type=int, help="batch size (default: the entry's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (image k of every row uses seed + k; default 0, not the entry's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for <preset>.md and <preset>.json (default: the entry's output)")
+    p.add_argument("--cache", help="folder of the vanilla rows' judgements (default: the entry's)")
+    args = p.parse_args(argv)
+    entry = entries[args.preset]
+    if args.cfg and not entry.get("cfg_scales"):
+        scaled = sorted(n for n, e in entries.items() if e.get("cfg_scales"))
+        p.error(f"--cfg sets the CFG scales of the entries that repeat their runs per scale ({scaled}); "
+                f"--preset {args.preset} has its own (drop --cfg)")
+    setup_logging()
+    over = {k: v for k, v in (("config", args.config), ("adp", args.adp), ("n", args.n), ("bs", args.bs),
+                              ("seed", args.seed), ("cfg_scales", args.cfg)) if v is not None}
+    if args.prompts:
+        over["prompts"] = args.prompts.split("|")
+    if args.cache:
+        over["cache"] = str(Path(args.cache).resolve())
+    entry = entry.with_fields(over)
+    if args.out:
+        entry = dataclasses.replace(entry, output=str(Path(args.out).resolve() / f"{args.preset}.md"))
+    run_any(entry, Context(list_path("t2i"), args.device))
     return 0
 
 

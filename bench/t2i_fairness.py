@@ -174,7 +174,7 @@ def generate(method: str, pipe, seeds: list[int], bs: int, cfg: dict, adp, targe
         for c, part in enumerate(parts):
             out[c::k] = part
         return out, prompts
-    run = dict(name=method, mode="distribution", targets=target, preset=GUIDED[method])
+    run = dict(name=method, mode="distribution", targets=target, guidance={"preset": GUIDED[method]})
     plan = make_plan(run, cfg, adp, pipe.prompt)
     guide = build_guide(cfg, plan, adp, pipe.betas, labeller=labeller)
     return sample_images(pipe, seeds, bs, guide, desc=method), [pipe.prompt]

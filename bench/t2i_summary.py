@@ -1,8 +1,9 @@
-"""The text-conditional default against its acceptance list, read from the stored benchmark rows
-(bench/t2i_eval.py's JSON files) and the model's training record; prints one markdown table.
+"""A text-conditional config against its acceptance list, read from the stored benchmark rows
+(the JSON files of bench/t2i_eval.py's entries) and the model's training record; one markdown
+table, no sampling (benchmark kind ``t2i_summary``).
 
-    python bench/t2i_summary.py                       # docs/results_t2i/*.json
-    python bench/t2i_summary.py --out docs/results_t2i/summary.md
+    python bench/run.py t2i --only summary            # docs/results_t2i/summary.md
+    python bench/t2i_summary.py --out docs/results_t2i/summary.md        # the same, by flags
 
 Bounds: vanilla even share within 0.05 of the record (CFG 3 and 7.5); parity 50/50 FD <= 0.03
 at batch 100 and <= 0.05 at batch 8 with the running balance; 20/80 FD <= 0.05; under parity
@@ -24,10 +25,19 @@ from utils.app.config import load_config
 HOLDS = ("a small digit", "a large digit")
 
 
-def _rows(folder: Path, preset: str) -> list[dict]:
-    path = folder / f"{preset}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run python bench/t2i_eval.py --preset {preset} first")
+def _find(folders: Path | list[Path], preset: str) -> Path | None:
+    """The first of the folders holding ``<preset>.json``."""
+    for folder in folders if isinstance(folders, list) else [folders]:
+        if (folder / f"{preset}.json").exists():
+            return folder / f"{preset}.json"
+    return None
+
+
+def _rows(folders: Path | list[Path], preset: str) -> list[dict]:
+    path = _find(folders, preset)
+    if path is None:
+        raise FileNotFoundError(f"{preset}.json is missing from {folders}: run its entry first "
+                                f"(python bench/run.py t2i --only {preset})")
     return json.loads(path.read_text())
 
 
@@ -39,8 +49,9 @@ def _ok(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
 
-def summary(folder: Path, record: dict) -> list[tuple[str, str, str, str]]:
-    """(item, figures, bound, met) rows."""
+def summary(folder: Path | list[Path], record: dict) -> list[tuple[str, str, str, str]]:
+    """(item, figures, bound, met) rows from the tables in ``folder`` (or the first of several
+    folders that holds each)."""
     van, acc = _rows(folder, "vanilla"), _rows(folder, "acceptance")
     prompts = list(dict.fromkeys(r["prompt"] for r in van))
     biased = list(dict.fromkeys(r["prompt"] for r in acc))
@@ -82,7 +93,7 @@ def summary(folder: Path, record: dict) -> list[tuple[str, str, str, str]]:
         f"{_pick(acc, q, name)['frechet_matched']:.2f} ({_pick(acc, q, 'vanilla, CFG 3')['frechet']:.2f})"
         for q in biased), "reported", "-"))
     for preset in ("rows", "compare"):
-        if (folder / f"{preset}.json").exists():
+        if _find(folder, preset) is not None:
             rows = _rows(folder, preset)
             n = rows[0]["n"]
             for name in dict.fromkeys(r["name"] for r in rows if r["spec"]["mode"] != "vanilla"):
@@ -91,7 +102,7 @@ def summary(folder: Path, record: dict) -> list[tuple[str, str, str, str]]:
                     f"FD {r['attributes']['parity']['fd']:.3f}, Frechet {r['frechet']:.2f}, confident "
                     f"{r['confident_share']:.3f}, in prompt {r['in_prompt']:.3f}, {r['wall_s'] / r['n']:.3f} s/img"
                     for r in picked if r), "side by side", "-"))
-    if (folder / "speed.json").exists():
+    if _find(folder, "speed") is not None:
         for r in _rows(folder, "speed"):
             out.append((f"guided / vanilla wall time, {r['prompt']}, {r['batches']} batches of {r['batch']}",
                         f"{r['ratio']:.3f} ({r['median_s']['guided']:.2f} vs {r['median_s']['vanilla']:.2f} s)",
@@ -99,18 +110,31 @@ def summary(folder: Path, record: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def markdown(folders: Path | list[Path], config: str) -> str:
+    """The summary table of the tables in ``folders`` for ``config``'s model."""
+    cfg = load_config(config)
+    record = json.loads((resolve_path(cfg["model"]["checkpoint"]) / "record.json").read_text())["prompts"]
+    lines = ["| item | figure (per prompt) | bound | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary(folders, record)]
+    return "\n".join(lines)
+
+
+def run_entry(entry, ctx) -> None:
+    """Kind t2i_summary: the table of ``results`` (under --into DIR first, then the repository)."""
+    folders = [ctx.out(entry["results"]), resolve_path(entry["results"])]
+    md = markdown(list(dict.fromkeys(folders)), entry["config"])
+    ctx.out(entry.output).write_text(md + "\n")
+    print(md)
+
+
 @guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits16_t2i.yml")
-    p.add_argument("--results", default="docs/results_t2i", help="bench/t2i_eval.py's --out")
+    p.add_argument("--results", default="docs/results_t2i", help="the folder of the t2i tables (their .json files)")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    record = json.loads((resolve_path(cfg["model"]["checkpoint"]) / "record.json").read_text())["prompts"]
-    lines = ["| item | figure (per prompt) | bound | met |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary(Path(args.results), record)]
-    md = "\n".join(lines)
+    md = markdown(Path(args.results), args.config)
     if args.out:
         Path(args.out).write_text(md + "\n")
     print(md)

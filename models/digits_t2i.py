@@ -149,7 +149,7 @@ def tinted(grey, labels, strength: float):
     digits look like the other set's majority (1, 3 like 5, 7, 9; 6, 8 like 0, 2, 4) the empty
     prompt's density there is raised by the other set and CFG thins them out: the prompts' biases
     sharpen with the scale. A tint that tells the two sets apart removes most of that overlap
-    (docs/RESULTS.md 1h; bench/t2i_cfg_sim.py measures it)."""
+    (docs/RESULTS.md 1h; scripts/research/t2i_cfg_sim.py measures it)."""
     import torch
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"tint {strength}: expected a strength in [0, 1] (0: grey, 1: the strongest tint)")

@@ -22,7 +22,7 @@ What the networks expect (the package's manifest, checked by running both graphs
 """
 from __future__ import annotations
 
-from models.face_detect import INSTALL, PACKAGE, DetectedFaceJudge, packaged_file  # noqa: F401
+from models.face_detect import PACKAGE, DetectedFaceJudge, packaged_file
 from models.judge import DLIB_GENDER_V1_SIDECAR, Judge, MultiJudge, OnnxJudge, load_calibration
 
 #: ``age-v1.onnx``'s options (the gender network's are ``DLIB_GENDER_V1_SIDECAR``).

@@ -1,4 +1,5 @@
-"""Files of the project: paths relative to the repository root, checkpoint hashes, errors."""
+"""Files of the project: paths relative to the repository root, checkpoint hashes and the model
+identity built from them, errors."""
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,28 @@ def file_sha256(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_sha256(model: dict, missing_ok: bool = False) -> str | None:
+    """sha256 of a config's ``model:`` checkpoint file: the config's ``model.sha256`` when it
+    gives one, else the file's; an absent file: None with ``missing_ok`` (else the OSError)."""
+    if model.get("sha256"):
+        return model["sha256"]
+    path = resolve_path(model["checkpoint"])
+    if missing_ok and not path.exists():
+        return None
+    return file_sha256(path)
+
+
+def model_identity(config: str | None, checkpoint: str | Path, sha256: str | None, *,
+                   family: str | None = None, h_module: str | None = None, h_pool=None) -> dict:
+    """The identity of a model that runs, extractions and ADPs record and ``ADP.load`` checks:
+    the config's name, the checkpoint as the config names it, its sha256 (None: unknown) and, for
+    a text-to-image ``family``, the family and where h is read (``h_module``, ``h_pool``)."""
+    identity = {"config": config, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256}
+    if family is not None:
+        identity.update(family=family, h_module=h_module, h_pool=h_pool)
+    return identity
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from models.base import HSpaceUNet
-from models.files import REPO_ROOT, CheckpointError, file_sha256, load_tensors, resolve_path  # noqa: F401
+from models.files import REPO_ROOT, CheckpointError, load_tensors, resolve_path  # noqa: F401 (REPO_ROOT: re-exported)
 
 log = logging.getLogger(__name__)
 

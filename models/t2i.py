@@ -72,7 +72,6 @@ FAMILIES: dict[str, Family] = {
 }
 #: the h_pool of a transformer family unless the config says (U-Nets: none)
 DEFAULT_POOL = 8
-PIPELINES = tuple(f.pipeline for f in FAMILIES.values())
 #: ``scheduler:`` names -> diffusers scheduler classes (built from the model's scheduler config);
 #: ``model``: the folder's own scheduler as saved (e.g. PNDM with skip_prk_steps for SD 1.5)
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",

@@ -1,6 +1,7 @@
-"""Replay, as a new user types them, the inputs the reliability review found handled wrongly, and
-print a Markdown table: each case, the command, its exit status, the first line of its message
-and whether the folders it was pointed at are unchanged.
+"""Replay, as a new user types them, inputs every tool must refuse or handle safely (bad flags,
+broken files, folders of other runs), and print a Markdown table: each case, the command, its
+exit status, the first line of its message and whether the folders it was pointed at are
+unchanged.
 
     .venv/bin/python scripts/input_cases.py [--out cases.md] [--only SUBSTRING]
 

@@ -172,3 +172,29 @@ def test_an_adp_folder_loads_from_a_hub_id_in_the_local_cache(tmp_path, monkeypa
     assert torch.equal(loaded.state_dict()["mean"], adp.state_dict()["mean"]) and loaded.timesteps == [5, 0]
     with pytest.raises(FileNotFoundError, match="cached hub id"):
         ADP.load("someone/not-cached")
+
+
+# ---- the model identity (models.files.model_identity) ------------------------------------------
+def test_model_identity_keys():
+    from models.files import model_identity
+    assert model_identity("c", "m.pt", "a" * 64) == {"config": "c", "checkpoint": "m.pt", "checkpoint_sha256": "a" * 64}
+    assert model_identity("c", "m", None, family="sd", h_module="mid_block", h_pool=None) == {
+        "config": "c", "checkpoint": "m", "checkpoint_sha256": None, "family": "sd", "h_module": "mid_block",
+        "h_pool": None}
+
+
+@pytest.mark.parametrize("config, adp", [("configs/digits16.yml", "pretrained/digits16_adp.pt"),
+                                         ("configs/digits16_t2i.yml", "pretrained/digits16_t2i_adp.pt"),
+                                         ("configs/digits16_dit.yml", "pretrained/digits16_dit_adp")])
+def test_the_loaders_identity_is_the_one_the_shipped_adps_record(config, adp):
+    from models.files import resolve_path
+    from utils.app.config import load_config
+    from utils.config import RunConfig
+    from utils.sampling.pipeline import load_adp_for, load_pipeline
+    from utils.sampling.text2image import load_t2i
+    cfg = load_config(resolve_path(config))
+    load = load_t2i if RunConfig.of(cfg).text_to_image else load_pipeline
+    pipe = load(cfg, torch.device("cpu"))
+    recorded = ADP.load(resolve_path(adp)).meta["model"]
+    assert {k: pipe.model_id[k] for k in recorded} == recorded
+    load_adp_for(pipe, adp)                                  # and the load's own check passes

@@ -72,12 +72,6 @@ def test_shards_are_indexed_without_reading_h_and_read_back_exactly(folders):
     assert torch.equal(data.read(1, rows), h[40 + rows].reshape(4, S, D))
     head = data.head(50)
     assert head.sizes == [40, 10] and len(head.labels["tri"]) == 50
-    sub = data.at_timesteps([TIMESTEPS[3], TIMESTEPS[1]])
-    assert sub.meta["timesteps"] == [200, 600] and data.meta["timesteps"] == TIMESTEPS
-    assert torch.equal(sub.read(2, torch.tensor([19, 0])), h[[99, 80]][:, [3, 1]].reshape(2, 2, D))
-    assert torch.equal(sub.at_timesteps([600]).read(0, torch.tensor([5])), h[[5]][:, [1]].reshape(1, 1, D))
-    with pytest.raises(ValueError, match=r"no h at timesteps \[5\]"):
-        data.at_timesteps([5])
 
 
 def test_streamed_mean_std_equal_the_in_memory_ones(folders, in_memory):

@@ -1,4 +1,4 @@
-"""The Python API (utils/app/api.py): the README's "From Python" blocks run as written, the API's
+"""The Python API (utils/app/api.py): the Python blocks of README.md and docs/python-api.md run as written, the API's
 images equal the command line's for the same seeds, and the hook is gone after the block, also
 after an exception."""
 import json
@@ -21,10 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## From Python"):]
-    section = section[:section.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    """The Python blocks of docs/python-api.md."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python-api.md").read_text(), re.S)
 
 
 def test_the_readmes_from_python_blocks_run_as_written(monkeypatch):
@@ -41,6 +39,10 @@ def test_the_readmes_from_python_blocks_run_as_written(monkeypatch):
     exec(blocks[1], second)
     assert tuple(second["images"].shape) == (8, 1, 16, 16)
     assert not torch.equal(second["images"], second["vanilla"])
+    (readme,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    third: dict = {}
+    exec(readme, third)
+    assert len(third["images"]) == 8 and not third["pipe"].unet.mid_block._forward_hooks
 
 
 def test_the_apis_images_are_the_command_lines(capsys, tmp_path, monkeypatch):

@@ -115,6 +115,7 @@ def _rank_step(rank, world, port, h, out_q, estimator):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["soft", "quota"])
 def test_two_processes_guide_one_global_batch(estimator):
     """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it
@@ -138,6 +139,7 @@ def test_two_processes_guide_one_global_batch(estimator):
     assert res[0][3] == pytest.approx(whole.estimate["a"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import torch.distributed.run"],
                                    capture_output=True).returncode != 0, reason="no torchrun")
 def test_torchrun_two_ranks_match_one_process(tmp_path):

@@ -1,5 +1,5 @@
-"""bench/run_all.py's report helpers: the generated section of docs/RESULTS.md and the verdicts."""
-from bench.run_all import replace_section, verdicts
+"""bench/methods.py's report helpers: the generated section of docs/RESULTS.md and the verdicts."""
+from bench.methods import replace_section, verdicts
 
 
 def test_replace_section_rewrites_only_between_its_markers(tmp_path):
@@ -40,7 +40,7 @@ def _full_row(name, x=None, **kw):
 
 
 def test_report_is_rewritten_from_a_runs_json_without_sampling(tmp_path):
-    from bench.run_all import write_report
+    from bench.methods import write_report
     res = {"methods": [_full_row("vanilla"), _full_row("distribution guidance, ours (defaults)")],
            "ablations": {"batch size": [_full_row("ours, batch 2", 2), _full_row("ours, batch 8", 8)],
                          "guidance scale": [_full_row("ours, scale 1", 1.0)],
@@ -49,7 +49,8 @@ def test_report_is_rewritten_from_a_runs_json_without_sampling(tmp_path):
            "scaling": [_full_row("vanilla, batch 10", 10, axis="batch"), _full_row("ours, 20 steps", 20, axis="steps")],
            "total_s": 90.0, "device": "cpu (2 CPU cores)"}
     (tmp_path / "RESULTS.md").write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nend\n")
-    write_report(res, tmp_path, quick=False)
+    write_report(res, tmp_path / "RESULTS_bench.md", "", "python bench/run.py methods",
+                 (tmp_path / "RESULTS.md", "bench"))
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("intro\n<!-- bench:begin -->\nDevice: cpu (2 CPU cores); total **1.5 min**")
     assert "old" not in text and text.endswith("<!-- bench:end -->\nend\n")

@@ -184,6 +184,48 @@ def test_unknown_flag_is_an_argparse_error(capsys):
     assert "--no_such_flag" in capsys.readouterr().err
 
 
+# ---- the guidance-settings flags: generated from the settings' fields ---------------------------
+def _settings_actions():
+    """{flag dest: its argparse group title} of main.py's parser."""
+    from utils.app.cli import build_parser
+    return {a.dest: group.title for group in build_parser()._action_groups for a in group._group_actions}
+
+
+def test_every_guidance_settings_flag_is_a_field_of_the_table():
+    import dataclasses
+    from utils.app.cli import SETTINGS_GROUP
+    from utils.guidance.settings import CLI_FIELDS, COMPOSITE_FLAGS, GuidanceSettings
+    fields = {f.name for f in dataclasses.fields(GuidanceSettings)}
+    composite = {f for targets, _, _ in COMPOSITE_FLAGS.values() for f in targets}
+    assert set(CLI_FIELDS) <= fields and composite <= fields
+    groups = _settings_actions()
+    in_group = {dest for dest, title in groups.items() if title == SETTINGS_GROUP}
+    assert in_group == set(CLI_FIELDS) | set(COMPOSITE_FLAGS)          # nothing hand-added to the group
+    # no flag elsewhere in the parser is named after a setting (it would bypass the table)
+    elsewhere = {dest for dest, title in groups.items() if title != SETTINGS_GROUP}
+    assert not elsewhere & (fields | composite | set(COMPOSITE_FLAGS)), elsewhere & fields
+
+
+def test_every_field_of_the_table_gets_a_flag_that_reaches_the_overrides():
+    from utils.app.cli import build_parser
+    from utils.guidance.settings import CHOICES, CLI_FIELDS, PRESETS, overrides_from_args, resolve_settings
+    parser = build_parser()
+    assert overrides_from_args(parser.parse_args([])) == dict.fromkeys(CLI_FIELDS)   # not given: None
+    for name in CLI_FIELDS:
+        choices = sorted(PRESETS) if name == "preset" else CHOICES.get(name)
+        if choices is None:                                            # a bool field
+            assert overrides_from_args(parser.parse_args([f"--{name}"]))[name] is True
+            assert overrides_from_args(parser.parse_args([f"--no-{name}"]))[name] is False
+            continue
+        for value in choices:
+            overrides = overrides_from_args(parser.parse_args([f"--{name}", value]))
+            assert overrides[name] == value
+            if name != "preset":
+                assert getattr(resolve_settings(None, overrides), name) == value
+    overrides = overrides_from_args(parser.parse_args(["--guide_steps", "3:20"]))
+    assert (overrides["first_step"], overrides["last_step"]) == (3, 20)
+
+
 # ---- parsing helpers ---------------------------------------------------------------------------
 def test_parse_fraction_vector():
     torch.testing.assert_close(parse_fraction_vector("parity", "0.3", ["even", "odd"]),

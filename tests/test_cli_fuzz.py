@@ -745,7 +745,8 @@ def may_change_run(case: Case, status, run_dir: Path) -> bool:
     except SystemExit:
         return False
     try:
-        if Path(args.exp).expanduser().resolve() != run_dir.resolve():
+        exp = args.exp or (cli.DEFAULT_DEMO_EXP if args.demo else cli.DEFAULT_EXP)
+        if Path(exp).expanduser().resolve() != run_dir.resolve():
             return False
     except (OSError, RuntimeError):                 # a symlink loop is not the run folder
         return False
@@ -819,6 +820,7 @@ def report(failures: list[tuple[Case, str, str]], world: World, seconds: float) 
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_cli_fuzz(world, capfd, caplog, monkeypatch):
     monkeypatch.chdir(world.cwd)                        # every path is absolute; nothing lands in the repo
     old_handler = signal.signal(signal.SIGALRM, _on_alarm)

@@ -231,6 +231,7 @@ def test_a_two_step_run_saves_a_folder_that_the_sd_family_loads(tmp_path, monkey
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 20 * 2**20
 
 
+@pytest.mark.slow
 def test_the_shipped_default_balances_each_prompt_in_the_demo(capsys, tmp_path):
     """make demo-t2i, smaller: the shipped pipeline and ADP, 40 images per prompt (seeds 0-39, the
     same for vanilla and guided), parity 50/50. Per prompt the judge's even share is on the

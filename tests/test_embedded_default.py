@@ -68,6 +68,7 @@ def test_sample_mode_runs_with_class_names(tmp_path, mode):
     assert json.loads((out / "run.json").read_text())["resolved"]["guidance"]["requested"] == {"parity": [0.0, 1.0]}
 
 
+@pytest.mark.slow
 def test_ddim_inversion_reconstructs_real_digits():
     """Invert 8 held-out real digits with the trained model (eta 0), sample back on the same grid.
 

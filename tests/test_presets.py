@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 import multi_classifier
-from helpers import BETAS, hand_adp
+from helpers import BETAS
 from main import main
 from models.adp import ADP, ClassifierMismatchError
 from models.files import resolve_path

@@ -1,10 +1,17 @@
-"""bench/t2i_cfg_sim.py: the exact mixture score and what CFG does to a cut prompt, on small
-synthetic mixtures with known answers."""
+"""scripts/research/t2i_cfg_sim.py: the exact mixture score and what CFG does to a cut prompt, on
+small synthetic mixtures with known answers."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from bench.t2i_cfg_sim import cfg_ddim, image_weights, mixture_x0
+_SPEC = importlib.util.spec_from_file_location(
+    "t2i_cfg_sim", Path(__file__).resolve().parent.parent / "scripts" / "research" / "t2i_cfg_sim.py")
+_SIM = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_SIM)
+cfg_ddim, image_weights, mixture_x0 = _SIM.cfg_ddim, _SIM.image_weights, _SIM.mixture_x0
 
 STEPS = list(range(981, 0, -20))            # DDIM 50, leading spacing, offset 1
 ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)

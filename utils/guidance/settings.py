@@ -17,14 +17,16 @@ Presets are complete value sets (every field below), not overrides of each other
   balance over the run counted on the finished images by the config's labeller, coarse targets
   pursued through a finer head (the config's ``refine`` map), sample guidance with redraws.
 
-A config without a ``guidance:`` section uses ``paper``.
+A config without a ``guidance:`` section uses ``paper``. main.py's guidance-settings flags are made
+from ``CLI_FIELDS`` (``add_guidance_flags``; ``overrides_from_args`` reads them back).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from models.t2i import is_text_to_image
 
@@ -81,12 +83,10 @@ class GuidanceSettings:
     cap_growth: float | None          # the cap at timestep t times min(abar_t^-1/2, cap_growth) (v-prediction
                                       # models: an edit of h moves their clean-image estimate sqrt(abar_t)
                                       # times as far as an eps-model's); None: the same cap at every step
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for run.json."""
         d = dataclasses.asdict(self)
-        d.pop("extra")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def scale_for(self, index: int, soft: bool, mode: str) -> float:
@@ -145,7 +145,7 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 DEFAULT_PRESET = "paper"
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(GuidanceSettings) if f.name not in ("preset", "extra")}
+_TYPES = {f.name: f.type for f in dataclasses.fields(GuidanceSettings) if f.name != "preset"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -238,3 +238,67 @@ def parse_guide_steps(spec: str) -> dict[str, int | None]:
     if not sep:
         raise SettingsError(f"--guide_steps {spec!r}: expected start:end step indices, e.g. 1:25")
     return {"first_step": first, "last_step": last}
+
+
+#: the settings main.py takes as flags: field -> help text. ``--NAME`` sets field NAME; the flag's
+#: choices are the field's (``CHOICES``; ``preset``: the preset names), a bool field is
+#: ``--NAME`` / ``--no-NAME``; not given: None (the preset's or the config's value stands)
+CLI_FIELDS: dict[str, str] = {
+    "preset": "guidance settings: paper (the original code's method, literally) or ours "
+              "(this project's; docs/RESULTS.md); default: config guidance.preset, else paper",
+    "estimator": "distribution guidance's batch estimate: quota (ours) or soft (the paper's "
+                 "mean of the ADP's softmax); auto: quota for one attribute, soft for "
+                 "several or a joint target; default: the preset's",
+    "running_balance": "distribution guidance steers the whole run: the estimate includes the "
+                       "samples of earlier batches (default: the preset's)",
+    "refine": "guide a coarse target through a finer head that nests it (the config's "
+              "refine: map, e.g. parity through digit; default: the preset's)",
+    "refine_within": "refine spreads a coarse class's share over its finer classes evenly (uniform) "
+                     "or in the model's own proportions (model: the ADP's class fractions, which "
+                     "keeps what was not targeted; preserve: as model, and the coarse attributes "
+                     "nobody targeted keep the model's marginals; default: the preset's)",
+    "check": "the config's labeller checks finished images: the running balance counts "
+             "its classes, sample guidance redraws the images outside their class "
+             "(default: the preset's)",
+    "cfg_edit": "text-to-image: edit h of both halves of the CFG batch (the same delta h) or the "
+                "conditional half only (default: the preset's)",
+    "cfg_estimate": "text-to-image: the batch estimate from the conditional rows (ours) or from both "
+                    "halves (the original SD code) (default: the preset's)",
+}
+#: flags that set several fields at once: flag -> (the fields it sets, the parser of its value
+#: into {field: value}, help text)
+COMPOSITE_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], dict], str]] = {
+    "guide_steps": (("first_step", "last_step"), parse_guide_steps,
+                    "guided step indices start:end (default: the preset's, 1: = all but t = 999)"),
+}
+#: every guidance-settings flag's name (its ``dest``)
+FLAG_NAMES: tuple[str, ...] = (*CLI_FIELDS, *COMPOSITE_FLAGS)
+
+
+def _flag_kwargs(name: str) -> dict[str, Any]:
+    """argparse keywords of field ``name``'s flag, from the field's type and choices."""
+    kind = _TYPES[name] if name != "preset" else "str"
+    choices = sorted(PRESETS) if name == "preset" else CHOICES.get(name)
+    if kind == "bool":
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    if choices is not None:
+        return {"choices": list(choices)}
+    raise TypeError(f"guidance setting {name} ({kind}): CLI_FIELDS holds bool and enumerated fields only")
+
+
+def add_guidance_flags(group) -> None:
+    """Add ``--NAME`` for every field of ``CLI_FIELDS`` and the composite flags to an argparse
+    group (or parser)."""
+    for name, text in CLI_FIELDS.items():
+        group.add_argument(f"--{name}", help=text, **_flag_kwargs(name))
+    for name, (_, _, text) in COMPOSITE_FLAGS.items():
+        group.add_argument(f"--{name}", help=text)
+
+
+def overrides_from_args(args) -> dict[str, Any]:
+    """The parsed command line's guidance settings (None: not given), for ``resolve_settings``."""
+    out = {name: getattr(args, name, None) for name in CLI_FIELDS}
+    for name, (_, parse, _) in COMPOSITE_FLAGS.items():
+        if getattr(args, name, None):
+            out.update(parse(getattr(args, name)))
+    return out

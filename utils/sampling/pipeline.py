@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from models.adp import ADP
 from models.base import HSpaceUNet
-from models.files import file_sha256, resolve_path
+from models.files import checkpoint_sha256, model_identity, resolve_path
 from models.loader import load_model
 from utils.config import RunConfig
 from utils.sampling.diffusion import DDIMSampler, Schedule
@@ -63,9 +63,7 @@ def load_pipeline(cfg: dict, device: torch.device, steps: int | None = None,
     net = load_model(rc.model, rc.name or "<config>", device)
     sampler = DDIMSampler(net, Schedule.from_config(rc.diffusion), steps if steps is not None else rc.sampling.steps,
                           float(rc.eta if eta is None else eta), rc.sampling.skip_type)
-    ckpt = resolve_path(rc.model["checkpoint"])
-    model_id = {"config": rc.name, "checkpoint": rc.model["checkpoint"],
-                "checkpoint_sha256": cfg["model"].get("sha256") or file_sha256(ckpt)}
+    model_id = model_identity(rc.name, rc.model["checkpoint"], checkpoint_sha256(rc.model))
     return Pipeline(net, sampler, model_id, net.image_shape, device)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from models.files import model_identity
 from models.hspace import HSpaceHook, Step
 from models.t2i import Family, HSpec
 from utils.config import RunConfig
@@ -288,9 +289,8 @@ def load_t2i(cfg: dict, device: torch.device, steps: int | None = None, eta: flo
                          f"{list(spec.shape)} at {spec.module} at {res} px: another model, module or resolution; "
                          f"fix or drop h_shape")
     cfg_scale = float(rc.sampling.cfg if cfg_scale is None else cfg_scale)
-    model_id = {"config": rc.name, "checkpoint": str(m["checkpoint"]),
-                "checkpoint_sha256": model_sha256(folder, family), "family": family,
-                "h_module": spec.module, "h_pool": spec.pool}
+    model_id = model_identity(rc.name, m["checkpoint"], model_sha256(folder, family), family=family,
+                              h_module=spec.module, h_pool=spec.pool)
     return T2IPipeline(pipe, family, fam, spec, model_id, (3, res, res), device,
                        int(steps if steps is not None else rc.sampling.steps), cfg_scale,
                        float(rc.eta if eta is None else eta))

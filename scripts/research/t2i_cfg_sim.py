@@ -1,12 +1,12 @@
 """What classifier-free guidance does to each prompt's parity, for an ideal model of the training
 data: DDIM with the exact score of the weighted training set instead of a U-Net. Needs no trained
 denoiser, so a prompt design (configs/digits16_t2i.yml ``prompts:``) can be checked before a
-32-minute training run.
+training run.
 
-    python bench/t2i_cfg_sim.py                          # the config's prompts, CFG 1, 3 and 7.5
-    python bench/t2i_cfg_sim.py --cfg 3 7.5 --n 1000 --seed 7
-    python bench/t2i_cfg_sim.py --space pixel            # without the checkpoint's VAE
-    python bench/t2i_cfg_sim.py --config <a copy of the config with other prompts>   # a candidate design
+    python scripts/research/t2i_cfg_sim.py                 # the config's prompts, CFG 1, 3 and 7.5
+    python scripts/research/t2i_cfg_sim.py --cfg 3 7.5 --n 1000 --seed 7
+    python scripts/research/t2i_cfg_sim.py --space pixel   # without the checkpoint's VAE
+    python scripts/research/t2i_cfg_sim.py --config <a copy of the config with other prompts>   # a candidate design
 
 Each training image i is the Gaussian q(z|x_i) (the VAE's posterior, scaled as in training; in
 pixel space a point), weighted by its digit's share in the prompt divided by the number of
@@ -15,34 +15,8 @@ abar_t s_i^2 + 1 - abar_t) has a closed-form score, so the conditional and uncon
 predictions are exact; CFG combines them as the pipeline does (eps_u + w (eps_c - eps_u)) along
 the config's DDIM steps. A sample's digit is that of the nearest training latent at the end.
 
-What it showed (docs/RESULTS.md section 4; even share at CFG 3 / 7.5, record 0.80 and 0.20): with
-every prompt the empty prompt cut to 0-4 or 5-9 and grey digits (session 7), "a small digit" 0.849
-/ 0.887 and "a large digit" 0.096 / 0.035; the U-Nets trained on that design measured 0.833 /
-0.887 and 0.113 / 0.047 (3,000 steps, the second model) and 0.850 / 0.910 and 0.080 / 0.037
-(5,000 steps; seeds 50000-50299, the judge). For session 8's grey candidate, whose empty
-prompt leans against the pull, it predicts 0.818 / 0.825 and 0.179 / 0.169; at CFG 7.5 the
-trained U-Net (5,000 steps) moved back by half to two thirds as much: 0.813 / 0.880 and 0.130 /
-0.130. The simulator finds the direction and rough size of CFG's pull, not the last points of a
-trained model. With the digit sets tinted apart (``tint`` in the config, models/digits_t2i.tinted;
-the shipped model since session 9) it predicted, on that model's VAE, 0.802 / 0.830 and 0.120 /
-0.084; the trained U-Net measured 0.796 / 0.816 and 0.111 / 0.054 (seeds 0-999). For a tinted
-design whose empty prompt leans (15% even among 5-9) it predicted 0.178 / 0.218 for "a large
-digit"; the U-Net trained on it measured 0.117 / 0.063 (session 10, seeds 50000-50299): the lean
-is not learned. For a stronger bias ("a large digit" 5% even) it predicted 0.024 / 0.010; the
-trained U-Net measured 0.019 / 0.002 (seeds 0-999). In pixel space (the tint at full strength,
-no VAE) it gives 0.163 / 0.156 and 0.832 / 0.863 (n 1000, seed 0): the tint alone does not
-remove the pull. A VAE whose last latent channel carries the colour as a flat map
-(``train.colour_weight``, session 11) removes it in the simulator when the channel holds only the
-sign of the colour: +-4 gave 0.191 / 0.183 and 0.802 / 0.806 (CFG 1: 0.206 and 0.799). Holding the
-colour's magnitude instead pulls every prompt towards its inkier digits (0, 6, 8): +-5 gave 0.253
-/ 0.305 and 0.867 / 0.893. The U-Net trained on the +-4 VAE did not follow at CFG 7.5: "a large
-digit" 0.192 / 0.293 (seeds 0-999), pulled the other way; on a +-3 VAE (predicted 0.187 / 0.169)
-it measured 0.169 / 0.203, but the generic prompts drifted down with the scale, which the
-simulator, with its exact empty-prompt score, cannot show (docs/RESULTS.md section 4). On that
-VAE the exact score itself loses "a digit" to 0.631 (n 2000; 0.650 on the grey VAE): the stock
-schedule's first step starts from pure noise where training saw sqrt(abar_981) z_0, and the colour
-channel makes that start lean to the minority set. A zero-terminal-SNR schedule (``train.zero_snr``,
-steps from t = 999) gives 0.641, "a large digit" 0.179 / 0.163 (session 13).
+Its predictions beside the measurements of the models trained on each design: docs/RESULTS.md,
+section 4.
 
 The guided prediction is combined as x0 (equal to combining eps or v, and defined where abar = 0).
 """

@@ -1,7 +1,8 @@
-"""The benchmark behind docs/RESULTS.md: every method side by side, ablations, and cost scaling.
+"""Every method side by side on the embedded default, ablations of ours, and cost scaling
+(benchmark kind ``methods``; the tables of docs/RESULTS.md section 3).
 
-    python bench/run_all.py            # full: < 30 min on 2 CPU cores (make bench)
-    python bench/run_all.py --quick    # the same tables on fewer images: < 5 min
+    python bench/run.py methods              # docs/RESULTS_bench.md, docs/bench.json, docs/bench_plots/ (make bench)
+    python bench/run.py quick                # the same tables on fewer images: < 5 min (make bench-quick)
 
 On the embedded default (shared seeds, target parity 50/50, judged by the independent judge):
   1. methods: vanilla; rejection sampling with the judge (the oracle; how many it drew);
@@ -11,11 +12,12 @@ On the embedded default (shared seeds, target parity 50/50, judged by the indepe
      counted by the finished-image check);
      pixel-space classifier guidance on x_t and on x0_hat (gradient through the U-Net);
      ours with the asymmetric reverse process;
-  2. ablations of ours: batch size, guidance scale, guided timesteps, ADP training-set size;
+  2. ablations of ours: batch size, guidance scale, guided timesteps, ADP training-set size
+     (the grids are the entry's: batch_sizes, scales, guided_steps, adp_sizes);
   3. scaling: seconds per image and peak memory against batch size and number of DDIM steps.
-Writes its tables into <out>/RESULTS.md (between the markers <!-- bench:begin/end -->, or
-<!-- bench-quick:begin/end --> for --quick), <out>/RESULTS_bench.md, <out>/bench.json and PNG
-plots under <out>/bench_plots/ (``*_quick.png`` for --quick).
+Writes RESULTS_bench<suffix>.md (the entry's output), bench<suffix>.json and PNG plots under
+bench_plots/ (``*<suffix>.png``) beside it, and the same tables into the entry's
+``results_md`` between the markers <!-- SECTION:begin/end --> (no section: not written).
 Figures: FD = ||p_target - p_judge||_2 (lower is better), corrected FD: the same with the judge's
 fractions corrected for its confusion on held-out real data (utils/evaluation/correction.py;
 "corr." fractions), Frechet = Frechet distance in the
@@ -25,7 +27,6 @@ resident memory of the process during the row (CPU) or peak allocated GPU memory
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
@@ -38,13 +39,11 @@ import torch
 from models.adp import ADP
 from models.labellers import load_labeller
 from utils.app.config import load_config
-from utils.app.runtime import pick_device, setup_logging
+from utils.app.runtime import pick_device
 from utils.evaluation.evaluate import evaluate_images, fd_cell, judge_from_config, real_reference
 from utils.evaluation.plots import line_plot
 from utils.guidance import build_guide, build_plan
-from utils.guidance.settings import parse_guide_steps
 from utils.sampling.pipeline import load_adp_for, load_pipeline, plan_batches, sample_batches
-from utils.app.cli import guarded
 
 TARGET = {"parity": [0.5, 0.5]}
 OURS = dict(preset="ours")
@@ -126,15 +125,13 @@ class Bench:
 
     def h_run(self, name: str, seeds: list[int], bs: int, mode: str = "vanilla", targets=None,
               asymmetric: bool = False, adp: ADP | None = None, sample_classes: list[int] | None = None,
-              scale: str | None = None, guide_steps: str | None = None, **settings) -> dict:
+              **settings) -> dict:
         """Vanilla, sample- or distribution-guided h-space sampling of ``seeds``; ``settings``:
         guidance settings over the config's (e.g. preset="paper", check=False)."""
         adp = adp or self.adp
-        if guide_steps:
-            settings.update(parse_guide_steps(guide_steps))
 
         def guide_for(m: str, raw: dict):
-            plan = build_plan(self.cfg, m, raw, adp.attributes, settings, scale)
+            plan = build_plan(self.cfg, m, raw, adp.attributes, settings, None, adp.priors())
             return build_guide(self.cfg, plan, adp, self.pipe.sampler.schedule.betas, labeller=self.labeller)
         extra = {}
         with PeakMemory(self.device) as mem:
@@ -194,34 +191,36 @@ def methods(b: Bench, n: int, bs: int) -> list[dict]:
     return rows
 
 
-def ablations(b: Bench, n: int, n_batch: int, quick: bool, workdir: Path) -> dict[str, list[dict]]:
-    """Batch size on n_batch images (a batch larger than that on one batch of its own size),
-    the rest on n images."""
-    seeds = list(range(n))
-    out: dict[str, list[dict]] = {"batch size": [], "guidance scale": [], "guided steps": [], "ADP training set": []}
-    for bs in ((8, 32) if quick else (2, 8, 32, 100, 200)):
+def ablations(b: Bench, entry, workdir: Path) -> dict[str, list[dict]]:
+    """Batch size on sizes.batch images (a batch larger than that on one batch of its own size),
+    the rest on sizes.ablation images."""
+    n, n_batch = entry["sizes"]["ablation"], entry["sizes"]["batch"]
+    seeds, bs = list(range(n)), min(100, n)
+    out: dict[str, list[dict]] = {name: [] for name in ABLATIONS}
+    for size in entry["batch_sizes"]:
         for label, kw in (("ours", OURS), ("paper", PAPER)):
-            r = b.h_run(f"{label}, batch {bs}", list(range(max(n_batch, bs))), bs, "distribution", **kw)
-            out["batch size"].append({**r, "x": bs, "series": label})
+            r = b.h_run(f"{label}, batch {size}", list(range(max(n_batch, size))), size, "distribution", **kw)
+            out["batch size"].append({**r, "x": size, "series": label})
     from utils.guidance.settings import resolve_settings
     base = resolve_settings(b.cfg.get("guidance")).distribution_scale[0]
-    for mult in ((0.25, 1.0) if quick else (0.25, 0.5, 1.0, 2.0)):
-        r = b.h_run(f"ours, scale {base * mult:g}", seeds, 100, "distribution", scale=str(base * mult), **OURS)
+    for mult in entry["scales"]:
+        r = b.h_run(f"ours, scale {base * mult:g}", seeds, bs, "distribution", distribution_scale=base * mult, **OURS)
         out["guidance scale"].append({**r, "x": base * mult, "series": "ours"})
-    for band in (("1:50", "1:25") if quick else ("1:50", "1:25", "25:50", "10:40")):
-        r = b.h_run(f"ours, steps {band}", seeds, 100, "distribution", guide_steps=band, **OURS)
+    for first, last in entry["guided_steps"]:
+        band = f"{first}:{last}"
+        r = b.h_run(f"ours, steps {band}", seeds, bs, "distribution", first_step=first, last_step=last, **OURS)
         out["guided steps"].append({**r, "x": band, "series": "ours"})
-    out["ADP training set"] = adp_sizes(b, seeds, quick, workdir)
+    out["ADP training set"] = adp_sizes(b, seeds, entry["adp_sizes"], workdir)
     return out
 
 
-def adp_sizes(b: Bench, seeds: list[int], quick: bool, workdir: Path) -> list[dict]:
-    """ADPs trained on the first 100 / 500 pseudo-labelled samples of a fresh extraction, and
-    the shipped one (2,000 samples)."""
+def adp_sizes(b: Bench, seeds: list[int], sizes: list[int], workdir: Path) -> list[dict]:
+    """ADPs trained on the first k pseudo-labelled samples of a fresh extraction (k in ``sizes``),
+    and the shipped one (2,000 samples)."""
     from models.digits_judge import SVCLabeller
     from utils.data.adp_train import train_adp
     from utils.data.extract import extract_pseudo_labelled, load_h_dataset
-    sizes = (50, 100) if quick else (100, 500)
+    bs = min(100, len(seeds))
     data = workdir / f"h_pseudo_{max(sizes)}"
     extract_pseudo_labelled(b.pipe.sampler, list(range(100_000, 100_000 + max(sizes))), SVCLabeller(), data,
                             {"model": b.pipe.model_id, "config": b.cfg.get("name"), "labeller": "digits_svc"},
@@ -230,33 +229,34 @@ def adp_sizes(b: Bench, seeds: list[int], quick: bool, workdir: Path) -> list[di
     rows = []
     for k in sizes:
         adp, _ = train_adp(h[:k], {a: v[:k] for a, v in labels.items()}, meta)
-        r = b.h_run(f"ours, ADP on {k} samples", seeds, 100, "distribution", adp=adp.to(b.device), **OURS)
+        r = b.h_run(f"ours, ADP on {k} samples", seeds, bs, "distribution", adp=adp.to(b.device), **OURS)
         rows.append({**r, "x": k, "series": "ours"})
-    r = b.h_run("ours, shipped ADP (2,000 samples)", seeds, 100, "distribution", **OURS)
+    r = b.h_run("ours, shipped ADP (2,000 samples)", seeds, bs, "distribution", **OURS)
     rows.append({**r, "x": b.adp.meta["data_source"].get("n", 2000), "series": "ours"})
     return rows
 
 
-def scaling(b: Bench, quick: bool) -> list[dict]:
-    """Seconds per image and peak memory, vanilla vs ours, against batch size (50 steps) and
-    DDIM steps (batch 50; an ADP with random heads stands in on grids it was not trained for)."""
+def scaling(b: Bench, entry) -> list[dict]:
+    """Seconds per image and peak memory, vanilla vs ours, against batch size (the config's steps)
+    and DDIM steps (batch 50; an ADP with random heads stands in on grids it was not trained for)."""
     from utils.sampling.diffusion import DDIMSampler
-    rows, n = [], (20 if quick else 100)
+    rows, n = [], entry["scaling_n"]
     seeds = list(range(n))
-    for bs in ((10, 20) if quick else (10, 50, 100)):       # n images per row
+    for bs in entry["scaling_batches"]:       # n images per row (a larger batch: one batch of its size)
         for label, mode in (("vanilla", "vanilla"), ("ours", "distribution")):
             r = b.h_run(f"{label}, batch {bs}", seeds[:max(bs, n)], bs, mode, **(OURS if mode != "vanilla" else {}))
             rows.append({**r, "axis": "batch", "x": bs, "series": label})
     orig = b.pipe.sampler
-    for steps in ((10, 50) if quick else (20, 50, 100)):
+    for steps in entry["scaling_steps"]:
         b.pipe.sampler = DDIMSampler(b.pipe.net, orig.schedule, steps, orig.eta)
         adp = b.adp
         if steps != len(orig.timesteps):
             adp = ADP(b.adp.h_shape, b.pipe.sampler.timesteps, b.adp.attributes).to(b.device)
             torch.nn.init.normal_(adp.weight["parity"], std=1e-3)
             adp.dir_parity.copy_(adp.weight["parity"].detach())    # stand-in directions (timing only)
+            adp.class_prior = dict(b.adp.class_prior)
         for label, mode in (("vanilla", "vanilla"), ("ours", "distribution")):
-            r = b.h_run(f"{label}, {steps} steps", seeds[:min(n, 50)], 50, mode, adp=adp,
+            r = b.h_run(f"{label}, {steps} steps", seeds[:min(n, 50)], min(n, 50), mode, adp=adp,
                         **(OURS if mode != "vanilla" else {}))
             rows.append({**r, "axis": "steps", "x": steps, "series": label})
     b.pipe.sampler = orig
@@ -349,67 +349,63 @@ def plot(rows: list[dict], key: str, path: Path, title: str, xlabel: str, ylabel
     line_plot(path, tx, ys, title, xlabel + (" (log scale)" if log_x else ""), ylabel, x_format=fmt, x_ticks=tx)
 
 
-@guarded
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/digits16.yml")
-    p.add_argument("--quick", action="store_true", help="fewer images and rows (< 5 min on 2 CPU cores)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="docs", help="folder for RESULTS.md (its bench section), "
-                   "RESULTS_bench.md, bench.json, bench_plots/")
-    p.add_argument("--work", default="runs/bench", help="scratch folder (h extraction for the ADP ablation)")
-    p.add_argument("--n_main", type=int, help="images per methods row (default 150; quick 40)")
-    p.add_argument("--n_batch", type=int, help="images per batch-size row (default 100, or the batch "
-                   "size where it is larger; quick 32)")
-    p.add_argument("--n_abl", type=int, help="images per other ablation row (default 100; quick 32)")
-    p.add_argument("--report", metavar="JSON", help="no sampling: rewrite the tables and plots from an "
-                   "earlier run's bench.json (e.g. after a change to the report's layout)")
-    args = p.parse_args(argv)
-    setup_logging()
-    if args.report:
-        res = json.loads(Path(args.report).read_text())
-        write_report(res, Path(args.out), args.quick)
-        return 0
-    device = pick_device(args.device)
-    b = Bench(load_config(args.config), device)
-    n_main, n_batch, n_abl = (40, 32, 32) if args.quick else (150, 100, 100)
-    n_main, n_batch, n_abl = args.n_main or n_main, args.n_batch or n_batch, args.n_abl or n_abl
+def run_entry(entry, ctx) -> None:
+    """Kind methods: sample every row, then write the report (write_report)."""
+    device = pick_device(ctx.device)
+    b = Bench(load_config(entry["config"]), device)
+    sizes = entry["sizes"]
     t0 = time.time()
     print("methods", flush=True)
-    res = {"methods": methods(b, n_main, 100 if not args.quick else 32)}
+    res = {"methods": methods(b, sizes["main"], entry["methods_bs"])}
     print("ablations", flush=True)
-    res["ablations"] = ablations(b, n_abl, n_batch, args.quick, Path(args.work))
+    res["ablations"] = ablations(b, entry, ctx.out(entry["work"]))
     print("scaling", flush=True)
-    res["scaling"] = scaling(b, args.quick)
+    res["scaling"] = scaling(b, entry)
     dev = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({os.cpu_count()} CPU cores)")
-    res.update(total_s=time.time() - t0, device=dev, sizes={"main": n_main, "batch": n_batch, "ablation": n_abl})
-    write_report(res, Path(args.out), args.quick)
-    return 0
+    res.update(total_s=time.time() - t0, device=dev, sizes=sizes)
+    write_report(res, ctx.out(entry.output), entry["suffix"], ctx.command(entry),
+                 entry["section"] and (ctx.out(entry["results_md"]), entry["section"]))
 
 
-def write_report(res: dict, out: Path, quick: bool) -> None:
-    """bench(_quick).json, RESULTS_bench(_quick).md, the plots, and the generated section of
-    RESULTS.md, from one run's results."""
+ABLATIONS = ("batch size", "guidance scale", "guided steps", "ADP training set")
+ABLATION_FIGURES = (("fd", "FD"), ("frechet", "Frechet"), ("confident", "confident share"))
+SCALING_FIGURES = (("s_per_img", "time", "s/img"), ("peak_mb", "memory", "MB"))
+
+
+def plot_name(what: str, figure: str, suffix: str) -> str:
+    """'batch size', 'fd', '_quick' -> 'batch_size_fd_quick.png'."""
+    return f"{what.replace(' ', '_')}_{figure}{suffix}.png"
+
+
+def plot_names(suffix: str) -> list[str]:
+    """Every plot a report writes (bench_plots/...)."""
+    return ([plot_name(a, key, suffix) for a in ABLATIONS for key, _ in ABLATION_FIGURES]
+            + [plot_name(f"scaling {axis}", lab, suffix) for axis in ("batch", "steps") for _, lab, _ in SCALING_FIGURES])
+
+
+def write_report(res: dict, output: Path, suffix: str = "", command: str = "python bench/run.py methods",
+                 section: tuple[Path, str] | None = None) -> None:
+    """From one run's results: bench<suffix>.json and the plots (bench_plots/*<suffix>.png) in
+    output's folder, the tables in ``section`` = (a Markdown file, its marker key), then
+    ``output`` (RESULTS_bench<suffix>.md) itself."""
+    out = output.parent
     plots = out / "bench_plots"
     plots.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if quick else ""
     sizes = res.get("sizes") or {"main": res["methods"][0]["n"], "batch": res["ablations"]["batch size"][0]["n"],
                                  "ablation": res["ablations"]["guidance scale"][0]["n"]}
     figures = []
     for name, rows in res["ablations"].items():
-        slug = name.replace(" ", "_")
-        for key, lab in (("fd", "FD"), ("frechet", "Frechet"), ("confident", "confident share")):
-            path = plots / f"{slug}_{key}{suffix}.png"
+        for key, lab in ABLATION_FIGURES:
+            path = plots / plot_name(name, key, suffix)
             plot(rows, key, path, f"{lab} vs {name}", name, lab, log_x=name == "batch size")
             figures.append(path)
     for axis in ("batch", "steps"):
         rows = [r for r in res["scaling"] if r["axis"] == axis]
-        for key, lab, unit in (("s_per_img", "time", "s/img"), ("peak_mb", "memory", "MB")):
-            path = plots / f"scaling_{axis}_{lab}{suffix}.png"
+        for key, lab, unit in SCALING_FIGURES:
+            path = plots / plot_name(f"scaling {axis}", lab, suffix)
             plot(rows, key, path, f"{unit} vs {axis}", axis, unit)
             figures.append(path)
-    cmd = f"python bench/run_all.py{' --quick' if quick else ''}"
-    md = [f"Device: {res['device']}; total **{res['total_s'] / 60:.1f} min** (`{cmd}`). Target parity 50/50, "
+    md = [f"Device: {res['device']}; total **{res['total_s'] / 60:.1f} min** (`{command}`). Target parity 50/50, "
           "judged by the independent judge.", "",
           f"### Methods (n = {sizes['main']}, same seeds; cost / vanilla = wall time per image relative to "
           "vanilla; rejection's cost counts every image it drew)", "", md_methods(res["methods"]), "",
@@ -422,11 +418,8 @@ def write_report(res: dict, out: Path, quick: bool) -> None:
            md_rows(res["scaling"], "batch / steps"), "",
            "Plots: " + ", ".join(f"[{f.stem}](bench_plots/{f.name})" for f in figures if f.exists())]
     body = "\n".join(md) + "\n"
-    (out / f"RESULTS_bench{suffix}.md").write_text(f"# Benchmark ({'quick' if quick else 'full'})\n\n{body}")
     (out / f"bench{suffix}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    replace_section(out / "RESULTS.md", f"bench{suffix.replace('_', '-')}", body)
+    if section:
+        replace_section(*section, body)
+    output.write_text(f"# Benchmark ({suffix.strip('_') or 'full'})\n\n{body}")
     print(body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
