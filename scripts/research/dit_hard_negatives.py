@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.guidance_eval import make_plan  # noqa: E402
-from models.hspace import HSpaceHook  # noqa: E402
-from models.labellers import load_labeller  # noqa: E402
-from utils.app.config import load_config  # noqa: E402
-from utils.config import RunConfig  # noqa: E402
-from utils.data.extract import _save_shard, _write_meta, shard_done  # noqa: E402
-from utils.guidance import build_guide  # noqa: E402
-from utils.sampling.pipeline import load_adp_for  # noqa: E402
-from utils.sampling.text2image import load_t2i  # noqa: E402
+from bench.guidance_eval import make_plan
+from models.hspace import HSpaceHook
+from models.labellers import load_labeller
+from utils.app.config import load_config
+from utils.config import RunConfig
+from utils.data.extract import _save_shard, _write_meta, shard_done
+from utils.guidance import build_guide
+from utils.sampling.pipeline import load_adp_for
+from utils.sampling.text2image import load_t2i
 
 PROMPTS = ["a digit", "a small digit", "a large digit", "a handwritten digit", "a number"]
 
