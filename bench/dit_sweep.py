@@ -41,9 +41,11 @@ BIASED = ["a digit", "a small digit", "a large digit"]
 ATTRIBUTES = "parity,magnitude,digit"
 UNET_ADP = "pretrained/digits16_t2i_adp.pt"
 #: the guidance sections tried per cell (--guidance): the config's (the U-Net default's, for
-#: v-prediction: the cap grows at the noisy steps), ours as it is, ours with smaller caps
-GUIDANCE = {"config": None, "ours": {"preset": "ours"}, "ours-cap1": {"preset": "ours", "max_step": 1.0},
-            "ours-cap0.5": {"preset": "ours", "max_step": 0.5}}
+#: v-prediction: the cap grows at the noisy steps) with the ADP's stored directions, as the sweep
+#: chose h with them (the config now steps along the run's own covariance), ours as it is, ours
+#: with smaller caps
+GUIDANCE = {"config": {"direction": "covariance"}, "ours": {"preset": "ours"},
+            "ours-cap1": {"preset": "ours", "max_step": 1.0}, "ours-cap0.5": {"preset": "ours", "max_step": 0.5}}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -59,8 +61,8 @@ def cell_config(base: dict, block: int, pool, adp: Path, out: Path, guidance: st
     """The config of one cell: the default's with h at ``transformer_blocks.{block}`` pooled to
     ``pool``, the cell's ADP and the ``guidance`` variant's section."""
     cfg = json.loads(json.dumps(base))
-    if GUIDANCE[guidance] is not None:
-        cfg["guidance"] = GUIDANCE[guidance]
+    variant = GUIDANCE[guidance]
+    cfg["guidance"] = {**cfg.get("guidance", {}), **variant} if guidance == "config" else variant
     width, side = cfg["model"]["h_shape"][0], cfg["model"]["h_shape"][1]
     g = side if pool == "none" else min(int(pool), side)
     cfg["model"].update(h_module=f"transformer_blocks.{block}", h_pool=pool if pool == "none" else int(pool),

@@ -103,31 +103,37 @@ def test_joint_target_fixes_what_marginals_cannot():
 
 
 # ---- all-reduce across processes --------------------------------------------------------------
-def _rank_step(rank, world, port, h, out_q, estimator):
+def _rank_step(rank, world, port, h, out_q, estimator, direction):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         adp = _hand_adp()
         part = h.chunk(world)[rank]
-        b = guide(adp, {"a": torch.tensor([0.5, 0.5])}, distributed=True, estimator=estimator).start([0] * len(part))
+        b = guide(adp, {"a": torch.tensor([0.5, 0.5])}, distributed=True, estimator=estimator,
+                  direction=direction).start([0] * len(part))
         out_q.put((rank, b.edit(part, Step(0, 10)).numpy(), b.batch_total, b.estimate["a"]))  # by value
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["soft", "quota"])
-def test_two_processes_guide_one_global_batch(estimator):
+@pytest.mark.parametrize("estimator,direction", [("soft", "covariance"), ("quota", "covariance"),
+                                                 ("soft", "batch")])
+def test_two_processes_guide_one_global_batch(estimator, direction):
     """2 gloo ranks with half a batch each make exactly the edit one process makes on all of it
-    (soft: the batch mean is all-reduced; quota: the assignment sees the whole batch)."""
+    (soft: the batch mean is all-reduced; quota: the assignment sees the whole batch; batch
+    directions: the covariance of the whole batch's h)."""
     h = torch.tensor([[-2.0, 0.1], [-1.0, 0.2], [-1.5, 0.3], [0.5, 0.4]]).view(4, 2, 1, 1)
-    expect, whole = step_once(_hand_adp(), {"a": torch.tensor([0.5, 0.5])}, h, estimator=estimator)
+    expect, whole = step_once(_hand_adp(), {"a": torch.tensor([0.5, 0.5])}, h, estimator=estimator,
+                              direction=direction)
+    if direction == "batch":            # h_1 co-varies with h_0 in this batch: it moves too
+        assert (expect - h)[:, 1].abs().gt(1e-4).all()
     if estimator == "quota":      # the two likeliest odd samples (rows 1 and 3) are sent up,
         assert (expect - h)[[1, 3], 0].gt(0).all() and (expect - h)[[0, 2], 0].le(0).all()   # one per rank
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = 29500 + os.getpid() % 1000 + (7 if estimator == "quota" else 0)
-    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, h, q, estimator)) for r in range(2)]
+    port = 29500 + os.getpid() % 1000 + (7 if estimator == "quota" else 0) + (13 if direction == "batch" else 0)
+    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, h, q, estimator, direction)) for r in range(2)]
     for p in procs:
         p.start()
     res = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])

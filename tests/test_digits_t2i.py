@@ -435,6 +435,13 @@ DIT_CONFIG = "configs/digits16_dit.yml"
 UNET_FOLDER = Path(__file__).resolve().parent.parent / "pretrained" / "digits16_t2i"
 
 
+def test_the_transformer_default_steps_along_its_own_prompts_covariance():
+    from utils.guidance.settings import resolve_settings
+    cfg = load_config(DIT_CONFIG)
+    s = resolve_settings(cfg["guidance"], family=cfg["model"]["family"])
+    assert (s.direction, s.refine, s.refine_within, s.max_step, s.cap_growth) == ("batch", True, "preserve", 0.75, 50.0)
+
+
 def test_the_transformer_settings_take_the_vae_from_init_from_or_train_one():
     from utils.data.train_t2i import T2ITrainSettings
     section = load_config(DIT_CONFIG)["train"]

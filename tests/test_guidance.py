@@ -9,7 +9,7 @@ from helpers import guide, hand_adp, plan, settings, step_once
 from models.adp import ADP
 from models.hspace import Step
 from utils.guidance.estimators import assign_to_quota, chi_square, quota_counts
-from utils.guidance.guide import Guide
+from utils.guidance.guide import Guide, RunCovariance
 from utils.guidance.settings import SettingsError
 from utils.sampling.diffusion import DDIMSampler, Schedule
 from utils.sampling.seeds import SeededNoise
@@ -118,6 +118,59 @@ def test_ours_on_an_adp_without_directions_says_how_to_get_them():
     with pytest.raises(ValueError, match="directions_from"):
         guide(adp, HALF)
     guide(adp, HALF, direction="gradient")                     # the plain gradient needs none
+
+
+def test_run_covariance_is_the_covariance_of_every_batch_so_far_times_the_raw_weight():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 5, generator=g)
+    first, second = torch.randn(4, 5, generator=g) * 3 + 1, torch.randn(6, 5, generator=g)
+    run = RunCovariance()
+    assert run.directions(2, first[:1], {"a": w}) is None            # one sample: no covariance
+    run = RunCovariance()
+    torch.testing.assert_close(run.directions(2, first, {"a": w})["a"], w @ torch.cov(first.T))
+    both = torch.cat([first, second])
+    torch.testing.assert_close(run.directions(2, second, {"a": w})["a"], w @ torch.cov(both.T))
+    torch.testing.assert_close(run.directions(3, second, {"a": w})["a"], w @ torch.cov(second.T))  # per step
+
+
+def test_batch_directions_leave_out_what_only_the_training_h_shares():
+    """The ADP's stored direction for 'a' also moves h_1 (h_0 and h_1 co-vary in its training
+    h); in a batch whose h_1 is the same for every sample, ``direction: batch`` moves h_0 only,
+    by Cov_batch(h_0) times the covariance step's gradient."""
+    adp = hand_adp()
+    with torch.no_grad():
+        adp.dir_a[:] = torch.tensor([[-1.0, -0.8], [1.0, 0.8]])
+    h = torch.tensor([[-2.0, 0.5], [-1.0, 0.5], [-3.0, 0.5], [-1.5, 0.5]]).view(4, 2, 1, 1)
+    stored, _ = step_once(adp, HALF, h)
+    ours, _ = step_once(adp, HALF, h, direction="batch")
+    assert ((stored - h)[:, 1] > 1e-3).all()                    # the stored direction moves h_1
+    torch.testing.assert_close(ours[:, 1], h[:, 1])              # the batch's does not
+    var0 = float(h[:, 0].flatten().var())
+    torch.testing.assert_close((ours - h)[:, 0], (stored - h)[:, 0] * var0, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_directions_wait_for_batch_min_samples_at_each_step():
+    """batch_min 6: the first batch of 4 steps along the stored directions (and is counted), the
+    second along the covariance of all 8."""
+    adp = hand_adp()
+    with torch.no_grad():
+        adp.dir_a[:] = torch.tensor([[-1.0, -0.8], [1.0, 0.8]])
+    h = torch.tensor([[-2.0, 0.5], [-1.0, 0.5], [-3.0, 0.5], [-1.5, 0.5]]).view(4, 2, 1, 1)
+    stored, _ = step_once(adp, HALF, h)
+    g = guide(adp, HALF, direction="batch", batch_min=6)
+    torch.testing.assert_close(g.start([0, 1, 2, 3]).edit(h, Step(0, 10)), stored)
+    second = g.start([4, 5, 6, 7]).edit(h, Step(0, 10))
+    torch.testing.assert_close(second[:, 1], h[:, 1])            # the run's covariance: h_1 constant
+    assert g.covariance.sums[0]["n"].item() == 8
+
+
+def test_batch_directions_need_no_stored_directions_and_fall_back_for_one_sample():
+    adp = hand_adp()
+    adp.dir_a.zero_()
+    h = torch.tensor([[-2.0, 0.5]]).view(1, 2, 1, 1)
+    one, _ = step_once(adp, HALF, h, direction="batch")
+    plain, _ = step_once(adp, HALF, h, direction="gradient")
+    torch.testing.assert_close(one, plain)                       # no covariance of one sample yet
 
 
 # ---- end to end on a tiny random ADM -----------------------------------------------------------

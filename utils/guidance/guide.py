@@ -14,8 +14,10 @@ estimator; ``sample``: each sample's requested class):
     delta_h = -step_factor * beta_t^beta_power * n * sum_a (dL/dlogits_a) @ B_a,j
 
 with B = W_j / std_j (the head's weights in raw h coordinates: the plain gradient dL/dh, the
-paper) or B = Cov_j(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
-differences), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
+paper), B = Cov_j(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
+differences, Cov over the ADP's training h) or the same with Cov over the h this run has had at
+step i (``direction: batch``, ``RunCovariance``: the prompt's own h, so a direction shared with
+another attribute across the training prompts but not within this prompt's images drops out), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
 paper) and, when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_j(h)||,
 g_t = min(abar_t^-1/2, cap_growth) (1 without ``cap_growth``). A v-prediction model's clean-image
 estimate moves by sqrt(1 - abar_t) |delta v| where an eps-model's moves by
@@ -52,6 +54,45 @@ class GuidanceDiverged(ValueError):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+class RunCovariance:
+    """``direction: batch``: at guided step index i, B_a = Cov_i(h) W_raw,a^T with Cov_i over
+    every h the run has had at step i so far (this batch's, the global batch's when distributed,
+    and each earlier batch's), centred on their mean. Per step it keeps n, sum h [D] and
+    sum_a h (W_raw,a h)^T [D,K] in float64, never D x D. One guide is one prompt's run, so the
+    covariance is that prompt's; a run resumed from disk starts the sums again."""
+
+    def __init__(self):
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+
+    def directions(self, i: int, h: torch.Tensor, weights: dict[str, torch.Tensor],
+                   distributed: bool = False, min_samples: int = 2) -> dict[str, torch.Tensor] | None:
+        """h [N,D] at step i, weights {attr: W_raw [K,D]} -> {attr: B [K,D]} with this batch's h
+        added to step i's sums; None while the sums hold fewer than max(2, min_samples) samples."""
+        h64 = h.detach().double()
+        batch = {"n": h64.new_tensor([float(len(h64))]), "sum": h64.sum(0)}
+        for a, w in weights.items():
+            batch[a] = h64.T @ (h64 @ w.to(h64).T)                       # [D, K]
+        if distributed and _distributed():
+            keys = list(batch)
+            flat = torch.cat([batch[k].flatten() for k in keys])
+            dist.all_reduce(flat)
+            at = 0
+            for k in keys:
+                batch[k] = flat[at:at + batch[k].numel()].view_as(batch[k])
+                at += batch[k].numel()
+        have = self.sums.get(i)
+        total = batch if have is None else {k: have[k].to(v) + v for k, v in batch.items()}
+        self.sums[i] = total
+        n = float(total["n"])
+        if n < max(2, min_samples):
+            return None
+        out = {}
+        for a, w in weights.items():
+            centred = total[a] - torch.outer(total["sum"], w.to(h64) @ total["sum"]) / n
+            out[a] = (centred / (n - 1)).T.float()
+        return out
 
 
 class RunningBalance:
@@ -142,6 +183,7 @@ class Guide:
         self.labeller = labeller if settings.check else None
         use_balance = plan.mode == "distribution" and settings.running_balance
         self.balance = RunningBalance(self.labeller) if use_balance else None
+        self.covariance = RunCovariance() if settings.direction == "batch" else None
         self.attrs = list(dict.fromkeys(a for k in plan.targets for a in joint_attributes(k)))
         self.redrawn = 0
 
@@ -303,9 +345,9 @@ class BatchGuide:
         beta = float(self.guide.betas[min(int(round(float(t))), len(self.guide.betas) - 1)])
         lam = settings.step_factor * beta ** settings.beta_power * n
         step = torch.zeros(len(h), h[0].numel(), device=h.device)
+        bases = self._bases(h, i, head)
         for a, grad in zip(self.guide.attrs, grads):
-            basis = adp.direction(a, head) if settings.direction == "covariance" else adp.raw_weight(a, head)
-            step -= lam * grad.float() @ basis.to(h.device)
+            step -= lam * grad.float() @ bases[a].to(h.device)
         if self.cap is not None:
             step = clip_rows(step, self.cap * self.cap_factor(t) * float(adp.std[head].norm()))
         new = (h.float() + step.view_as(h)).to(h.dtype)
@@ -314,6 +356,22 @@ class BatchGuide:
                 f"guidance diverged at step {i} (t = {float(t):g}): h is no longer finite, so the images "
                 f"would be blank; lower --scale (now {plan.scales}) or use a capped preset (--preset ours)")
         return new
+
+    def _bases(self, h: torch.Tensor, i: int, head: int) -> dict[str, torch.Tensor]:
+        """B per guided attribute [K,D] (module docstring). ``batch`` before its sums hold
+        ``batch_min`` samples: the ADP's stored directions, or its raw weights when it has none."""
+        settings = self.guide.plan.settings
+        adp, direction = self.guide.adp, settings.direction
+        weights = {a: adp.raw_weight(a, head).detach() for a in self.guide.attrs}
+        if direction == "batch":
+            run = self.guide.covariance.directions(i, h.reshape(len(h), -1), weights, self.guide.distributed,
+                                                   settings.batch_min)
+            if run is not None:
+                return run
+            direction = "covariance" if adp.has_directions() else "gradient"
+        if direction == "covariance":
+            return {a: adp.direction(a, head) for a in self.guide.attrs}
+        return weights
 
     def cap_factor(self, t) -> float:
         """g_t of the module docstring: min(abar_t^-1/2, cap_growth), 1 without cap_growth."""

@@ -36,7 +36,7 @@ class SettingsError(ValueError):
 
 
 #: field -> allowed values, for the enumerated settings
-CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance"),
+CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance", "batch"),
            "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
            "head_rule": ("exact", "nearest")}
@@ -48,7 +48,8 @@ class GuidanceSettings:
     preset: str
     estimator: str                    # distribution: soft (paper: batch mean of q) | quota (ours) | auto
     temperature: float                # q = softmax(logits / temperature)
-    direction: str                    # gradient (paper: grad_h L) | covariance (ours: Cov_s(h) W_s^T)
+    direction: str                    # gradient (paper: grad_h L) | covariance (ours: Cov_s(h) W_s^T, Cov
+                                      # of the ADP's training h) | batch (Cov of the run's own h at step s)
     step_factor: float                # the step's constant: paper 1.5 * 300 = 450
     beta_power: float                 # lambda_t = step_factor * beta_t ** beta_power
     batch_normalise: bool             # multiply the distribution step by N (p_hat is a mean over N)
@@ -83,6 +84,8 @@ class GuidanceSettings:
     cap_growth: float | None          # the cap at timestep t times min(abar_t^-1/2, cap_growth) (v-prediction
                                       # models: an edit of h moves their clean-image estimate sqrt(abar_t)
                                       # times as far as an eps-model's); None: the same cap at every step
+    batch_min: int                    # direction batch: the ADP's stored directions until the run's h at a
+                                      # step number this many (2: from the first batch of two)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for run.json."""
@@ -111,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   first_step=1, last_step=None, debias=False, running_balance=False,
                   refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0,
                   loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact",
-                  cap_growth=None),
+                  cap_growth=None, batch_min=2),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
@@ -119,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  first_step=1, last_step=None, debias=True, running_balance=True,
                  refine=True, refine_within="model", check=True, sample_retries=2, retry_boost=2.0,
                  loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact",
-                 cap_growth=None),
+                 cap_growth=None, batch_min=2),
 }
 #: presets of a model family that differ from the unconditional ones (complete value sets too).
 #: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
@@ -137,7 +140,7 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       first_step=0, last_step=None, debias=False, running_balance=False,
                       refine=False, refine_within="uniform", check=False, sample_retries=0,
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
-                      head_rule="nearest", cap_growth=None),
+                      head_rule="nearest", cap_growth=None, batch_min=2),
         # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
         # the prompt's other coarse attributes (a large digit's magnitude) keep their marginals
         "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0, refine_within="preserve"),
