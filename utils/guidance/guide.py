@@ -17,8 +17,9 @@ with B = W_j / std_j (the head's weights in raw h coordinates: the plain gradien
 paper), B = Cov_j(h) W_raw^T (``direction: covariance``, ours: moves h along class-mean
 differences, Cov over the ADP's training h) or the same with Cov over the h this run has had at
 step i (``direction: batch``, ``RunCovariance``: the prompt's own h, so a direction shared with
-another attribute across the training prompts but not within this prompt's images drops out), n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the
-paper) and, when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_j(h)||,
+another attribute across the training prompts but not within this prompt's images drops out),
+n = the number of samples p_hat averages when ``batch_normalise`` (ours; 1 in the paper) and,
+when the plan has a cap, each sample's delta_h clipped to cap * g_t * ||std_j(h)||,
 g_t = min(abar_t^-1/2, cap_growth) (1 without ``cap_growth``). A v-prediction model's clean-image
 estimate moves by sqrt(1 - abar_t) |delta v| where an eps-model's moves by
 sqrt((1 - abar_t) / abar_t) |delta eps|, so the same edit of h acts sqrt(abar_t) times as much there:
