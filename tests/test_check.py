@@ -49,6 +49,32 @@ def test_balance_counts_joint_cells_first_attribute_slowest():
     assert b.sums["a*b"].tolist() == [0.0, 1.0, 0.0, 1.0]       # cells (0,1) and (1,1)
 
 
+def test_balance_counts_the_labellers_probabilities_with_count_probability():
+    lab = FixedLabeller({"a": [[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]],
+                         "b": [[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]]})
+    b = RunningBalance(lab, probability=True)
+    b.update({"a": [0.0, 1.0], "a*b": [0.25] * 4}, 3, torch.zeros(3, *SHAPE))
+    assert b.sums["a"].tolist() == pytest.approx([1.8, 1.2])    # the expected count, not [2, 1]
+    # joint cells: the product of each image's probabilities, summed over the images
+    assert b.sums["a*b"].tolist() == pytest.approx([0.45 + 0.6 + 0.06, 0.45 + 0.24,
+                                                    0.05 + 0.4 + 0.14, 0.05 + 0.56])
+
+
+def test_the_count_setting_reaches_the_running_balance():
+    from utils.guidance.settings import resolve_settings
+    assert resolve_settings({"preset": "ours"}).count == "class"
+    assert resolve_settings({"preset": "ours", "count": "probability"}).count == "probability"
+    with pytest.raises(ValueError, match="count"):
+        resolve_settings({"preset": "ours", "count": "soft"})
+    lab = FixedLabeller({"a": [[0.6, 0.4]] * 4})
+    for count, want in (("class", [4.0, 0.0]), ("probability", [2.4, 1.6])):
+        g = guide(_hand_adp(("a",)), {"a": torch.tensor([0.5, 0.5])}, labeller=lab, count=count,
+                  running_balance=True, check=True)
+        assert g.balance is not None and g.balance.probability == (count == "probability")
+        g.balance.update({"a": [0.5, 0.5]}, 4, torch.zeros(4, *SHAPE))
+        assert g.balance.sums["a"].tolist() == pytest.approx(want)
+
+
 # ---- one step cap, shared by the attributes ---------------------------------------------------
 def test_step_cap_is_shared_by_the_attributes():
     """Both attributes pushed hard (sample mode, far from the requested classes): the two equal
@@ -262,3 +288,26 @@ def test_refine_preserve_keeps_the_untargeted_magnitude_of_a_prompt():
     a, _ = refine_targets(both, REFINE, DIGITS, {"digit": prior})
     b, _ = refine_targets(both, REFINE, DIGITS, {"digit": prior}, preserve=True)
     assert a["digit"].tolist() == pytest.approx(b["digit"].tolist(), abs=1e-7)
+
+
+def test_refine_preserve_even_shares_each_cell_evenly_and_keeps_the_marginals():
+    """The same "a large digit" prior, whose large evens are 6 and 8 as 2:3: ``preserve_even``
+    keeps parity at the target and magnitude at the model's 0.05 as ``preserve`` does, and gives
+    6 and 8 the same share (every digit of a parity x magnitude cell alike)."""
+    prior = [0.01, 0.01, 0.01, 0.01, 0.01, 0.3, 0.02, 0.3, 0.03, 0.3]
+    coarse = {"parity": torch.tensor([0.5, 0.5])}
+    out, _ = refine_targets(coarse, REFINE, DIGITS, {"digit": prior}, preserve=True, even=True)
+    q = out["digit"].double()
+    assert float(q[0::2].sum()) == pytest.approx(0.5, abs=1e-6)
+    assert float(q[:5].sum()) == pytest.approx(0.05, abs=1e-6)
+    # constant on each cell: {6, 8}, {5, 7, 9}, {0, 2, 4}, {1, 3}
+    for cell in ([6, 8], [5, 7, 9], [0, 2, 4], [1, 3]):
+        assert q[cell].tolist() == pytest.approx([float(q[cell[0]])] * len(cell), abs=1e-7)
+    # and of product form (one factor per parity, one per magnitude): q0 q5 = q6 q1
+    assert float(q[0] * q[5]) == pytest.approx(float(q[6] * q[1]), rel=1e-5)
+    cfg = {"model": {"family": "sd"}, "refine": REFINE,
+           "guidance": {"preset": "ours", "refine_within": "preserve_even"}}
+    plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior})
+    assert plan.targets["digit"].tolist() == pytest.approx(out["digit"].tolist(), abs=1e-7)
+    with pytest.raises(ValueError, match="priors_from_samples"):
+        build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS)

@@ -106,10 +106,11 @@ class RunningBalance:
     e.g. the one that labelled the ADP's training data, never the judge) a finished batch's
     classes are counted on its images instead of taken from the guide's estimate."""
 
-    def __init__(self, labeller=None):
+    def __init__(self, labeller=None, probability: bool = False):
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.labeller = labeller
+        self.probability = probability
 
     def update(self, estimate: dict[str, list[float]], n: int, images: torch.Tensor | None = None,
                distributed: bool = False) -> None:
@@ -129,17 +130,21 @@ class RunningBalance:
         self.count += n
 
     def _count(self, images: torch.Tensor, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Per key, the labeller's class counts [K] on images (a joint key counts cells)."""
+        """Per key, the labeller's class counts [K] on images (a joint key counts cells): each
+        image's argmax class, or with ``probability`` its probabilities (the expected count)."""
         with torch.no_grad():
             probs = self.labeller.predict(images.clamp(-1, 1).float().cpu())
+
+        def share(a: str) -> torch.Tensor:
+            p = probs[a].double()
+            return p if self.probability else torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).double()
         out = {}
         for key in keys:
             parts = joint_attributes(key)
-            onehot = torch.nn.functional.one_hot(probs[parts[0]].argmax(1), probs[parts[0]].shape[1]).double()
+            cells = share(parts[0])
             for a in parts[1:]:
-                other = torch.nn.functional.one_hot(probs[a].argmax(1), probs[a].shape[1]).double()
-                onehot = (onehot[:, :, None] * other[:, None, :]).flatten(1)
-            out[key] = onehot.sum(0)
+                cells = (cells[:, :, None] * share(a)[:, None, :]).flatten(1)
+            out[key] = cells.sum(0)
         return out
 
     def state(self) -> dict:
@@ -183,7 +188,8 @@ class Guide:
         self.abar = torch.cumprod(1 - betas.double(), 0)
         self.labeller = labeller if settings.check else None
         use_balance = plan.mode == "distribution" and settings.running_balance
-        self.balance = RunningBalance(self.labeller) if use_balance else None
+        self.balance = (RunningBalance(self.labeller, probability=settings.count == "probability")
+                        if use_balance else None)
         self.covariance = RunCovariance() if settings.direction == "batch" else None
         self.attrs = list(dict.fromkeys(a for k in plan.targets for a in joint_attributes(k)))
         self.redrawn = 0

@@ -37,9 +37,9 @@ class SettingsError(ValueError):
 
 #: field -> allowed values, for the enumerated settings
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance", "batch"),
-           "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve"),
+           "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve", "preserve_even"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
-           "head_rule": ("exact", "nearest")}
+           "head_rule": ("exact", "nearest"), "count": ("class", "probability")}
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,12 @@ class GuidanceSettings:
                                       # classes | model: in the model's own proportions (the ADP's class_prior)
                                       # | preserve: as model, and the coarse attributes nobody targeted
                                       # (same finer head) keep the model's marginals (iterative fitting)
+                                      # | preserve_even: as preserve, each cell of the coarse attributes
+                                      # (large and even) shared evenly by its finer classes (6 and 8)
     check: bool                       # the config's labeller checks finished images
+    count: str                        # the check's running balance counts each image's labeller class
+                                      # (class: its argmax) or its labeller probabilities (probability:
+                                      # the expected count, an ambiguous image half in each class)
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
     loss: str                         # distribution loss of the soft estimator: chi_square (paper,
@@ -114,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   first_step=1, last_step=None, debias=False, running_balance=False,
                   refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0,
                   loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact",
-                  cap_growth=None, batch_min=2),
+                  cap_growth=None, batch_min=2, count="class"),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
@@ -122,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  first_step=1, last_step=None, debias=True, running_balance=True,
                  refine=True, refine_within="model", check=True, sample_retries=2, retry_boost=2.0,
                  loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact",
-                 cap_growth=None, batch_min=2),
+                 cap_growth=None, batch_min=2, count="class"),
 }
 #: presets of a model family that differ from the unconditional ones (complete value sets too).
 #: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
@@ -140,7 +145,7 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       first_step=0, last_step=None, debias=False, running_balance=False,
                       refine=False, refine_within="uniform", check=False, sample_retries=0,
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
-                      head_rule="nearest", cap_growth=None, batch_min=2),
+                      head_rule="nearest", cap_growth=None, batch_min=2, count="class"),
         # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
         # the prompt's other coarse attributes (a large digit's magnitude) keep their marginals
         "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0, refine_within="preserve"),
@@ -259,10 +264,13 @@ CLI_FIELDS: dict[str, str] = {
     "refine_within": "refine spreads a coarse class's share over its finer classes evenly (uniform) "
                      "or in the model's own proportions (model: the ADP's class fractions, which "
                      "keeps what was not targeted; preserve: as model, and the coarse attributes "
-                     "nobody targeted keep the model's marginals; default: the preset's)",
+                     "nobody targeted keep the model's marginals; preserve_even: as preserve, each cell of "
+                     "the coarse attributes shared evenly by its finer classes; default: the preset's)",
     "check": "the config's labeller checks finished images: the running balance counts "
              "its classes, sample guidance redraws the images outside their class "
              "(default: the preset's)",
+    "count": "the check's running balance counts each finished image's labeller class (class) or "
+             "its labeller probabilities (probability: the expected count; default: the preset's)",
     "cfg_edit": "text-to-image: edit h of both halves of the CFG batch (the same delta h) or the "
                 "conditional half only (default: the preset's)",
     "cfg_estimate": "text-to-image: the batch estimate from the conditional rows (ours) or from both "

@@ -166,8 +166,8 @@ def parse_scales(spec: str | None, keys: list[str], defaults: dict[str, float]) 
 
 
 def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: dict[str, list[str]],
-                   priors: dict[str, list[float]] | None = None, preserve: bool = False
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+                   priors: dict[str, list[float]] | None = None, preserve: bool = False,
+                   even: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Targets on coarse attributes -> the same targets on a finer head that nests them (ours).
 
     ``refine``: {coarse attribute: {"via": finer attribute, "groups": [[finer class indices of
@@ -182,7 +182,9 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: d
     instead of along one coarse direction, which keeps the mix within each coarse class.
     With ``preserve`` (and ``priors``), the coarse attributes of ``refine`` through the same head
     that no key names also keep the model's marginals (``_preserve_marginals``): a parity target
-    for "a large digit" does not bring in small even digits.
+    for "a large digit" does not bring in small even digits. With ``even`` as well, each cell of
+    every coarse attribute of the head (targeted and kept: "large and even") is shared evenly by
+    its finer classes (6 and 8 alike) instead of in the model's proportions.
     Returns (new targets, {finer head: coarse keys}); keys that cannot be refined are kept.
     """
     by_via: dict[str, list[str]] = {}
@@ -200,16 +202,19 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: d
         kept = [a for a, r in refine.items() if r.get("via") == via and a not in named and a not in targets]
         if preserve and prior is not None and kept:
             out[via] = _preserve_marginals(out[via], prior, [[refine[a]["groups"] for a in joint_attributes(k)]
-                                                            for k in keys], [refine[a]["groups"] for a in kept])
+                                                            for k in keys], [refine[a]["groups"] for a in kept],
+                                           even=even)
     return out, by_via
 
 
 def _preserve_marginals(want: torch.Tensor, prior: list[float], target_groups: list[list[list[list[int]]]],
-                        kept_groups: list[list[list[int]]], iters: int = 500) -> torch.Tensor:
+                        kept_groups: list[list[list[int]]], iters: int = 500, even: bool = False) -> torch.Tensor:
     """Iterative proportional fitting on the finer classes: keep ``want``'s mass on every cell of
     the targeted keys (cells: the joint groups of each key's attributes) and give each group of
     the untargeted attributes its ``prior`` mass; starts from ``want`` (the model's proportions
-    within the targeted cells), so the result is the closest (KL) to them that meets both."""
+    within the targeted cells), so the result is the closest (KL) to them that meets both. With
+    ``even`` it starts from equal masses: the result is then constant on each cell of the
+    targeted and kept groups together (a product of one factor per group)."""
     n = len(want)
     q = want.double().clone()
     p = torch.tensor(prior, dtype=torch.float64)
@@ -221,6 +226,8 @@ def _preserve_marginals(want: torch.Tensor, prior: list[float], target_groups: l
             if None not in c:
                 cells.setdefault(c, []).append(j)
         partitions.append([(idx, float(q[idx].sum())) for idx in cells.values()])
+    if even:
+        q = torch.ones_like(q)
     total = float(p.sum())
     for groups in kept_groups:
         partitions.append([(list(g), float(p[list(g)].sum()) / total) for g in groups])
@@ -325,7 +332,7 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
     guided, refined = requested, None
     if settings.refine and refine_map:
         within = None
-        if settings.refine_within in ("model", "preserve"):
+        if settings.refine_within in ("model", "preserve", "preserve_even"):
             vias = {refine_map[a]["via"] for k in requested for a in joint_attributes(k) if a in refine_map}
             missing = sorted(v for v in vias if not (priors or {}).get(v))
             if missing:
@@ -334,7 +341,8 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
                                  f"--adp ADP.pt --out NEW.pt) or use refine_within: uniform")
             within = priors
         guided, refined = refine_targets(requested, refine_map, attributes, within,
-                                         preserve=settings.refine_within == "preserve")
+                                         preserve=settings.refine_within.startswith("preserve"),
+                                         even=settings.refine_within == "preserve_even")
     estimator = settings.estimator
     if estimator == "auto":        # quota for one plain target, soft for several or a joint one
         estimator = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
