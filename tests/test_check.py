@@ -305,6 +305,11 @@ def test_refine_preserve_even_shares_each_cell_evenly_and_keeps_the_marginals():
         assert q[cell].tolist() == pytest.approx([float(q[cell[0]])] * len(cell), abs=1e-7)
     # and of product form (one factor per parity, one per magnitude): q0 q5 = q6 q1
     assert float(q[0] * q[5]) == pytest.approx(float(q[6] * q[1]), rel=1e-5)
+    # both coarse attributes targeted (nothing kept): each targeted cell shared evenly as well
+    both = {"parity": torch.tensor([0.5, 0.5]), "magnitude": torch.tensor([0.2, 0.8])}
+    b, _ = refine_targets(both, REFINE, DIGITS, {"digit": prior}, preserve=True, even=True)
+    assert b["digit"].tolist() == pytest.approx([0.1 / 3, 0.05, 0.1 / 3, 0.05, 0.1 / 3,
+                                                 0.4 / 3, 0.2, 0.4 / 3, 0.2, 0.4 / 3], abs=1e-6)
     cfg = {"model": {"family": "sd"}, "refine": REFINE,
            "guidance": {"preset": "ours", "refine_within": "preserve_even"}}
     plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, priors={"digit": prior})

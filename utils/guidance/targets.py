@@ -197,7 +197,7 @@ def refine_targets(targets: dict[str, torch.Tensor], refine: dict, attributes: d
     out = {k: v for k, v in targets.items() if not any(k in ks for ks in by_via.values())}
     for via, keys in by_via.items():
         prior = (priors or {}).get(via)
-        out[via] = _finer_target(via, keys, targets, refine, len(attributes[via]), prior)
+        out[via] = _finer_target(via, keys, targets, refine, len(attributes[via]), None if even else prior)
         named = {a for k in keys for a in joint_attributes(k)}
         kept = [a for a, r in refine.items() if r.get("via") == via and a not in named and a not in targets]
         if preserve and prior is not None and kept:
