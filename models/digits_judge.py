@@ -140,11 +140,18 @@ class SVCLabeller(Judge):
 
     attributes = ATTRIBUTES
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, prior: str = "train"):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.svm import SVC
         from models.digits import load_split
+        if prior not in ("train", "uniform"):
+            raise ValueError(f"SVCLabeller prior {prior!r}: give 'train' or 'uniform'")
         split = load_split()
+        # p(y|x) under the training subset's (biased) digit prior pi; 'uniform' re-weights it to
+        # equal priors, p(y|x) pi(y)^-1 renormalised (the label-shift correction of a calibrated
+        # classifier), so that ambiguous images are not read as the training data's majority.
+        counts = torch.bincount(torch.as_tensor(split.train_y), minlength=10).float()
+        self.reweight = 1.0 / counts if prior == "uniform" else torch.ones(10)
         try:        # scikit-learn >= 1.9 deprecates SVC(probability=True) for this
             self.svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale", random_state=seed),
                                               ensemble=False)
@@ -154,5 +161,5 @@ class SVCLabeller(Judge):
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         p = torch.as_tensor(self.svc.predict_proba(grey(images).float().flatten(1).numpy()),
-                            dtype=torch.float32)
-        return digit_probs_to_attributes(p)
+                            dtype=torch.float32) * self.reweight
+        return digit_probs_to_attributes(p / p.sum(1, keepdim=True))

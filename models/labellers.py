@@ -23,7 +23,8 @@ from models.files import resolve_path
 from models.judge import NAMED_JUDGES, Judge, is_named_judge, load_calibration, load_judge
 
 #: built-in labellers by name -> (module, class)
-BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller")}
+BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller", {}),
+           "digits_svc_uniform": ("models.digits_judge", "SVCLabeller", {"prior": "uniform"})}
 #: CLIP's image normalisation (used when the folder has no preprocessor_config.json)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -38,8 +39,8 @@ def load_labeller(spec) -> Judge:
                          f"and {sorted(set(NAMED_JUDGES) - {'clip'})}")
     if spec in BUILTIN:
         import importlib
-        module, cls = BUILTIN[spec]
-        return getattr(importlib.import_module(module), cls)()
+        module, cls, kwargs = BUILTIN[spec]
+        return getattr(importlib.import_module(module), cls)(**kwargs)
     path = resolve_path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"labeller {spec!r} not found ({path}): give {sorted(BUILTIN | NAMED_JUDGES)}, a "

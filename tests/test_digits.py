@@ -100,3 +100,23 @@ def test_the_digits_judge_and_labeller_read_rgb_digits_as_their_grey_original():
     for clf in (DigitsJudge.load("pretrained/digits16_judge.pt"), SVCLabeller()):
         a, b = clf.predict(x), clf.predict(x.repeat(1, 3, 1, 1))
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_the_uniform_prior_labeller_divides_out_its_training_subsets_digit_prior():
+    """digits_svc_uniform: the SVM's probabilities times 1 / (training count of the digit),
+    renormalised. The training subset is 80% even, so on the judge's real digits (30% even) the
+    SVM as fitted reads more even than there are, and the reweighted one fewer than it."""
+    import numpy as np
+    from models.digits import load_split
+    from models.labellers import load_labeller
+    split = load_split()
+    counts = torch.bincount(torch.as_tensor(split.train_y), minlength=10).float()
+    assert counts[[0, 2, 4, 6, 8]].sum() > 3 * counts[[1, 3, 5, 7, 9]].sum()   # the bias corrected for
+    train, uniform = load_labeller("digits_svc"), load_labeller("digits_svc_uniform")
+    a, b = train.predict(split.judge_x), uniform.predict(split.judge_x)
+    expected = a["digit"] / counts
+    torch.testing.assert_close(b["digit"], expected / expected.sum(1, keepdim=True))
+    torch.testing.assert_close(b["parity"].sum(1), torch.ones(len(split.judge_x)))
+    even_true = float(np.mean(split.judge_y % 2 == 0))
+    even = [float(p["parity"].argmax(1).eq(0).float().mean()) for p in (a, b)]
+    assert even[0] > even_true > even[1], (even, even_true)

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--savepath", help="output folder of the extraction")
     g.add_argument("--extract_pseudo", type=int, metavar="N", help="sample N images, record h, pseudo-label")
     g.add_argument("--labeller", help="image classifier that labels extraction samples and checks "
-                   "finished images: a name (digits_svc), a file (.pt / .onnx), or a CLIP folder for a config "
+                   "finished images: a name (digits_svc, digits_svc_uniform), a file (.pt / .onnx), or a CLIP folder for a config "
                    "whose labeller is a clip spec; default: config labeller")
     p.add_argument("--demo", action="store_true", help="vanilla vs balanced on the embedded default")
     p.add_argument("-v", "--verbose", action="store_true")
