@@ -83,14 +83,15 @@ KINDS: dict[str, Kind] = {
         {"n": 4, "bs": 4}, "the ADP's last-step prediction against the judge per sample (bench/adp_vs_judge.py)"),
     "t2i": Kind("bench.t2i_eval:run_entry", {
         "config": "configs/digits16_t2i.yml", "adp": None, "prompts": REQUIRED, "n": 1000, "bs": 100, "seed": 0,
-        "cfg": 3.0, "cfg_scales": None, "guidance": {}, "runs": REQUIRED, "cache": "runs/t2i_vanilla_cache"},
+        "cfg": 3.0, "cfg_scales": None, "guidance": {}, "runs": REQUIRED, "cache": "runs/t2i_vanilla_cache",
+        "labeller": None},
         {"n": 4, "bs": 4}, "runs per prompt of a text-to-image config, judged (bench/t2i_eval.py)"),
     "t2i_speed": Kind("bench.t2i_eval:run_speed_entry", {
         "config": "configs/digits16_t2i.yml", "adp": None, "prompts": REQUIRED, "n": 500, "bs": 100,
-        "targets": {"parity": "0.5"}, "guidance": {}},
+        "targets": {"parity": "0.5"}, "guidance": {}, "labeller": None},
         {"n": 4, "bs": 2}, "guided / vanilla wall time per prompt, batches alternating (bench/t2i_eval.py)"),
     "t2i_summary": Kind("bench.t2i_summary:run_entry", {
-        "config": "configs/digits16_t2i.yml", "results": REQUIRED},
+        "config": "configs/digits16_t2i.yml", "results": REQUIRED, "wall_bound": 1.10},
         {}, "the acceptance list read from stored t2i tables, no sampling (bench/t2i_summary.py)"),
     "methods": Kind("bench.methods:run_entry", {
         "config": "configs/digits16.yml", "sizes": {"main": 150, "batch": 100, "ablation": 100},

@@ -137,10 +137,10 @@ def _setup(entry, ctx, guided: bool):
     if unknown:
         raise ValueError(f"{entry.where}: prompt(s) {unknown} are not in {entry['config']}'s prompts: {sorted(allowed)}")
     adp = load_adp_for(pipe, entry["adp"] or cfg["adp"], check_grid=False) if guided else None
-    labeller = None
-    if cfg.get("labeller") and guided:
+    labeller, spec = None, entry["labeller"] or cfg.get("labeller")   # the entry's replaces the config's
+    if spec and guided:
         from models.labellers import load_labeller
-        labeller = load_labeller(cfg["labeller"])
+        labeller = load_labeller(spec)
     return cfg, pipe, allowed, adp, labeller
 
 

@@ -130,6 +130,18 @@ def train_digits_judge(x: torch.Tensor, y: np.ndarray, steps: int = 3000, batch:
     return net.eval()
 
 
+def divide_prior(net: DigitsCNN, counts: torch.Tensor) -> DigitsCNN:
+    """The network with its training data's digit prior divided out: its softmax becomes
+    p(y|x) pi(y)^-1 renormalised (pi = counts / counts.sum(), the label-shift correction to equal
+    priors), by subtracting log pi from the output bias. Changes net in place and returns it."""
+    prior = counts.double() / counts.double().sum()
+    if prior.shape != (10,) or (prior <= 0).any():
+        raise ValueError(f"divide_prior needs 10 positive digit counts, got {counts.tolist()}")
+    with torch.no_grad():
+        net.head[-1].bias -= torch.log(prior).to(net.head[-1].bias)
+    return net
+
+
 class SVCLabeller(Judge):
     """A second, different classifier for pseudo-labelling generated digits (not the judge).
 

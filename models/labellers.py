@@ -32,6 +32,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def load_labeller(spec) -> Judge:
     """A labeller from its spec (module docstring)."""
+    if isinstance(spec, (list, tuple)):
+        return MeanLabeller([load_labeller(s) for s in spec])
     if is_named_judge(spec):
         return load_judge(spec)
     if isinstance(spec, dict):
@@ -48,6 +50,26 @@ def load_labeller(spec) -> Judge:
                                 f"classifier file (.pt / .onnx) or a clip spec; or turn the check off "
                                 f"with --no-check")
     return load_judge(str(path))
+
+
+class MeanLabeller(Judge):
+    """Several labellers as one: per attribute, the mean of their probabilities, so that where
+    they disagree on an image neither one's leaning decides it alone."""
+
+    def __init__(self, parts: list[Judge]):
+        if len(parts) < 2:
+            raise ValueError(f"a list of labellers needs two or more, got {len(parts)}")
+        self.parts = parts
+        self.attributes = {a: c for a, c in parts[0].attributes.items()
+                           if all(list(p.attributes.get(a, [])) == list(c) for p in parts[1:])}
+        if not self.attributes:
+            raise ValueError("the listed labellers share no attribute with the same classes: "
+                             + "; ".join(f"{type(p).__name__}: {dict(p.attributes)}" for p in parts))
+        self.calibration = None
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [p.predict(images) for p in self.parts]
+        return {a: torch.stack([o[a].float() for o in outs]).mean(0) for a in self.attributes}
 
 
 def clip_judge(**spec) -> "ClipLabeller":

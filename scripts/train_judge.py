@@ -1,10 +1,17 @@
 """Train the embedded default's independent judge (pixel-space digit CNN) and report accuracy.
 
     python scripts/train_judge.py            # writes pretrained/digits16_judge.pt (+ .json)
+    python scripts/train_judge.py --split train --prior uniform --seed 1 \
+        --out pretrained/digits16_cnn_labeller.pt     # the transformer default's check labeller
 
-Trained on the ``judge`` part of the digits split (disjoint from the DDPM's training subset);
-accuracy is measured on the ``heldout`` part, per attribute. A new judge has no confusion
+The judge is trained on the ``judge`` part of the digits split (disjoint from the DDPM's training
+subset); accuracy is measured on the ``heldout`` part, per attribute. A new judge has no confusion
 matrices: run ``python scripts/calibrate_judge.py`` after it for judge-corrected fractions.
+
+``--split train`` trains the same network on the DDPM's training subset instead (the data a model
+owner has): a labeller, never a judge. ``--prior uniform`` divides that subset's digit prior out of
+its output (``models.digits_judge.divide_prior``), so that an ambiguous image is not read as the
+training data's majority digit.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from models.digits_judge import DigitsJudge, train_digits_judge
+from models.digits_judge import DigitsJudge, divide_prior, train_digits_judge
 from models.loader import resolve_path
 from models.digits import ATTRIBUTES, attribute_labels, load_split
 from utils.app.cli import guarded
@@ -34,17 +41,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="pretrained/digits16_judge.pt")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["judge", "train"], default="judge",
+                   help="train on the judge's part of the split (the judge) or on the DDPM's "
+                        "training subset (a labeller)")
+    p.add_argument("--prior", choices=["train", "uniform"], default="train",
+                   help="uniform: divide the training data's digit prior out of the output")
     args = p.parse_args(argv)
+    out = resolve_path(args.out)
+    if args.split == "train" and out == resolve_path("pretrained/digits16_judge.pt"):
+        p.error("--split train makes a labeller: give --out (e.g. pretrained/digits16_cnn_labeller.pt), "
+                "the judge file is trained on --split judge only")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     split = load_split()
+    x, y = (split.judge_x, split.judge_y) if args.split == "judge" else (split.train_x, split.train_y)
     t0 = time.time()
-    net = train_digits_judge(split.judge_x, split.judge_y, steps=args.steps, seed=args.seed)
+    net = train_digits_judge(x, y, steps=args.steps, seed=args.seed)
+    counts = torch.bincount(torch.as_tensor(y), minlength=10)
+    if args.prior == "uniform":
+        divide_prior(net, counts)
     acc = judge_accuracy(DigitsJudge(net), split.heldout_x, split.heldout_y)
     meta = {"command": "python scripts/train_judge.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "steps": args.steps, "seed": args.seed, "train_images": int(len(split.judge_y)),
+            "steps": args.steps, "seed": args.seed, "split": args.split, "prior": args.prior,
+            "train_digit_counts": counts.tolist(), "train_images": int(len(y)),
             "heldout_images": int(len(split.heldout_y)), "heldout_accuracy": acc,
             "wall_time_s": round(time.time() - t0, 1)}
-    out = resolve_path(args.out)
     DigitsJudge(net, meta).save(out)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     print("judge accuracy on held-out real digits:", json.dumps(acc))

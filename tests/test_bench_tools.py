@@ -58,3 +58,20 @@ def test_report_is_rewritten_from_a_runs_json_without_sampling(tmp_path):
     assert (tmp_path / "RESULTS_bench.md").read_text().startswith("# Benchmark (full)")
     assert (tmp_path / "bench_plots" / "guided_steps_fd.png").exists()  # categorical x axis
     assert (tmp_path / "bench_plots" / "batch_size_fd.png").exists()
+
+
+def test_the_summarys_wall_time_item_uses_the_entrys_bound():
+    """t2i_summary's wall-time row is met against its wall_bound (1.10 unless the entry names
+    another; the transformer default's list names 1.05), read from the committed tables."""
+    import json
+    from bench.runlist import load_list
+    from bench.t2i_summary import summary
+    from models.files import resolve_path
+    record = json.loads(resolve_path("pretrained/digits16_dit/record.json").read_text())["prompts"]
+    folder = resolve_path("docs/results_dit")
+    ratio = json.loads((folder / "speed.json").read_text())[0]["ratio"]
+    rows = {b: summary(folder, record, b)[-1] for b in (ratio - 1e-3, ratio + 1e-3)}
+    assert [r[3] for r in rows.values()] == ["**no**", "yes"]
+    assert rows[ratio + 1e-3][2] == f"<= {ratio + 1e-3:g}"
+    assert {e.name: e for e in load_list("dit")}["summary"]["wall_bound"] == 1.05
+    assert {e.name: e for e in load_list("t2i")}["summary"]["wall_bound"] == 1.10

@@ -316,3 +316,42 @@ def test_refine_preserve_even_shares_each_cell_evenly_and_keeps_the_marginals():
     assert plan.targets["digit"].tolist() == pytest.approx(out["digit"].tolist(), abs=1e-7)
     with pytest.raises(ValueError, match="priors_from_samples"):
         build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS)
+
+
+def test_a_list_of_labellers_averages_their_probabilities():
+    """labeller: [A, B] reads each image as the mean of A's and B's probabilities, per attribute
+    both have with the same classes; one labeller, or none shared, is refused; the config takes
+    such a list and refuses a list of one."""
+    from models.judge import Judge
+    from models.labellers import MeanLabeller, load_labeller
+    from utils.config import RunConfig
+
+    class Fixed(Judge):
+        def __init__(self, attributes, probs):
+            self.attributes, self.probs, self.calibration = attributes, probs, None
+
+        def predict(self, images):
+            return {a: p.expand(len(images), -1) for a, p in self.probs.items()}
+    a = Fixed({"parity": ["even", "odd"], "size": ["s", "l"]},
+              {"parity": torch.tensor([[0.9, 0.1]]), "size": torch.tensor([[1.0, 0.0]])})
+    b = Fixed({"parity": ["even", "odd"], "size": ["l", "s"]},
+              {"parity": torch.tensor([[0.3, 0.7]]), "size": torch.tensor([[1.0, 0.0]])})
+    m = MeanLabeller([a, b])
+    assert list(m.attributes) == ["parity"]                      # size's classes differ in order
+    torch.testing.assert_close(m.predict(torch.zeros(3, 1, 4, 4))["parity"], torch.tensor([[0.6, 0.4]] * 3))
+    bal = RunningBalance(m)
+    bal.update({"parity": [0.5, 0.5]}, 3, torch.zeros(3, 1, 4, 4))
+    assert bal.sums["parity"].tolist() == [3.0, 0.0]             # the mean's argmax: even
+    with pytest.raises(ValueError, match="two or more"):
+        MeanLabeller([a])
+    with pytest.raises(ValueError, match="share no attribute"):
+        MeanLabeller([a, Fixed({"age": ["y", "o"]}, {"age": torch.tensor([[1.0, 0.0]])})])
+    both = load_labeller(["digits_svc", "digits_svc_uniform"])
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    p, q = load_labeller("digits_svc").predict(x), load_labeller("digits_svc_uniform").predict(x)
+    torch.testing.assert_close(both.predict(x)["digit"], (p["digit"] + q["digit"]) / 2)
+    base = {"model": {"family": "pixart_sigma", "checkpoint": "x"}}
+    assert RunConfig.of({**base, "labeller": ["digits_svc", "digits_svc_uniform"]}).labeller == \
+        ["digits_svc", "digits_svc_uniform"]
+    with pytest.raises(ValueError, match="a list of two or more"):
+        RunConfig.of({**base, "labeller": ["digits_svc"]})

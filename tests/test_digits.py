@@ -120,3 +120,40 @@ def test_the_uniform_prior_labeller_divides_out_its_training_subsets_digit_prior
     even_true = float(np.mean(split.judge_y % 2 == 0))
     even = [float(p["parity"].argmax(1).eq(0).float().mean()) for p in (a, b)]
     assert even[0] > even_true > even[1], (even, even_true)
+
+
+def test_divide_prior_turns_the_cnns_softmax_into_the_label_shift_corrected_one():
+    """divide_prior: softmax(logits - log pi) = p pi^-1 renormalised, for any input; counts that
+    are not 10 positive numbers are refused."""
+    from models.digits_judge import DigitsCNN, divide_prior
+    torch.manual_seed(0)
+    net = DigitsCNN().eval()
+    x = torch.rand(16, 1, 16, 16) * 2 - 1
+    counts = torch.tensor([106., 26, 106, 26, 106, 18, 53, 18, 53, 18])
+    with torch.no_grad():
+        before = torch.softmax(net(x)[0], 1)
+        after = torch.softmax(divide_prior(net, counts)(x)[0], 1)
+    expected = before / counts
+    torch.testing.assert_close(after, expected / expected.sum(1, keepdim=True))
+    assert not torch.allclose(after, before, atol=1e-3)
+    for bad in (torch.ones(9), torch.tensor([0.] + [1.] * 9)):
+        with pytest.raises(ValueError, match="10 positive digit counts"):
+            divide_prior(DigitsCNN(), bad)
+
+
+def test_the_shipped_cnn_labeller_is_trained_on_the_ddpms_subset_with_its_prior_divided_out():
+    """pretrained/digits16_cnn_labeller.pt (the transformer default's check labeller): the
+    judge's network trained on the DDPM's training subset, never the judge's part, with that
+    subset's digit counts divided out; it reads held-out real digits as well as the judge."""
+    from models.digits_judge import DigitsJudge
+    from models.files import resolve_path
+    split = load_split()
+    lab = DigitsJudge.load(resolve_path("pretrained/digits16_cnn_labeller.pt"))
+    counts = torch.bincount(torch.as_tensor(split.train_y), minlength=10)
+    assert (lab.meta["split"], lab.meta["prior"]) == ("train", "uniform")
+    assert lab.meta["train_digit_counts"] == counts.tolist()
+    acc = float((lab.predict(split.heldout_x)["digit"].argmax(1).numpy() == split.heldout_y).mean())
+    assert acc >= 0.97, acc
+    import yaml
+    assert yaml.safe_load(resolve_path("configs/digits16_dit.yml").read_text())["labeller"] == \
+        "pretrained/digits16_cnn_labeller.pt"

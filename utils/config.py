@@ -108,9 +108,13 @@ class RunConfig:
         for key in ("adp", "reference", "prompt", "negative_prompt", "pixel_classifier", "source", "unconditional"):
             if key in values and not isinstance(values[key], str):
                 raise ValueError(f"{where}: {key} is {values[key]!r}; it must be a string")
-        for key in ("judge", "labeller"):
-            if key in values and not isinstance(values[key], (str, dict)):
-                raise ValueError(f"{where}: {key} is {values[key]!r}; it must be a name, a file or a mapping")
+        if "judge" in values and not isinstance(values["judge"], (str, dict)):
+            raise ValueError(f"{where}: judge is {values['judge']!r}; it must be a name, a file or a mapping")
+        lab = values.get("labeller")
+        if lab is not None and not (isinstance(lab, (str, dict)) or (
+                isinstance(lab, list) and len(lab) > 1 and all(isinstance(v, (str, dict)) for v in lab))):
+            raise ValueError(f"{where}: labeller is {lab!r}; it must be a name, a file, a mapping or a list "
+                             f"of two or more of them (their probabilities averaged)")
         if "tint" in values and not _number(values["tint"]):
             raise ValueError(f"{where}: tint is {values['tint']!r}; it must be a number")
         values["sampling"] = _section(Sampling, cfg.get("sampling") or {}, f"{where}: sampling", SAMPLING_CHECKS)
