@@ -107,7 +107,7 @@ def summary(folder: Path | list[Path], record: dict, wall_bound: float = 1.10) -
         for r in _rows(folder, "speed"):
             out.append((f"guided / vanilla wall time, {r['prompt']}, {r['batches']} batches of {r['batch']}",
                         f"{r['ratio']:.3f} ({r['median_s']['guided']:.2f} vs {r['median_s']['vanilla']:.2f} s)",
-                        f"<= {wall_bound:g}", _ok(r["ratio"] <= wall_bound)))
+                        f"<= {wall_bound:.2f}", _ok(r["ratio"] <= wall_bound)))
     return out
 
 

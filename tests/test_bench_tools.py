@@ -72,6 +72,6 @@ def test_the_summarys_wall_time_item_uses_the_entrys_bound():
     ratio = json.loads((folder / "speed.json").read_text())[0]["ratio"]
     rows = {b: summary(folder, record, b)[-1] for b in (ratio - 1e-3, ratio + 1e-3)}
     assert [r[3] for r in rows.values()] == ["**no**", "yes"]
-    assert rows[ratio + 1e-3][2] == f"<= {ratio + 1e-3:g}"
+    assert rows[ratio + 1e-3][2] == f"<= {ratio + 1e-3:.2f}"
     assert {e.name: e for e in load_list("dit")}["summary"]["wall_bound"] == 1.05
     assert {e.name: e for e in load_list("t2i")}["summary"]["wall_bound"] == 1.10
