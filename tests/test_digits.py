@@ -157,3 +157,19 @@ def test_the_shipped_cnn_labeller_is_trained_on_the_ddpms_subset_with_its_prior_
     import yaml
     assert yaml.safe_load(resolve_path("configs/digits16_dit.yml").read_text())["labeller"] == \
         "pretrained/digits16_cnn_labeller.pt"
+
+
+def test_train_judge_refuses_to_write_a_labeller_over_the_judge(capsys):
+    """--split train without --out would replace the judge with a labeller: refused (exit 2,
+    the judge file untouched) before any training."""
+    import importlib.util
+    from models.files import resolve_path
+    spec = importlib.util.spec_from_file_location("train_judge", resolve_path("scripts/train_judge.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    judge = resolve_path("pretrained/digits16_judge.pt")
+    before = judge.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--split", "train", "--steps", "1"])
+    assert e.value.code == 2 and "makes a labeller: give --out" in capsys.readouterr().err
+    assert judge.read_bytes() == before
