@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="uniform: divide the training data's digit prior out of the output")
     args = p.parse_args(argv)
     out = resolve_path(args.out)
-    if args.split == "train" and out == resolve_path("pretrained/digits16_judge.pt"):
+    if args.split == "train" and out == resolve_path(p.get_default("out")):
         p.error("--split train makes a labeller: give --out (e.g. pretrained/digits16_cnn_labeller.pt), "
                 "the judge file is trained on --split judge only")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
