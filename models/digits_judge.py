@@ -112,16 +112,19 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_digits_judge(x: torch.Tensor, y: np.ndarray, steps: int = 3000, batch: int = 128,
-                       lr: float = 1e-3, seed: int = 0) -> DigitsCNN:
-    """Train a DigitsCNN on images x [N,1,16,16] and digit labels y [N] (augmented, Adam)."""
+                       lr: float = 1e-3, seed: int = 0, balanced: bool = False) -> DigitsCNN:
+    """Train a DigitsCNN on images x [N,1,16,16] and digit labels y [N] (augmented, Adam);
+    ``balanced``: each batch draws every digit equally often (images of a rare digit repeat)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net, yt = DigitsCNN(), torch.as_tensor(y, dtype=torch.long)
+    draw = (1.0 / torch.bincount(yt, minlength=10).double().clamp_min(1))[yt]   # balanced: per image
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     from tqdm import tqdm
     for _ in tqdm(range(steps), desc="train judge"):
-        idx = torch.randint(len(x), (batch,), generator=gen)
+        idx = (torch.multinomial(draw, batch, replacement=True, generator=gen) if balanced
+               else torch.randint(len(x), (batch,), generator=gen))
         loss = F.cross_entropy(net(augment(x[idx], gen))[0], yt[idx], label_smoothing=0.05)
         opt.zero_grad()
         loss.backward()

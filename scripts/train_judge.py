@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["judge", "train"], default="judge",
                    help="train on the judge's part of the split (the judge) or on the DDPM's "
                         "training subset (a labeller)")
-    p.add_argument("--prior", choices=["train", "uniform"], default="train",
-                   help="uniform: divide the training data's digit prior out of the output")
+    p.add_argument("--prior", choices=["train", "uniform", "balanced"], default="train",
+                   help="uniform: divide the training data's digit prior out of the output; "
+                        "balanced: draw every digit equally often in training instead")
     args = p.parse_args(argv)
     out = resolve_path(args.out)
     if args.split == "train" and out == resolve_path(p.get_default("out")):
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split()
     x, y = (split.judge_x, split.judge_y) if args.split == "judge" else (split.train_x, split.train_y)
     t0 = time.time()
-    net = train_digits_judge(x, y, steps=args.steps, seed=args.seed)
+    net = train_digits_judge(x, y, steps=args.steps, seed=args.seed, balanced=args.prior == "balanced")
     counts = torch.bincount(torch.as_tensor(y), minlength=10)
     if args.prior == "uniform":
         divide_prior(net, counts)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import guide, hand_adp as _hand_adp      # 'a' reads h_0, 'b' reads h_1
+from helpers import BETAS, guide, hand_adp as _hand_adp      # 'a' reads h_0, 'b' reads h_1
 from models.adp import ADP
 from models.hspace import Step
 from utils.evaluation.evaluate import target_weights
@@ -160,6 +160,24 @@ def test_check_in_distribution_mode_counts_for_the_running_balance_only(pipe):
     assert g.balance.sums["a"].tolist() == [1.0, 1.0] and g.summary()["redrawn_by_check"] is None
 
 
+def test_count_assigned_carries_the_quotas_classes_and_never_reads_the_images(pipe):
+    """count: assigned: the balance holds what each batch's quota asked for (6/2 over four
+    batches of 2 for a 75/25 target, whatever the rounding of each batch), not the labeller's
+    reading (all class 0 here: 8/0)."""
+    lab = FixedLabeller({"a": [[0.9, 0.1]] * 2})
+    g = guide(_random_adp(pipe), {"a": torch.tensor([0.75, 0.25])}, labeller=lab, check=True,
+              running_balance=True, estimator="quota", count="assigned")
+    asked = []
+    for _ in sample_batches(pipe, plan_batches(list(range(8)), 2), g, progress=False):
+        asked.append(g.balance.sums["a"].tolist())
+    assert g.balance.sums["a"].tolist() == [6.0, 2.0] and g.balance.count == 8
+    assert asked[1] == [3.0, 1.0] and lab.calls == 0
+    assert not g.plan.needs_labeller()
+    with pytest.raises(ValueError, match="count: assigned"):
+        build_plan({"guidance": {"preset": "ours", "count": "assigned"}}, "distribution",
+                   {"parity": "0.5", "magnitude": "0.5"}, ADP_ATTRS)
+
+
 # ---- the auto estimator -----------------------------------------------------------------------
 ADP_ATTRS = {"parity": ["even", "odd"], "magnitude": ["low", "high"]}
 
@@ -245,6 +263,53 @@ def test_the_plan_guides_through_the_finer_head_but_reports_the_users_targets():
     assert list(off.targets) == ["parity"] and off.refined is None
     paper = build_plan(cfg, "distribution", {"parity": "0.8"}, DIGITS, {"preset": "paper"})
     assert list(paper.targets) == ["parity"]             # the paper preset does not refine
+
+
+def test_the_cell_quota_counts_cells_and_leaves_each_sample_its_own_finer_class():
+    """Target [0.5, 0.25, 0.25] on three finer classes, cells {0} and {1, 2}: two samples read 1,
+    two read 0. The finer quota (1 of each of 1 and 2) turns a 1 into a 2; the cell quota (two per
+    cell) leaves both 1s. In a cell a sample torn between 1 and 2 goes to the one with more of the
+    target (0.4 against 0.1); earlier batches' counts enter summed by cell."""
+    from utils.guidance.estimators import cell_quota_assignment, quota_assignment
+    logq = torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05]]).log()
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert sorted(quota_assignment(logq, p).tolist()) == [0, 0, 1, 2]
+    classes, counts = cell_quota_assignment(logq, p, [[0], [1, 2]])
+    assert classes.tolist() == [1, 1, 0, 0] and counts.tolist() == [2, 2]
+    torn = torch.tensor([[0.1, 0.45, 0.45], [0.9, 0.05, 0.05]]).log()
+    classes, _ = cell_quota_assignment(torn, torch.tensor([0.5, 0.4, 0.1]), [[0], [1, 2]])
+    assert classes.tolist() == [1, 0]
+    _, counts = cell_quota_assignment(logq, p, [[0], [1, 2]], have=torch.tensor([4.0, 0.0, 0.0]), n_have=4)
+    assert counts.tolist() == [0, 4]                     # the 4/0 of before made up
+
+
+def test_the_guides_quota_uses_the_plans_cells():
+    """The batch guide's quota on the probabilities of the test above: by cell, both 1s stay (the
+    counts it asks for: 2, 2, 0); without cells, one of them is asked to be a 2."""
+    import dataclasses
+    from helpers import plan as hand_plan
+    from utils.guidance.guide import Guide
+    logits = {"a": torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05],
+                                 [0.9, 0.05, 0.05]]).log()}
+    base = hand_plan({"a": torch.tensor([0.5, 0.25, 0.25])}, estimator="quota")
+    for cells, want in (({"a": [[0], [1, 2]]}, [2, 2, 0]), (None, [2, 1, 1])):
+        b = Guide(dataclasses.replace(base, cells=cells), _hand_adp(("a",)), BETAS, None).start([0, 1, 2, 3])
+        b.loss(logits, 0)
+        assert b.asked["a"].tolist() == want
+
+
+def test_the_plan_names_the_quota_cells_of_the_attributes_it_pursues_only():
+    from utils.guidance.targets import quota_cells
+    assert quota_cells("digit", ["parity", "magnitude"], REFINE, 10) == [[0, 2, 4], [1, 3], [5, 7, 9], [6, 8]]
+    prior = [0.01, 0.01, 0.01, 0.01, 0.01, 0.3, 0.02, 0.3, 0.03, 0.3]
+    cfg = {"refine": REFINE, "guidance": {"preset": "ours", "quota_level": "cells"}}
+    plan = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, {"refine_within": "uniform"})
+    assert plan.cells == {"digit": [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]}
+    kept = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, {"refine_within": "preserve"},
+                      priors={"digit": prior})
+    assert kept.cells == {"digit": [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]}     # kept magnitude is no cell
+    assert build_plan({**cfg, "guidance": {"preset": "ours"}}, "distribution", {"parity": "0.5"}, DIGITS,
+                      {"refine_within": "uniform"}).cells is None
 
 
 def test_refine_within_the_models_proportions_keeps_each_class_mix():

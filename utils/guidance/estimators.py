@@ -77,6 +77,29 @@ def quota_assignment(logq: torch.Tensor, p: torch.Tensor, have: torch.Tensor | N
     return assign_to_quota(logq, quota_counts(p, len(logq), have, n_have))
 
 
+def cell_quota_assignment(logq: torch.Tensor, p: torch.Tensor, cells: list[list[int]],
+                          have: torch.Tensor | None = None, n_have: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quota over cells of finer classes (ours, ``quota_level: cells``): the counts [C] are
+    those of the target's cell masses P_c = sum_{j in c} p_j (``quota_counts``, after ``have``
+    summed by cell); samples are assigned to cells maximising sum_i s_i,c(i), with
+    s_i,c = max_{j in c} log q_i,j + log(p_j / P_c), and each goes to the finer class j of its
+    cell that attains that maximum. Returns (finer class per sample [N], the cell counts [C])."""
+    logq = logq.detach()
+    member = torch.zeros(len(cells), logq.shape[1], dtype=torch.bool)
+    for c, idx in enumerate(cells):
+        member[c, idx] = True
+    p = p.double().cpu()
+    mass = (member.double() * p).sum(1)                                               # P_c [C]
+    within = torch.where(member, (p / mass.clamp_min(1e-12)[:, None]).clamp_min(1e-12).log(),
+                         torch.tensor(float("-inf"), dtype=torch.float64))             # [C,K]
+    score = logq.double().cpu()[:, None, :] + within[None]                            # [N,C,K]
+    best, finer = score.max(2)                                                        # [N,C]
+    have_c = None if have is None else (member.double() * have.double().cpu()).sum(1)
+    counts = quota_counts(mass, len(logq), have_c, n_have)
+    cell = assign_to_quota(best.clamp_min(-1e6), counts)
+    return finer.gather(1, cell.cpu()[:, None])[:, 0].to(logq.device), counts
+
+
 def cross_entropy_to(logq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """L = -sum_i log q_i[c_i]: the quota estimator's pull of each sample to its assigned
     class, and ours for sample guidance."""

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from models.adp import ADP
 from models.hspace import Step
 from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, logit_of, probability_of,
-                                       quota_assignment, soft_estimate, with_running_balance)
+                                       assign_to_quota, cell_quota_assignment, quota_counts, soft_estimate,
+                                       with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
 
 
@@ -211,6 +212,7 @@ class BatchGuide:
         self.guide, self.n, self.round = guide, n, round_
         self.batch_total = n                    # samples in the (global) batch
         self.estimate: dict[str, list[float]] = {}
+        self.asked: dict[str, torch.Tensor] = {}    # per quota key, its class counts [K] at the last step
         cap = guide.plan.cap
         self.cap = None if cap is None else cap * guide.plan.settings.retry_boost ** round_
         self.classes = ({a: torch.full((n,), c) for a, c in guide.plan.classes.items()}
@@ -287,7 +289,15 @@ class BatchGuide:
         self.batch_total = len(every)
         bal = self.guide.balance
         have, n_have = (bal.sums[key], bal.count) if bal is not None and key in bal.sums else (None, 0)
-        assigned = quota_assignment(every, self.guide.plan.targets[key], have, n_have)[offset:offset + len(logq)]
+        target, cells = self.guide.plan.targets[key], (self.guide.plan.cells or {}).get(key)
+        if cells is None:
+            counts = quota_counts(target, len(every), have, n_have)
+            assigned = assign_to_quota(every, counts)
+        else:
+            assigned, _ = cell_quota_assignment(every, target, cells, have, n_have)
+            counts = torch.bincount(assigned.cpu(), minlength=len(target))
+        self.asked[key] = counts
+        assigned = assigned[offset:offset + len(logq)]
         debiased = self._confusion(key, head) if self.guide.plan.settings.debias else None
         self.estimate[key] = soft_estimate(every.exp().sum(0), len(every), debiased).cpu().tolist()
         return cross_entropy_to(logq, assigned) / self._n_step()
@@ -395,7 +405,11 @@ class BatchGuide:
         guide = self.guide
         report = BatchReport(dict(self.estimate))
         if guide.balance is not None and self.estimate:
-            guide.balance.update(self.estimate, self.batch_total, x0, guide.distributed)
+            if guide.plan.settings.count == "assigned":     # what the quota asked for, not the images
+                asked = {k: (c.double() / self.batch_total).tolist() for k, c in self.asked.items()}
+                guide.balance.update({**self.estimate, **asked}, self.batch_total)
+            else:
+                guide.balance.update(self.estimate, self.batch_total, x0, guide.distributed)
         retries = guide.plan.settings.sample_retries
         if guide.plan.mode == "sample" and guide.labeller is not None and self.round < retries:
             with torch.no_grad():

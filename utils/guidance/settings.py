@@ -39,7 +39,8 @@ class SettingsError(ValueError):
 CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "covariance", "batch"),
            "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve", "preserve_even"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
-           "head_rule": ("exact", "nearest"), "count": ("class", "probability")}
+           "head_rule": ("exact", "nearest"), "count": ("class", "probability", "assigned"),
+           "quota_level": ("finer", "cells")}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,15 @@ class GuidanceSettings:
     check: bool                       # the config's labeller checks finished images
     count: str                        # the check's running balance counts each image's labeller class
                                       # (class: its argmax) or its labeller probabilities (probability:
-                                      # the expected count, an ambiguous image half in each class)
+                                      # the expected count, an ambiguous image half in each class);
+                                      # assigned: the quota's classes at the batch's last guided step (what
+                                      # it asked for; the labeller is not read: only the rounding of the
+                                      # quota's counts is carried from batch to batch)
+    quota_level: str                  # refine with the quota estimator: the quota's counts are of the finer
+                                      # classes (finer: each sample pulled to one digit in the target's
+                                      # digit counts) or of the coarse attributes' cells (cells: "large and
+                                      # even" counted as one, each sample pulled to the finer class of its
+                                      # cell that it is closest to, weighted by the target's mix in the cell)
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
     loss: str                         # distribution loss of the soft estimator: chi_square (paper,
@@ -119,7 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   first_step=1, last_step=None, debias=False, running_balance=False,
                   refine=False, refine_within="uniform", check=False, sample_retries=0, retry_boost=1.0,
                   loss="chi_square", cfg_estimate="both", cfg_edit="both", head_rule="exact",
-                  cap_growth=None, batch_min=2, count="class"),
+                  cap_growth=None, batch_min=2, count="class",
+                  quota_level="finer"),
     "ours": dict(estimator="auto", temperature=1.0, direction="covariance", step_factor=1.0,
                  beta_power=0.05, batch_normalise=True, distribution_scale=(1000.0,),
                  sample_scale=1000.0, max_step=2.0, sample_max_step=3.0,
@@ -127,7 +137,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  first_step=1, last_step=None, debias=True, running_balance=True,
                  refine=True, refine_within="model", check=True, sample_retries=2, retry_boost=2.0,
                  loss="chi_square", cfg_estimate="cond", cfg_edit="both", head_rule="exact",
-                 cap_growth=None, batch_min=2, count="class"),
+                 cap_growth=None, batch_min=2, count="class",
+                 quota_level="finer"),
 }
 #: presets of a model family that differ from the unconditional ones (complete value sets too).
 #: ``sd``/``paper``: the original's Stable Diffusion code: q = softmax(logits / 8) averaged over
@@ -145,7 +156,8 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       first_step=0, last_step=None, debias=False, running_balance=False,
                       refine=False, refine_within="uniform", check=False, sample_retries=0,
                       retry_boost=1.0, loss="kl", cfg_estimate="both", cfg_edit="both",
-                      head_rule="nearest", cap_growth=None, batch_min=2, count="class"),
+                      head_rule="nearest", cap_growth=None, batch_min=2, count="class",
+                      quota_level="finer"),
         # ours, with the heads of the nearest trained timestep and every step guided (as the SD code)
         # the prompt's other coarse attributes (a large digit's magnitude) keep their marginals
         "ours": dict(PRESETS["ours"], head_rule="nearest", first_step=0, refine_within="preserve"),
@@ -269,8 +281,12 @@ CLI_FIELDS: dict[str, str] = {
     "check": "the config's labeller checks finished images: the running balance counts "
              "its classes, sample guidance redraws the images outside their class "
              "(default: the preset's)",
-    "count": "the check's running balance counts each finished image's labeller class (class) or "
-             "its labeller probabilities (probability: the expected count; default: the preset's)",
+    "count": "the check's running balance counts each finished image's labeller class (class), "
+             "its labeller probabilities (probability: the expected count) or the quota's classes at "
+             "the last guided step (assigned: no labeller; default: the preset's)",
+    "quota_level": "refine with the quota estimator: count the finer classes (finer) or the cells of "
+                   "the coarse attributes they pursue (cells: each sample then goes to the finer class "
+                   "of its cell it is closest to; default: the preset's)",
     "cfg_edit": "text-to-image: edit h of both halves of the CFG batch (the same delta h) or the "
                 "conditional half only (default: the preset's)",
     "cfg_estimate": "text-to-image: the batch estimate from the conditional rows (ours) or from both "

@@ -240,6 +240,18 @@ def _preserve_marginals(want: torch.Tensor, prior: list[float], target_groups: l
     return (q / q.sum()).float()
 
 
+def quota_cells(via: str, attrs: list[str], refine: dict, n_fine: int) -> list[list[int]]:
+    """The finer head's classes [0, n_fine) grouped by their cells of the coarse ``attrs`` (each
+    refining via ``via``): two classes share a cell when every attribute puts them in the same
+    group (parity and magnitude via digit: [[0, 2, 4], [1, 3], [6, 8], [5, 7, 9]]); a class in
+    none of an attribute's groups is a cell of its own."""
+    cells: dict[tuple, list[int]] = {}
+    for j in range(n_fine):
+        cell = tuple(next((i for i, g in enumerate(refine[a]["groups"]) if j in g), None) for a in attrs)
+        cells.setdefault(cell if None not in cell else ("alone", j), []).append(j)
+    return list(cells.values())
+
+
 def _finer_target(via: str, keys: list[str], targets: dict[str, torch.Tensor], refine: dict,
                   n_fine: int, prior: list[float] | None = None) -> torch.Tensor:
     """The target on the finer head ``via`` equivalent to the coarse ``keys`` (refine_targets)."""
@@ -280,7 +292,9 @@ class GuidancePlan:
     ``targets``: {key: [K] fractions} (distribution) or {attr: [K] one-hot} (sample), the keys
     the guide actually pursues (after refine); ``requested``: the user's targets as given;
     ``classes``: sample mode, the requested class index per attribute; ``estimator``: soft or
-    quota (auto resolved); ``refined``: {finer head: the coarse keys it pursues} or None.
+    quota (auto resolved); ``refined``: {finer head: the coarse keys it pursues} or None;
+    ``cells``: {finer head: its classes grouped by the cells of the coarse attributes it pursues
+    (and keeps, under ``preserve``)}, for a quota that counts cells (``quota_level: cells``).
     """
     mode: str
     settings: GuidanceSettings
@@ -291,19 +305,20 @@ class GuidancePlan:
     cap: float | None
     classes: dict[str, int] | None = None
     refined: dict[str, list[str]] | None = None
+    cells: dict[str, list[list[int]]] | None = None
 
     def needs_labeller(self) -> bool:
         """Whether the finished-image check has anything to do (a running balance to count, or
         sample guidance to redraw)."""
         s = self.settings
-        return s.check and (self.mode == "sample" or s.running_balance)
+        return s.check and (self.mode == "sample" or (s.running_balance and s.count != "assigned"))
 
     def to_dict(self) -> dict:
         """Plain values for run.json: the settings and what they resolved to."""
         return {"mode": self.mode, "settings": self.settings.to_dict(), "requested": self.requested,
                 "guided_targets": {k: [round(float(x), 6) for x in v] for k, v in self.targets.items()},
                 "scales": self.scales, "estimator": self.estimator, "cap": self.cap,
-                "classes": self.classes, "guided_through": self.refined}
+                "classes": self.classes, "guided_through": self.refined, "quota_cells": self.cells}
 
 
 def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
@@ -347,6 +362,18 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
     if estimator == "auto":        # quota for one plain target, soft for several or a joint one
         estimator = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
     soft = estimator == "soft"
+    cells = None
+    if estimator == "quota" and settings.quota_level == "cells" and refined:
+        # cells of the targeted attributes only: a kept attribute's mix rides on the finer class each
+        # sample keeps inside its cell, not on the quota
+        cells = {}
+        for via, keys in refined.items():
+            named = list(dict.fromkeys(a for k in keys for a in joint_attributes(k)))
+            cells[via] = quota_cells(via, named, refine_map, len(attributes[via]))
+    if soft and settings.count == "assigned" and settings.running_balance:
+        raise ValueError("guidance setting count: assigned counts the quota's classes, but these targets "
+                         f"({', '.join(guided)}) use the soft estimator, which assigns none; set "
+                         "estimator: quota (one plain target), or count: class")
     scales = parse_scales(scale_spec, list(raw),
                           {k: settings.scale_for(i, soft, mode) for i, k in enumerate(raw)})
     for via, keys in (refined or {}).items():      # a finer head takes the scale of its first key
@@ -355,4 +382,4 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
             scales.pop(k)
     return GuidancePlan(mode, settings, guided,
                         {k: [round(float(x), 6) for x in v] for k, v in requested.items()},
-                        scales, estimator, settings.cap(soft, mode), None, refined or None)
+                        scales, estimator, settings.cap(soft, mode), None, refined or None, cells)
