@@ -283,6 +283,26 @@ def test_the_cell_quota_counts_cells_and_leaves_each_sample_its_own_finer_class(
     assert counts.tolist() == [0, 4]                     # the 4/0 of before made up
 
 
+def test_the_nested_quota_counts_cells_over_the_run_and_their_finer_classes_within_each():
+    """Target [0.2, 0.3, 0.1, 0.4] on four finer classes, cells {0, 1} and {2, 3}. Of 10 samples
+    the cells get 5 and 5, shared 2 / 3 and 1 / 4 by the mix within each cell. After earlier
+    batches holding 4 of class 0: the run of 14 wants 7 per cell, so the first cell gets 3 and
+    the second 7; the first cell's 3 all go to class 1 (class 0 already holds more than its 2.8
+    of 7), the second's 7 come as 1.4 / 5.6, rounded to 1 / 6. The finer quota of the same run
+    gives the first cell 4: the surplus of class 0 is clipped, not set against class 1."""
+    from utils.guidance.estimators import nested_quota_counts, quota_counts
+    p, cells = torch.tensor([0.2, 0.3, 0.1, 0.4], dtype=torch.float64), [[0, 1], [2, 3]]
+    assert nested_quota_counts(p, cells, 10).tolist() == [2, 3, 1, 4]
+    have = torch.tensor([4.0, 0.0, 0.0, 0.0])
+    assert nested_quota_counts(p, cells, 10, have, 4).tolist() == [0, 3, 1, 6]
+    assert quota_counts(p, 10, have, 4).tolist() == [0, 4, 1, 5]
+    # the cells counted on what the images showed (4 of class 0), the finer classes on what the
+    # quota asked for (1 of class 0, 3 of class 1): the first cell's 3 come as 7 x 0.4 - 1 = 1.8
+    # and 7 x 0.6 - 3 = 1.2, rounded to 2 / 1
+    asked = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    assert nested_quota_counts(p, cells, 10, have, 4, asked).tolist() == [2, 1, 1, 6]
+
+
 def test_the_guides_quota_uses_the_plans_cells():
     """The batch guide's quota on the probabilities of the test above: by cell, both 1s stay (the
     counts it asks for: 2, 2, 0); without cells, one of them is asked to be a 2."""
@@ -296,6 +316,35 @@ def test_the_guides_quota_uses_the_plans_cells():
         b = Guide(dataclasses.replace(base, cells=cells), _hand_adp(("a",)), BETAS, None).start([0, 1, 2, 3])
         b.loss(logits, 0)
         assert b.asked["a"].tolist() == want
+    # nested: the cells' 2 and 2, the second cell's shared 1 / 1 by the target's mix within it
+    nested = hand_plan({"a": torch.tensor([0.5, 0.25, 0.25])}, estimator="quota", quota_level="nested")
+    b = Guide(dataclasses.replace(nested, cells={"a": [[0], [1, 2]]}), _hand_adp(("a",)), BETAS, None).start([0, 1, 2, 3])
+    b.loss(logits, 0)
+    assert b.asked["a"].tolist() == [2, 1, 1]
+
+
+def test_the_nested_quota_counts_cells_on_the_images_and_finer_classes_on_what_it_asked_for():
+    """Two batches of 4, target [0.5, 0.25, 0.25], cells {0} and {1, 2}. The first batch asks
+    for 2 / 1 / 1; the check reads its images as 0, 0, 1, 1. The second batch's cells take 2 and 2
+    (the check's 2 / 2 is on target), and cell {1, 2} shares its 2 as 1 / 1, by what the quota
+    asked for before (1 / 1). Counted on the check's reading (2 / 0) it would ask for 0 / 2."""
+    import dataclasses
+    from helpers import plan as hand_plan
+    from utils.guidance.guide import Guide
+    logits = {"a": torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05],
+                                 [0.9, 0.05, 0.05]]).log()}
+    lab = FixedLabeller({"a": [[0.9, 0.05, 0.05]] * 2 + [[0.05, 0.9, 0.05]] * 2})
+    base = hand_plan({"a": torch.tensor([0.5, 0.25, 0.25])}, estimator="quota", quota_level="nested",
+                     running_balance=True, check=True)
+    g = Guide(dataclasses.replace(base, cells={"a": [[0], [1, 2]]}), _hand_adp(("a",)), BETAS, lab)
+    first = g.start([0, 1, 2, 3])
+    first.loss(logits, 0)
+    assert first.asked["a"].tolist() == [2, 1, 1]
+    first.after_batch(torch.zeros(4, *SHAPE))
+    assert g.balance.sums["a"].tolist() == [2.0, 2.0, 0.0] and g.balance.asked["a"].tolist() == [2.0, 1.0, 1.0]
+    second = g.start([4, 5, 6, 7])
+    second.loss(logits, 0)
+    assert second.asked["a"].tolist() == [2, 1, 1]
 
 
 def test_the_plan_names_the_quota_cells_of_the_attributes_it_pursues_only():
@@ -308,6 +357,9 @@ def test_the_plan_names_the_quota_cells_of_the_attributes_it_pursues_only():
     kept = build_plan(cfg, "distribution", {"parity": "0.5"}, DIGITS, {"refine_within": "preserve"},
                       priors={"digit": prior})
     assert kept.cells == {"digit": [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]}     # kept magnitude is no cell
+    nested = {**cfg, "guidance": {"preset": "ours", "quota_level": "nested"}}
+    assert build_plan(nested, "distribution", {"parity": "0.5"}, DIGITS,
+                      {"refine_within": "uniform"}).cells == {"digit": [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]}
     assert build_plan({**cfg, "guidance": {"preset": "ours"}}, "distribution", {"parity": "0.5"}, DIGITS,
                       {"refine_within": "uniform"}).cells is None
 

@@ -100,6 +100,31 @@ def cell_quota_assignment(logq: torch.Tensor, p: torch.Tensor, cells: list[list[
     return finer.gather(1, cell.cpu()[:, None])[:, 0].to(logq.device), counts
 
 
+def nested_quota_counts(p: torch.Tensor, cells: list[list[int]], n: int, have: torch.Tensor | None = None,
+                        n_have: int = 0, within_have: torch.Tensor | None = None) -> torch.Tensor:
+    """Finer class counts [K] for the next n samples, nested in cells (ours, ``quota_level:
+    nested``): the cells' counts close the run's deficits of the cell masses P_c = sum_{j in c} p_j
+    (``quota_counts`` on ``have`` summed by cell), then each cell's count is shared among its
+    finer classes so that, with ``within_have`` [K] (what earlier batches gave each finer class;
+    default ``have``), they come as close as possible to the cell's mix p_j / P_c. The cells'
+    totals answer to ``have`` alone: a run can count its cells on its images and its finer
+    classes on what it asked for."""
+    p = p.double().cpu()
+    have = None if have is None else have.double().cpu()
+    within_have = have if within_have is None else within_have.double().cpu()
+    mass = torch.stack([p[idx].sum() for idx in cells])
+    have_c = None if have is None else torch.stack([have[idx].sum() for idx in cells])
+    per_cell = quota_counts(mass, n, have_c, n_have)
+    counts = torch.zeros(len(p), dtype=torch.long)
+    for c, idx in enumerate(cells):
+        if per_cell[c] == 0:
+            continue
+        share = p[idx] / mass[c] if mass[c] > 0 else torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
+        held = None if within_have is None else within_have[idx]
+        counts[idx] = quota_counts(share, int(per_cell[c]), held, 0 if held is None else float(held.sum()))
+    return counts
+
+
 def cross_entropy_to(logq: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """L = -sum_i log q_i[c_i]: the quota estimator's pull of each sample to its assigned
     class, and ours for sample guidance."""

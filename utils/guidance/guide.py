@@ -45,7 +45,7 @@ import torch.distributed as dist
 from models.adp import ADP
 from models.hspace import Step
 from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, logit_of, probability_of,
-                                       assign_to_quota, cell_quota_assignment, quota_counts, soft_estimate,
+                                       assign_to_quota, cell_quota_assignment, nested_quota_counts, quota_counts, soft_estimate,
                                        with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
 
@@ -109,6 +109,7 @@ class RunningBalance:
 
     def __init__(self, labeller=None, probability: bool = False):
         self.sums: dict[str, torch.Tensor] = {}
+        self.asked: dict[str, torch.Tensor] = {}     # the quota's class counts, summed over the batches
         self.count = 0
         self.labeller = labeller
         self.probability = probability
@@ -290,12 +291,14 @@ class BatchGuide:
         bal = self.guide.balance
         have, n_have = (bal.sums[key], bal.count) if bal is not None and key in bal.sums else (None, 0)
         target, cells = self.guide.plan.targets[key], (self.guide.plan.cells or {}).get(key)
-        if cells is None:
-            counts = quota_counts(target, len(every), have, n_have)
-            assigned = assign_to_quota(every, counts)
-        else:
+        if cells is not None and self.guide.plan.settings.quota_level != "nested":
             assigned, _ = cell_quota_assignment(every, target, cells, have, n_have)
             counts = torch.bincount(assigned.cpu(), minlength=len(target))
+        else:
+            asked = bal.asked.get(key) if bal is not None else None
+            counts = (quota_counts(target, len(every), have, n_have) if cells is None
+                      else nested_quota_counts(target, cells, len(every), have, n_have, asked))
+            assigned = assign_to_quota(every, counts)
         self.asked[key] = counts
         assigned = assigned[offset:offset + len(logq)]
         debiased = self._confusion(key, head) if self.guide.plan.settings.debias else None
@@ -405,6 +408,8 @@ class BatchGuide:
         guide = self.guide
         report = BatchReport(dict(self.estimate))
         if guide.balance is not None and self.estimate:
+            for k, c in self.asked.items():
+                guide.balance.asked[k] = guide.balance.asked.get(k, 0) + c.double().cpu()
             if guide.plan.settings.count == "assigned":     # what the quota asked for, not the images
                 asked = {k: (c.double() / self.batch_total).tolist() for k, c in self.asked.items()}
                 guide.balance.update({**self.estimate, **asked}, self.batch_total)

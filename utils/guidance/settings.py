@@ -40,7 +40,7 @@ CHOICES = {"estimator": ("soft", "quota", "auto"), "direction": ("gradient", "co
            "sample_loss": ("prob", "xent", "logit"), "refine_within": ("uniform", "model", "preserve", "preserve_even"),
            "loss": ("chi_square", "kl"), "cfg_estimate": ("cond", "both"), "cfg_edit": ("both", "cond"),
            "head_rule": ("exact", "nearest"), "count": ("class", "probability", "assigned"),
-           "quota_level": ("finer", "cells")}
+           "quota_level": ("finer", "cells", "nested")}
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ class GuidanceSettings:
                                       # classes (finer: each sample pulled to one digit in the target's
                                       # digit counts) or of the coarse attributes' cells (cells: "large and
                                       # even" counted as one, each sample pulled to the finer class of its
-                                      # cell that it is closest to, weighted by the target's mix in the cell)
+                                      # cell that it is closest to, weighted by the target's mix in the cell;
+                                      # nested: the cells counted over the run, then each cell's slots
+                                      # shared among its finer classes in the target's mix within the cell)
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
     loss: str                         # distribution loss of the soft estimator: chi_square (paper,
@@ -286,7 +288,8 @@ CLI_FIELDS: dict[str, str] = {
              "the last guided step (assigned: no labeller; default: the preset's)",
     "quota_level": "refine with the quota estimator: count the finer classes (finer) or the cells of "
                    "the coarse attributes they pursue (cells: each sample then goes to the finer class "
-                   "of its cell it is closest to; default: the preset's)",
+                   "of its cell it is closest to; nested: each cell's count is then shared among its "
+                   "finer classes in the target's mix; default: the preset's)",
     "cfg_edit": "text-to-image: edit h of both halves of the CFG batch (the same delta h) or the "
                 "conditional half only (default: the preset's)",
     "cfg_estimate": "text-to-image: the batch estimate from the conditional rows (ours) or from both "

@@ -294,7 +294,8 @@ class GuidancePlan:
     ``classes``: sample mode, the requested class index per attribute; ``estimator``: soft or
     quota (auto resolved); ``refined``: {finer head: the coarse keys it pursues} or None;
     ``cells``: {finer head: its classes grouped by the cells of the coarse attributes it pursues
-    (and keeps, under ``preserve``)}, for a quota that counts cells (``quota_level: cells``).
+    (and keeps, under ``preserve``)}, for a quota that counts cells (``quota_level: cells`` or
+    ``nested``).
     """
     mode: str
     settings: GuidanceSettings
@@ -363,7 +364,7 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
         estimator = "quota" if len(guided) == 1 and not any("*" in k for k in guided) else "soft"
     soft = estimator == "soft"
     cells = None
-    if estimator == "quota" and settings.quota_level == "cells" and refined:
+    if estimator == "quota" and settings.quota_level in ("cells", "nested") and refined:
         # cells of the targeted attributes only: a kept attribute's mix rides on the finer class each
         # sample keeps inside its cell, not on the quota
         cells = {}
