@@ -45,8 +45,8 @@ import torch.distributed as dist
 from models.adp import ADP
 from models.hspace import Step
 from utils.guidance.estimators import (chi_square, cross_entropy_to, kl_divergence, logit_of, probability_of,
-                                       assign_to_quota, cell_quota_assignment, nested_quota_counts, quota_counts, soft_estimate,
-                                       with_running_balance)
+                                       assign_to_quota, cell_quota_assignment, nested_quota_counts, quota_counts,
+                                       soft_estimate, with_running_balance)
 from utils.guidance.targets import GuidancePlan, joint_attributes
 
 

@@ -85,8 +85,9 @@ class GuidanceSettings:
                                       # digit counts) or of the coarse attributes' cells (cells: "large and
                                       # even" counted as one, each sample pulled to the finer class of its
                                       # cell that it is closest to, weighted by the target's mix in the cell;
-                                      # nested: the cells counted over the run, then each cell's slots
-                                      # shared among its finer classes in the target's mix within the cell)
+                                      # nested: the cells counted over the run as the running balance
+                                      # counts them, each cell's slots then shared among its finer classes in
+                                      # the target's mix, counted on what the quota asked for before)
     sample_retries: int               # sample guidance with check: rounds of redrawing misses
     retry_boost: float                # ... each round with the step cap times this
     loss: str                         # distribution loss of the soft estimator: chi_square (paper,
@@ -289,7 +290,8 @@ CLI_FIELDS: dict[str, str] = {
     "quota_level": "refine with the quota estimator: count the finer classes (finer) or the cells of "
                    "the coarse attributes they pursue (cells: each sample then goes to the finer class "
                    "of its cell it is closest to; nested: each cell's count is then shared among its "
-                   "finer classes in the target's mix; default: the preset's)",
+                   "finer classes in the target's mix, counted on what the quota asked for in earlier "
+                   "batches; default: the preset's)",
     "cfg_edit": "text-to-image: edit h of both halves of the CFG batch (the same delta h) or the "
                 "conditional half only (default: the preset's)",
     "cfg_estimate": "text-to-image: the batch estimate from the conditional rows (ours) or from both "
