@@ -42,9 +42,9 @@ ATTRIBUTES = "parity,magnitude,digit"
 UNET_ADP = "pretrained/digits16_t2i_adp.pt"
 #: the guidance sections tried per cell (--guidance): the config's (the U-Net default's, for
 #: v-prediction: the cap grows at the noisy steps) with the ADP's stored directions, as the sweep
-#: chose h with them (the config now steps along the run's own covariance), ours as it is, ours
-#: with smaller caps
-GUIDANCE = {"config": {"direction": "covariance"}, "ours": {"preset": "ours"},
+#: chose h with them and with the digit quota (the config now steps along the run's own
+#: covariance, its quota nested in even / odd), ours as it is, ours with smaller caps
+GUIDANCE = {"config": {"direction": "covariance", "quota_level": "finer"}, "ours": {"preset": "ours"},
             "ours-cap1": {"preset": "ours", "max_step": 1.0}, "ours-cap0.5": {"preset": "ours", "max_step": 0.5}}
 
 

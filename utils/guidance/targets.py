@@ -294,8 +294,8 @@ class GuidancePlan:
     ``classes``: sample mode, the requested class index per attribute; ``estimator``: soft or
     quota (auto resolved); ``refined``: {finer head: the coarse keys it pursues} or None;
     ``cells``: {finer head: its classes grouped by the cells of the coarse attributes it pursues
-    (and keeps, under ``preserve``)}, for a quota that counts cells (``quota_level: cells`` or
-    ``nested``).
+    (an attribute it only keeps, under ``preserve``, makes no cells)}, for a quota that counts
+    cells (``quota_level: cells`` or ``nested``).
     """
     mode: str
     settings: GuidanceSettings
@@ -365,8 +365,8 @@ def plan_guidance(settings: GuidanceSettings, mode: str, raw: dict[str, str],
     soft = estimator == "soft"
     cells = None
     if estimator == "quota" and settings.quota_level in ("cells", "nested") and refined:
-        # cells of the targeted attributes only: a kept attribute's mix rides on the finer class each
-        # sample keeps inside its cell, not on the quota
+        # cells of the targeted attributes only: a kept attribute's mix rides on the finer classes
+        # within each cell (nested: their shares; cells: each sample's own), not on the cells' counts
         cells = {}
         for via, keys in refined.items():
             named = list(dict.fromkeys(a for k in keys for a in joint_attributes(k)))
